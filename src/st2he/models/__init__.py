@@ -1,0 +1,1 @@
+"""st2he.models."""
