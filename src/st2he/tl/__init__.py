@@ -1,1 +1,3 @@
 """st2he.tl."""
+
+from ._virtual_he import virtual_he

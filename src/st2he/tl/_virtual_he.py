@@ -1,0 +1,114 @@
+"""``st2he.tl.virtual_he``: a virtual H&E image from the ST2HE input picture, by a learned generator or the stain model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .._elements import add_image, check_key_free, get_image
+
+logger = logging.getLogger("st2he")
+
+_METHODS = ("diffusion", "stain")
+
+
+def virtual_he(
+    sdata,
+    *,
+    method: str = "diffusion",
+    input_key: str = "st2he_input",
+    model: Any = None,
+    tissue: str | None = None,
+    tile_size: int = 512,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    n_samples: int = 1,
+    r: float | None = None,
+    seed: int = 0,
+    chunk: int | None = None,
+    key_added: str = "virtual_he",
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Generate a virtual H&E image from the ST2HE input picture and store it in ``sdata``.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object holding the input picture (see :func:`st2he.pp.rasterize_transcripts`).
+    method
+        ``"diffusion"``: the one-step pix2pix-turbo generator (:mod:`st2he.models`), run over the whole image in
+        overlapping tiles that are blended with a smooth window. ``"stain"``: the physics baseline (nuclear stain
+        -> haematoxylin, transcript density -> eosin) of :func:`st2he.tl._stain.stain_he`.
+    input_key
+        Image element with the input picture (uint8 RGB, channels ``r, g, b``).
+    model
+        ``method="diffusion"`` only: a :class:`st2he.models.Pix2PixTurbo`, a path to a checkpoint saved by
+        :meth:`~st2he.models.Pix2PixTurbo.save_pretrained`, or ``None`` for the small model shipped with st2he.
+    tissue
+        Tissue name for the conditional prompt ``"This is a {tissue} H&E image"``; ``None`` keeps the model's own
+        prompt.
+    tile_size
+        Edge of the square tiles (pixels of ``input_key``) the model sees; a multiple of 8.
+    overlap
+        Pixels shared by neighbouring tiles, blended with a smooth window. Default: a quarter of ``tile_size``.
+    batch_size
+        Tiles per model call. Default: 8 on a GPU, 2 on the CPU.
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
+    n_samples
+        Number of stochastic samples (pix2pix-turbo's noise map blended by ``r``). With ``n_samples > 1`` the mean
+        is written to ``key_added`` and the per-pixel spread to ``{key_added}_uncertainty``.
+    r
+        Stochasticity in ``[0, 1]``; ``None``: 0 (deterministic) for one sample, 0.5 for several.
+    seed
+        Seed of the noise maps; the same seed gives the same image.
+    chunk
+        Edge of the blocks computed at a time (pixels); peak memory depends on it, not on the slide size.
+    key_added
+        Name of the new image element.
+    overwrite
+        Replace an existing element named ``key_added``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The new image element (a multiscale uint8 RGB image carrying the transformation of ``input_key``).
+    """
+    if method not in _METHODS:
+        msg = f"method must be one of {_METHODS}, got {method!r}."
+        raise ValueError(msg)
+    check_key_free(sdata, key_added, overwrite=overwrite)
+    data, grid = get_image(sdata, input_key, parameter="input_key")
+
+    if method == "stain":
+        from ._stain import stain_he
+
+        kwargs = {} if chunk is None else {"chunk": chunk}
+        rgb = stain_he(sdata, input_key=input_key, **kwargs)
+        params = {"method": "stain", "input_key": input_key}
+        return add_image(sdata, key_added, rgb, grid, overwrite=overwrite, params=params)
+
+    from ._generate import generate_he
+
+    return generate_he(
+        sdata,
+        data,
+        grid,
+        input_key=input_key,
+        model=model,
+        tissue=tissue,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        n_samples=n_samples,
+        r=r,
+        seed=seed,
+        chunk=chunk,
+        key_added=key_added,
+        overwrite=overwrite,
+        progress=progress,
+    )
