@@ -12,7 +12,6 @@ OUT ?= st2he_output
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the release the package index serves for this machine
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/python -m pip install -q torch torchvision
 	$(BIN)/python -m pip install -q -e ".[test,doc,bench]"
