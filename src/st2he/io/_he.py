@@ -1,0 +1,147 @@
+"""Reading a brightfield H&E image (whole-slide SVS/TIFF, or PNG/JPEG) into SpatialData, placed in global µm."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from st2he._elements import RGB, check_key_free, parse_image, record_params, set_element
+from st2he._grid import Grid
+
+_TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
+
+
+def read_he_image(
+    path: str | os.PathLike,
+    *,
+    pixel_size: float | None = None,
+    key: str = "he_image",
+    origin: tuple[float, float] = (0.0, 0.0),
+    sdata=None,
+    overwrite: bool = False,
+    chunks: int = 1024,
+):
+    """Read an RGB H&E image as a SpatialData image element on a grid of known µm per pixel.
+
+    Whole-slide TIFFs (Aperio ``.svs``, OME-TIFF, generic pyramidal TIFF) are read lazily at full resolution with
+    ``tifffile`` (JPEG tiles need ``imagecodecs``); PNG and JPEG tiles with Pillow. A multiscale pyramid is built
+    so that tools can read coarser levels.
+
+    Parameters
+    ----------
+    path
+        The image file.
+    pixel_size
+        µm per pixel. ``None`` reads it from the file: the ``MPP`` of an Aperio description, the OME
+        ``PhysicalSizeX`` or the TIFF resolution tags in centimetres; an error asks for it when none is there.
+    key
+        Name of the image element.
+    origin
+        Global ``(x, y)`` in µm of the top-left corner of the image, to place it over other elements.
+    sdata
+        Add the image to this SpatialData object instead of making a new one.
+    overwrite
+        Replace an existing element named ``key`` in ``sdata``.
+    chunks
+        Dask chunk edge in pixels.
+
+    Returns
+    -------
+    The SpatialData object holding the image as ``key`` (uint8, channels ``r, g, b``, in the ``global``
+    coordinate system, 1 unit = 1 µm).
+    """
+    import dask.array as da
+    from spatialdata import SpatialData
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"H&E image file not found: {path}"
+        raise FileNotFoundError(msg)
+    if sdata is not None:
+        check_key_free(sdata, key, overwrite=overwrite, parameter="key")
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        data, found = _read_tiff(path)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            data = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
+            found = _pil_pixel_size(img)
+    if data.ndim == 2 or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
+        msg = f"{path} is not an RGB image (shape {tuple(data.shape)}); an H&E image needs three colour channels."
+        raise ValueError(msg)
+    data = data[..., :3]
+    if data.dtype != np.uint8:
+        msg = f"{path} holds {data.dtype} pixels; brightfield H&E is expected as 8-bit RGB."
+        raise ValueError(msg)
+    if pixel_size is None:
+        pixel_size = found
+    if pixel_size is None:
+        msg = (
+            f"{path} does not record its pixel size; pass pixel_size= in µm per pixel (about 0.5 at 20x, 0.25 at 40x)."
+        )
+        raise ValueError(msg)
+    pixel_size = float(pixel_size)
+    grid = Grid(float(origin[0]), float(origin[1]), pixel_size, int(data.shape[0]), int(data.shape[1]))
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(chunks, chunks, 3))
+    element = parse_image(da.moveaxis(data, -1, 0), grid, c_coords=RGB, chunks=chunks)
+    if sdata is None:
+        sdata = SpatialData(images={key: element})
+    else:
+        set_element(sdata, key, element, overwrite=overwrite)
+    record_params(sdata, key, {"path": str(path), "pixel_size": pixel_size, "origin": list(origin)})
+    return sdata
+
+
+def _read_tiff(path: Path):
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    with tifffile.TiffFile(path) as tif:
+        found = _tiff_pixel_size(tif)
+        series = tif.series[0]
+        shape = series.levels[0].shape if series.levels else series.shape
+    if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
+        # planar (c, y, x) layout
+        arr = tifffile.imread(path, series=0, level=0)
+        return np.moveaxis(arr, 0, -1), found
+    store = tifffile.imread(path, aszarr=True, series=0, level=0)
+    return da.from_zarr(zarr.open(store, mode="r")), found
+
+
+def _tiff_pixel_size(tif) -> float | None:
+    page = tif.pages[0]
+    description = page.description or ""
+    m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", description)
+    if m:
+        return float(m.group(1))
+    if tif.is_ome and tif.ome_metadata:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+        if m:
+            value = float(m.group(1))
+            scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
+            return value * scale
+    tags = page.tags
+    res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if res is not None and unit is not None:
+        num, den = res.value if isinstance(res.value, tuple) else (res.value, 1)
+        per_unit = num / den if den else 0
+        micrometres = {3: 1e4, 2: 25400.0}.get(int(unit.value))  # centimetre, inch
+        if per_unit > 0 and micrometres is not None and per_unit * 1 > 1:
+            size = micrometres / per_unit
+            if 0.05 <= size <= 50:  # ignore the 72 dpi of images that only look like slides
+                return size
+    return None
+
+
+def _pil_pixel_size(img) -> float | None:
+    dpi = img.info.get("dpi")
+    if dpi and dpi[0] and dpi[0] > 1000:  # real microscope tiles only; 72/96/300 dpi are screen/print defaults
+        return 25400.0 / float(dpi[0])
+    return None
