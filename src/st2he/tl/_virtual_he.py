@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .._elements import add_image, check_key_free, get_image
+from st2he._elements import add_image, check_key_free, get_image
 
 logger = logging.getLogger("st2he")
 
