@@ -1,0 +1,824 @@
+"""The ST2HE input picture: the nuclear stain in grey with every kept transcript drawn as a coloured dot.
+
+Everything here is lazy and chunked. One streaming pass over the molecules buckets them by output chunk
+(:mod:`st2he.pp._molecules`); each chunk of the picture is then drawn from its own molecules only, and the stain
+is resampled chunk by chunk from the pyramid level that matches the output pixel size. Peak memory depends on
+the chunk size, not on the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from st2he._elements import ATTRS_KEY, add_image, check_key_free
+from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
+
+from ._kernels import compose_rgb, disc_footprint, paint_winners
+from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source, points_extent
+from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
+
+logger = logging.getLogger("st2he")
+
+STYLES = ("multicolor", "single", "stain")
+
+# ----------------------------------------------------------------------------------------------- the stain
+
+
+@dataclass(frozen=True)
+class _Geom:
+    """Axis-aligned placement of one pyramid level in global µm (pixels may be slightly non-square)."""
+
+    x0: float
+    y0: float
+    psx: float
+    psy: float
+    height: int
+    width: int
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x0 + self.width * self.psx, self.y0 + self.height * self.psy)
+
+
+def _geom(data) -> _Geom:
+    from spatialdata.transformations import get_transformation
+
+    transformations = get_transformation(data, get_all=True)
+    if COORDINATE_SYSTEM not in transformations:
+        msg = f"The image has no transformation to the coordinate system {COORDINATE_SYSTEM!r}."
+        raise ValueError(msg)
+    m = transformations[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    if abs(m[0][1]) > 1e-9 or abs(m[1][0]) > 1e-9 or m[0][0] <= 0 or m[1][1] <= 0:
+        msg = (
+            "The stain image is rotated, sheared or flipped relative to the global coordinate system; st2he needs "
+            "an axis-aligned image. Resample it first (spatialdata.transform)."
+        )
+        raise ValueError(msg)
+    return _Geom(
+        float(m[0][2]), float(m[1][2]), float(m[0][0]), float(m[1][1]), int(data.sizes["y"]), int(data.sizes["x"])
+    )
+
+
+def _levels(element) -> list:
+    """DataArrays of a raster element, finest first."""
+    if hasattr(element, "children") and "scale0" in getattr(element, "children", {}):
+        keys = sorted(element.children, key=lambda k: int(re.sub(r"\D", "", k) or 0))
+        return [next(iter(element[k].ds.data_vars.values())) for k in keys]
+    return [element]
+
+
+_NUCLEAR_CHANNEL = re.compile(r"dapi|hoechst|nucle", re.IGNORECASE)
+
+
+def _is_rgb(data) -> bool:
+    if "c" not in data.dims:
+        return False
+    coords = [str(c).lower() for c in data.coords["c"].values] if "c" in data.coords else []
+    return coords == ["r", "g", "b"] or coords == ["r", "g", "b", "a"]
+
+
+def _nuclear_channel(data) -> int:
+    if "c" not in data.dims or "c" not in data.coords:
+        return 0
+    names = [str(c) for c in data.coords["c"].values]
+    for i, name in enumerate(names):
+        if _NUCLEAR_CHANNEL.search(name):
+            return i
+    return 0
+
+
+def _auto_stain_image(sdata) -> str | None:
+    """Name the image ``stain_key="auto"`` picks, by this rule (first match wins).
+
+    Among the images that are not RGB(A) pictures (``c`` = r, g, b: H&E, or st2he's own outputs) and not written
+    by st2he: ``morphology_focus``; ``morphology_mip``; a name containing ``dapi``; an image with a channel
+    named like ``DAPI``; a name containing ``nucle`` or ``hoechst``; a name containing ``morphology``; and
+    finally the only such image if there is exactly one and it has a single channel.
+    """
+    ours = set(sdata.attrs.get(ATTRS_KEY, {})) if hasattr(sdata, "attrs") else set()
+    candidates = []
+    for key in sdata.images:
+        if key in ours:
+            continue
+        data = _scale0(sdata.images[key])
+        if _is_rgb(data):
+            continue
+        candidates.append((key, data))
+    if not candidates:
+        return None
+
+    def rank(item) -> int:
+        key, data = item
+        low = key.lower()
+        channels = [str(c) for c in data.coords["c"].values] if "c" in data.coords else []
+        if low == "morphology_focus":
+            return 0
+        if low == "morphology_mip":
+            return 1
+        if "dapi" in low:
+            return 2
+        if any(re.search("dapi", c, re.IGNORECASE) for c in channels):
+            return 3
+        if "nucle" in low or "hoechst" in low:
+            return 4
+        if "morphology" in low:
+            return 5
+        if len(candidates) == 1 and data.sizes.get("c", 1) == 1:
+            return 6
+        return 99
+
+    best = min(candidates, key=lambda item: (rank(item), item[0]))
+    return best[0] if rank(best) < 99 else None
+
+
+def _auto_nuclei(sdata) -> tuple[str, str] | None:
+    """``(kind, key)`` of nucleus boundaries (shapes) or labels: the first whose name contains ``nucle``."""
+    for kind, elements in (("shapes", sdata.shapes), ("labels", sdata.labels)):
+        for key in sorted(elements):
+            if "nucle" in key.lower():
+                return kind, key
+    return None
+
+
+def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """Percentiles of the stain computed once on a coarse level (at most ~2 M pixels), the same for every chunk."""
+    levels = _levels(element)
+    target = 2_000_000
+    level = next((lv for lv in levels if lv.sizes["y"] * lv.sizes["x"] <= target), levels[-1])
+    arr = level.data
+    if "c" in level.dims:
+        arr = arr[channel]
+    step = max(1, int(math.ceil(math.sqrt(level.sizes["y"] * level.sizes["x"] / target))))
+    sample = np.asarray(arr[::step, ::step]).astype(np.float64).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, percentiles)
+    if not hi > lo:
+        hi = lo + (1.0 if sample.dtype.kind == "f" and sample.max() <= 1 else max(1.0, abs(lo) * 1e-3))
+    return float(lo), float(hi)
+
+
+def _axis_weights(start: float, n: int, step: float, src0: float, src_ps: float, src_n: int):
+    """Bilinear source indices and weights for ``n`` output pixel centres along one axis."""
+    centres = start + (np.arange(n) + 0.5) * step
+    inside = (centres >= src0) & (centres < src0 + src_n * src_ps)
+    f = np.clip((centres - src0) / src_ps - 0.5, 0, max(src_n - 1, 0))
+    i0 = np.floor(f).astype(np.int64)
+    i1 = np.minimum(i0 + 1, src_n - 1)
+    w = (f - i0).astype(np.float32)
+    return i0, i1, w, inside
+
+
+def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
+    """Bilinear resampling of a source window (after a ``k`` x ``k`` mean) onto one output chunk, normalised."""
+    win = np.asarray(window, dtype=np.float32)
+    if k > 1:
+        hh, ww = win.shape[0] // k, win.shape[1] // k
+        win = win[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3))
+    rows = win[i0y] * (1 - wy)[:, None] + win[i1y] * wy[:, None]
+    out = rows[:, i0x] * (1 - wx)[None, :] + rows[:, i1x] * wx[None, :]
+    out = (out - lo) * (1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    out[~iny, :] = 0
+    out[:, ~inx] = 0
+    return out
+
+
+def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: float, binary: bool = False):
+    """Lazy ``(y, x)`` float32 resampling of one channel of ``element`` onto ``grid``."""
+    import dask
+    import dask.array as da
+
+    levels = _levels(element)
+    geoms = [_geom(lv) for lv in levels]
+    # the coarsest level still at least as fine as the output, then a k x k mean down to about the output size
+    fine = [i for i, g in enumerate(geoms) if max(g.psx, g.psy) <= grid.pixel_size * (1 + 1e-6)]
+    li = fine[-1] if fine else 0
+    level, geom = levels[li], geoms[li]
+    k = max(1, int(math.floor(grid.pixel_size / max(geom.psx, geom.psy) + 1e-6)))
+    arr = level.data
+    if "c" in level.dims:
+        arr = arr[channel]
+    if binary:
+        arr = arr > 0
+    src_h, src_w = geom.height // k, geom.width // k
+    psx, psy = geom.psx * k, geom.psy * k
+    rows = []
+    for r in range(0, grid.height, chunk):
+        h = min(chunk, grid.height - r)
+        row = []
+        for c in range(0, grid.width, chunk):
+            w = min(chunk, grid.width - c)
+            by0 = grid.y0 + r * grid.pixel_size
+            bx0 = grid.x0 + c * grid.pixel_size
+            i0y, i1y, wy, iny = _axis_weights(by0, h, grid.pixel_size, geom.y0, psy, src_h)
+            i0x, i1x, wx, inx = _axis_weights(bx0, w, grid.pixel_size, geom.x0, psx, src_w)
+            if src_h == 0 or src_w == 0 or not iny.any() or not inx.any():
+                row.append(da.zeros((h, w), dtype=np.float32, chunks=(h, w)))
+                continue
+            ry0, ry1 = int(i0y.min()), int(i1y.max()) + 1
+            rx0, rx1 = int(i0x.min()), int(i1x.max()) + 1
+            window = arr[ry0 * k : ry1 * k, rx0 * k : rx1 * k]
+            block = dask.delayed(_resample_block, pure=True)(
+                window, i0y - ry0, i1y - ry0, wy, iny, i0x - rx0, i1x - rx0, wx, inx, k, lo, hi
+            )
+            row.append(da.from_delayed(block, shape=(h, w), dtype=np.float32))
+        rows.append(row)
+    return da.block(rows)
+
+
+def _shapes_layer(sdata, key: str, grid: Grid, chunk: int):
+    """Lazy ``(y, x)`` float32 image of filled nuclei (1 inside, 0 outside) from a shapes element."""
+    import dask
+    import dask.array as da
+    import shapely
+    from shapely import affinity
+    from spatialdata.transformations import get_transformation
+
+    gdf = sdata.shapes[key]
+    m = np.asarray(get_transformation(gdf, COORDINATE_SYSTEM).to_affine_matrix(("x", "y"), ("x", "y")), dtype=float)
+    geoms = gdf.geometry
+    if "radius" in gdf.columns and (geoms.geom_type == "Point").any():
+        geoms = geoms.buffer(gdf["radius"].to_numpy())
+    geoms = np.asarray(geoms.values)
+    if not np.allclose(m, np.eye(3)):
+        geoms = np.array(
+            [affinity.affine_transform(g, [m[0, 0], m[0, 1], m[1, 0], m[1, 1], m[0, 2], m[1, 2]]) for g in geoms]
+        )
+    tree = shapely.STRtree(geoms)
+    rows = []
+    for r in range(0, grid.height, chunk):
+        h = min(chunk, grid.height - r)
+        row = []
+        for c in range(0, grid.width, chunk):
+            w = min(chunk, grid.width - c)
+            sub = grid.crop(r, r + h, c, c + w)
+            hits = tree.query(shapely.box(*sub.bounds))
+            if len(hits) == 0:
+                row.append(da.zeros((h, w), dtype=np.float32, chunks=(h, w)))
+                continue
+            block = dask.delayed(_fill_polygons, pure=True)(geoms[np.sort(hits)], sub)
+            row.append(da.from_delayed(block, shape=(h, w), dtype=np.float32))
+        rows.append(row)
+    return da.block(rows)
+
+
+def _fill_polygons(geoms, grid: Grid) -> np.ndarray:
+    from skimage.draw import polygon as fill
+
+    out = np.zeros(grid.shape, dtype=np.float32)
+    for g in geoms:
+        parts = getattr(g, "geoms", [g])
+        for p in parts:
+            if p.geom_type != "Polygon" or p.is_empty:
+                continue
+            xs, ys = np.asarray(p.exterior.coords).T[:2]
+            rr, cc = fill((ys - grid.y0) / grid.pixel_size - 0.5, (xs - grid.x0) / grid.pixel_size - 0.5, grid.shape)
+            out[rr, cc] = 1.0
+            for hole in p.interiors:
+                xs, ys = np.asarray(hole.coords).T[:2]
+                rr, cc = fill(
+                    (ys - grid.y0) / grid.pixel_size - 0.5, (xs - grid.x0) / grid.pixel_size - 0.5, grid.shape
+                )
+                out[rr, cc] = 0.0
+    return out
+
+
+def _stain(sdata, grid: Grid, *, stain_key, boundaries_key, percentiles, chunk) -> tuple[Any, dict[str, Any]]:
+    """Return the stain layer and what it was made from."""
+    import dask.array as da
+
+    info: dict[str, Any] = {"stain_key": None, "stain_kind": None}
+    key, kind = None, None
+    if stain_key == "auto":
+        key = _auto_stain_image(sdata)
+        kind = "images" if key is not None else None
+        if key is None and boundaries_key is not None:
+            if boundaries_key == "auto":
+                found = _auto_nuclei(sdata)
+                if found is not None:
+                    kind, key = found
+            else:
+                kind, key = _kind_of(sdata, boundaries_key, "boundaries_key"), boundaries_key
+    elif stain_key is not None:
+        kind, key = _kind_of(sdata, stain_key, "stain_key"), stain_key
+    if key is None:
+        logger.info("No nuclear stain image, nucleus boundaries or labels: the background is black.")
+        return da.zeros(grid.shape, dtype=np.float32, chunks=chunk), info
+    info.update(stain_key=key, stain_kind=kind)
+    if kind == "images":
+        element = sdata.images[key]
+        data = _scale0(element)
+        channel = _nuclear_channel(data)
+        lo, hi = _robust_range(element, channel, tuple(percentiles))
+        if "c" in data.coords:
+            info["stain_channel"] = str(data.coords["c"].values[channel])
+        info["stain_range"] = [lo, hi]
+        info["stain_percentiles"] = list(percentiles)
+        return _image_layer(element, grid, chunk, channel, lo, hi), info
+    if kind == "labels":
+        return _image_layer(sdata.labels[key], grid, chunk, 0, 0.0, 1.0, binary=True), info
+    if kind == "shapes":
+        return _shapes_layer(sdata, key, grid, chunk), info
+    msg = f"{key!r} is a {kind} element; the stain must be an image, nucleus labels or nucleus boundary shapes."
+    raise ValueError(msg)
+
+
+def _kind_of(sdata, key: str, parameter: str) -> str:
+    for kind in ("images", "labels", "shapes", "points", "tables"):
+        if key in getattr(sdata, kind):
+            return kind
+    msg = f"{parameter}={key!r} is not an element of this SpatialData object; its images are {sorted(sdata.images)}."
+    raise KeyError(msg)
+
+
+def nuclear_stain_layer(
+    sdata,
+    grid: Grid,
+    *,
+    stain_key: str | None = "auto",
+    boundaries_key: str | None = "auto",
+    percentiles: tuple[float, float] = (1.0, 99.5),
+    chunk: int = 1024,
+):
+    """Resample the nuclear stain onto ``grid``: a lazy ``(y, x)`` float32 dask array in [0, 1].
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object.
+    grid
+        Output pixel grid (:class:`st2he._grid.Grid`).
+    stain_key
+        Image holding the nuclear stain. ``"auto"`` picks one by the rule of ``_auto_stain_image``:
+        ``morphology_focus``, ``morphology_mip``, a name containing ``dapi``, an image with a ``DAPI``-like
+        channel, a name containing ``nucle``/``hoechst``/``morphology``, or the only single-channel non-RGB image.
+        Within the image the channel named like DAPI (else the first) is used. The name of a labels or
+        shapes element draws nuclei from it instead; ``None`` gives zeros.
+    boundaries_key
+        When ``stain_key="auto"`` finds no image: nucleus boundaries (shapes) or labels to draw filled nuclei
+        (value 1) from. ``"auto"`` takes the first shapes, then labels, element whose name contains ``nucle``.
+        With neither, the layer is zeros.
+    percentiles
+        Robust normalisation: these percentiles of the stain (computed once on a coarse pyramid level or a
+        strided subsample, at most ~2 M pixels) map to 0 and 1.
+    chunk
+        Chunk edge in pixels.
+    """
+    layer, _ = _stain(
+        sdata, grid, stain_key=stain_key, boundaries_key=boundaries_key, percentiles=percentiles, chunk=chunk
+    )
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------- molecules
+
+
+def _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, drop_controls) -> Grid:
+    """Grid over the kept molecules and the stain image, on the lattice of ``pixel_size`` anchored at 0 µm.
+
+    A molecule exactly on the far edge still gets a pixel; the stain image's far edge is exclusive.
+    """
+    del boundaries_key
+    mol = None
+    if source is not None:
+        mol = points_extent(source, min_qv=min_qv, drop_controls=drop_controls)
+    key = _auto_stain_image(sdata) if stain_key == "auto" else stain_key
+    img = _geom(_scale0(sdata.images[key])).bounds if key is not None and key in sdata.images else None
+    boxes = [b for b in (mol, img) if b is not None]
+    if not boxes:
+        msg = (
+            "Nothing to rasterise: there are no molecules left after filtering and no stain image. Give "
+            "region=(x_min, y_min, x_max, y_max) in µm for a blank picture."
+        )
+        raise ValueError(msg)
+    x0 = math.floor(min(b[0] for b in boxes) / pixel_size + 1e-9) * pixel_size
+    y0 = math.floor(min(b[1] for b in boxes) / pixel_size + 1e-9) * pixel_size
+    width = height = 1
+    if mol is not None:
+        width = max(width, math.floor((mol[2] - x0) / pixel_size) + 1)
+        height = max(height, math.floor((mol[3] - y0) / pixel_size) + 1)
+    if img is not None:
+        width = max(width, math.ceil((img[2] - x0) / pixel_size - 1e-6))
+        height = max(height, math.ceil((img[3] - y0) / pixel_size - 1e-6))
+    return Grid(float(x0), float(y0), pixel_size, int(height), int(width))
+
+
+def _region_grid(region, pixel_size) -> Grid:
+    try:
+        x_min, y_min, x_max, y_max = (float(v) for v in region)
+    except (TypeError, ValueError) as err:
+        msg = f"region must be (x_min, y_min, x_max, y_max) in µm, got {region!r}."
+        raise ValueError(msg) from err
+    if not all(np.isfinite([x_min, y_min, x_max, y_max])):
+        msg = f"region must be finite, got {region!r}."
+        raise ValueError(msg)
+    return Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
+
+
+def _check_pixel_size(pixel_size) -> float:
+    if not (isinstance(pixel_size, int | float) and np.isfinite(pixel_size) and pixel_size > 0):
+        msg = f"pixel_size must be a positive number of µm, got {pixel_size!r}."
+        raise ValueError(msg)
+    return float(pixel_size)
+
+
+def _panel(source, binned: BinnedMolecules, drop_controls: bool) -> list[str]:
+    names = list(source.panel) if source.panel is not None else []
+    names += [g for g in binned.genes if g not in set(names)]
+    if drop_controls:
+        names = [g for g, c in zip(names, is_control_name(names), strict=True) if not c]
+    return sorted(set(names))
+
+
+def _channels(genes, panel: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Channel names and the genes summed in each, for ``genes`` = None | list | {name: list}."""
+    if genes is None:
+        return ["total"], {}
+    if isinstance(genes, str):
+        genes = [genes]
+    groups = (
+        {str(k): [str(g) for g in ([v] if isinstance(v, str) else v)] for k, v in genes.items()}
+        if isinstance(genes, Mapping)
+        else {str(g): [str(g)] for g in genes}
+    )
+    known = set(panel)
+    unknown = sorted({g for gs in groups.values() for g in gs if g not in known})
+    if unknown:
+        shown = ", ".join(repr(g) for g in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        msg = f"{len(unknown)} gene(s) are not in the panel of these molecules: {shown}."
+        raise ValueError(msg)
+    if not groups:
+        msg = "genes must name at least one gene."
+        raise ValueError(msg)
+    return list(groups), groups
+
+
+def _density_block(binned: BinnedMolecules, channel_of: np.ndarray, n_channels: int, dtype, block_id=None):
+    bi, bj = block_id[1], block_id[2]
+    chunk = binned.chunk
+    h = min(chunk, binned.grid.height - bi * chunk)
+    w = min(chunk, binned.grid.width - bj * chunk)
+    off, codes = binned.block(bi, bj)
+    npix = chunk * chunk
+    if len(off) == 0:
+        return np.zeros((n_channels, h, w), dtype=dtype)
+    ch = channel_of[codes] if len(channel_of) else np.zeros(len(codes), dtype=np.int64)
+    ok = ch >= 0
+    counts = np.bincount(ch[ok].astype(np.int64) * npix + off[ok], minlength=n_channels * npix)
+    return counts.reshape(n_channels, chunk, chunk)[:, :h, :w].astype(dtype)
+
+
+def _density(binned: BinnedMolecules, channels: list[str], groups: dict[str, list[str]], dtype=np.float32):
+    import dask.array as da
+
+    grid, chunk = binned.grid, binned.chunk
+    if groups:
+        index = {g: i for i, g in enumerate(channels)}
+        channel_of = np.full(len(binned.genes), -1, dtype=np.int64)
+        gene_channel: dict[str, int] = {}
+        for name, gs in groups.items():
+            for g in gs:
+                gene_channel.setdefault(g, index[name])
+        for code, g in enumerate(binned.genes):
+            channel_of[code] = gene_channel.get(g, -1)
+        # a gene in several groups counts in each: expand by drawing one layer per extra membership
+        multi = {g for g in gene_channel if sum(g in gs for gs in groups.values()) > 1}
+        if multi:
+            layers = [_density(binned, [n], {n: gs}, dtype) for n, gs in groups.items()]
+            return da.concatenate(layers, axis=0)
+    else:
+        channel_of = np.zeros(0, dtype=np.int64)
+    chunks = ((len(channels),), _split(grid.height, chunk), _split(grid.width, chunk))
+    return da.map_blocks(
+        _density_block,
+        binned,
+        channel_of,
+        len(channels),
+        dtype,
+        chunks=chunks,
+        dtype=dtype,
+        meta=np.empty((0, 0, 0), dtype),
+    )
+
+
+def _split(n: int, chunk: int) -> tuple[int, ...]:
+    return tuple(min(chunk, n - i) for i in range(0, n, chunk)) or (0,)
+
+
+def density_layer(
+    sdata,
+    grid: Grid,
+    *,
+    points_key: str = "transcripts",
+    genes=None,
+    min_qv: float | None = 20.0,
+    drop_controls: bool = True,
+    chunk: int = 1024,
+):
+    """Molecule counts per pixel of ``grid``: a lazy ``(c, y, x)`` float32 dask array.
+
+    ``genes=None`` gives one channel of all kept molecules; a list one channel per gene; a mapping
+    ``{name: [genes]}`` one channel per group (its molecules summed). Filtering as in
+    :func:`rasterize_transcripts`. The molecules are read once, now; the chunks are counted lazily.
+    """
+    source = molecule_source(sdata, points_key, need_genes=genes is not None)
+    binned = bin_molecules(
+        source, grid, chunk=chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
+    )
+    binned.report.log("density_layer", min_qv=min_qv if source.qv_column else None)
+    channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
+    return _density(binned, channels, groups)
+
+
+# ----------------------------------------------------------------------------------------------- the picture
+
+
+def _draw_block(stain, *, binned: BinnedMolecules | None, rank_of, lut, dy, dx, block_id=None):
+    bi, bj = block_id[1], block_id[2]
+    stain = stain[0]
+    h, w = stain.shape
+    margin = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
+    if binned is None:
+        rows = cols = ranks = np.empty(0, np.int32)
+    else:
+        rows, cols, codes = binned.window(bi, bj, margin)
+        ranks = rank_of[codes]
+        keep = ranks >= 0
+        if not keep.all():
+            rows, cols, ranks = rows[keep], cols[keep], ranks[keep]
+    winners = paint_winners(
+        rows.astype(np.int32, copy=False),
+        cols.astype(np.int32, copy=False),
+        ranks.astype(np.int32, copy=False),
+        h,
+        w,
+        dy,
+        dx,
+    )
+    return compose_rgb(np.ascontiguousarray(stain, dtype=np.float32), winners, lut)
+
+
+def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
+    """``{gene: colour}`` for the genes ``drawn``; a user mapping is checked against the whole ``panel``."""
+    from ._palette import _table_correlation, correlation
+
+    if isinstance(palette, Mapping):
+        pal = check_mapping(palette, panel, required=drawn)
+        return {g: pal[g] for g in drawn}
+    panel = drawn
+    if palette == "hue":
+        return hue_palette(panel)
+    if palette == "coexpression":
+        corr = _table_correlation(sdata, panel, table_key)
+        if corr is None:
+            index = {g: i for i, g in enumerate(binned.genes)}  # every gene of the panel has a code
+            m = bins.matrix(len(binned.genes))
+            logger.info("Palette co-expression from %d spatial bins of %g µm.", m.shape[0], bins.bin_size)
+            corr = correlation(m[:, [index[g] for g in panel]])
+        return coexpression_palette(panel, corr)
+    msg = f"palette must be one of {METHODS} or a mapping gene -> colour, got {palette!r}."
+    raise ValueError(msg)
+
+
+def rasterize_transcripts(
+    sdata,
+    *,
+    points_key: str = "transcripts",
+    stain_key: str | None = "auto",
+    style: str = "multicolor",
+    palette: str | Mapping[str, Any] = "coexpression",
+    pixel_size: float = 0.5,
+    dot_size: int = 1,
+    color: str = "#ff0000",
+    region: Sequence[float] | None = None,
+    min_qv: float | None = 20.0,
+    drop_controls: bool = True,
+    genes: Sequence[str] | None = None,
+    boundaries_key: str | None = "auto",
+    percentiles: tuple[float, float] = (1.0, 99.5),
+    chunk: int = 1024,
+    key_added: str = "st2he_input",
+    overwrite: bool = False,
+) -> None:
+    """Draw the ST2HE input picture: the nuclear stain in grey and every kept transcript as a coloured dot.
+
+    The picture is written to ``sdata.images[key_added]`` as a multiscale uint8 RGB image (channels r, g, b)
+    whose transformation to ``global`` places pixel ``(row, col)`` over ``y0 + row * pixel_size`` ..
+    ``x0 + col * pixel_size`` µm: row = y, no flips, and each molecule lies in the pixel that contains it.
+    The parameters, including the resolved stain and the palette, are recorded with
+    :func:`st2he._elements.record_params` (``get_params(sdata, key_added)``) so that training and inference can
+    reuse them. The molecules are read once, now (one streaming pass that buckets them by chunk); the pixels are
+    computed lazily, chunk by chunk, when the image is written or read.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object with the molecules as a points element (all elements in µm in ``global``).
+    points_key
+        Points element of the molecules; its ``feature_key`` names the gene column.
+    stain_key
+        Nuclear stain: ``"auto"`` (see :func:`nuclear_stain_layer`: ``morphology_focus`` or a DAPI-like image,
+        else nuclei drawn from nucleus boundaries or labels, else black), an element name, or ``None`` (black).
+    style
+        ``"multicolor"``: each gene in its palette colour (the default); ``"single"``: every transcript in
+        ``color``; ``"stain"``: the stain alone (the ablations of the ST2HE paper).
+    palette
+        ``"coexpression"`` (default), ``"hue"`` or a mapping gene -> colour covering the genes drawn, e.g. a
+        stored palette ``get_params(sdata, "st2he_input")["palette"]``; see :func:`make_palette`.
+    pixel_size
+        Output pixel edge in µm.
+    dot_size
+        Diameter of a transcript's dot in pixels (1: the molecule's own pixel). Where dots of several genes meet,
+        the pixel takes the gene that covers it most often (ties: the gene first by name), so the result does not
+        depend on the order of the molecules or on the chunking.
+    color
+        Colour of every transcript for ``style="single"``.
+    region
+        ``(x_min, y_min, x_max, y_max)`` in µm; by default the extent of the kept molecules and the stain image,
+        snapped to a multiple of ``pixel_size``.
+    min_qv
+        Molecules whose quality value (Xenium ``qv``) is below this are dropped; ``None`` keeps all. Ignored
+        when the points have no quality column.
+    drop_controls
+        Drop control probes (``BLANK*``, ``NegControl*``, ``NegPrb*``, ``FalseCode*``, ``Blank-*``, ... or a
+        boolean ``is_control`` column).
+    genes
+        Draw only these genes (default: all kept genes).
+    boundaries_key
+        Nucleus boundaries or labels used when there is no stain image (see :func:`nuclear_stain_layer`).
+    percentiles
+        Robust normalisation of the stain.
+    chunk
+        Chunk edge in pixels; peak memory grows with it, not with the slide.
+    key_added
+        Name of the image element written.
+    overwrite
+        Replace an existing element ``key_added``; otherwise an existing one raises a :class:`KeyError`.
+    """
+    if style not in STYLES:
+        msg = f"style must be one of {STYLES}, got {style!r}."
+        raise ValueError(msg)
+    check_key_free(sdata, key_added, overwrite=overwrite)
+    pixel_size = _check_pixel_size(pixel_size)
+    if int(dot_size) != dot_size or dot_size < 1:
+        msg = f"dot_size must be a whole number of pixels >= 1, got {dot_size!r}."
+        raise ValueError(msg)
+    dot_size = int(dot_size)
+    need_points = style != "stain"
+    source = None
+    if need_points or points_key in sdata.points:
+        source = molecule_source(sdata, points_key, need_genes=style == "multicolor" or genes is not None)
+    if isinstance(palette, str) and palette not in METHODS:
+        msg = f"palette must be one of {METHODS} or a mapping gene -> colour, got {palette!r}."
+        raise ValueError(msg)
+    grid = (
+        _region_grid(region, pixel_size)
+        if region is not None
+        else _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, drop_controls)
+    )
+    stain, stain_info = _stain(
+        sdata, grid, stain_key=stain_key, boundaries_key=boundaries_key, percentiles=percentiles, chunk=chunk
+    )
+    params: dict[str, Any] = {
+        "points_key": points_key if source is not None else None,
+        "stain_key": stain_info["stain_key"],
+        "stain": stain_info,
+        "style": style,
+        "pixel_size": pixel_size,
+        "dot_size": dot_size,
+        "min_qv": min_qv,
+        "drop_controls": drop_controls,
+        "region": list(grid.bounds),
+        "chunk": chunk,
+    }
+    binned = None
+    lut = np.zeros((1, 3), dtype=np.uint8)
+    rank_of = np.zeros(0, dtype=np.int32)
+    if need_points:
+        use_bins = style == "multicolor" and palette == "coexpression"
+        bins = BinCounts() if use_bins else None
+        binned = bin_molecules(
+            source,
+            grid,
+            chunk=chunk,
+            min_qv=min_qv,
+            drop_controls=drop_controls,
+            genes=source.panel or (),
+            observers=[bins] if bins is not None else (),
+        )
+        binned.report.log("rasterize_transcripts", min_qv=min_qv if source.qv_column else None)
+        panel = _panel(source, binned, drop_controls) if source.gene_column is not None else []
+        drawn = panel
+        if genes is not None:
+            _, groups = _channels(list(genes), panel)
+            drawn = sorted(groups)
+        if style == "multicolor":
+            pal = _resolve_palette(sdata, palette, panel, drawn, bins, binned)
+            order = sorted(pal)
+            rank = {g: i for i, g in enumerate(order)}
+            rank_of = np.array([rank.get(g, -1) for g in binned.genes], dtype=np.int32)
+            lut = np.array([hex_to_rgb(pal[g]) for g in order], dtype=np.uint8).reshape(-1, 3)
+            params["palette"] = pal
+            params["palette_method"] = palette if isinstance(palette, str) else "mapping"
+        else:
+            drawn_set = set(drawn)
+            if genes is None:
+                rank_of = np.zeros(len(binned.genes), dtype=np.int32)
+            else:
+                rank_of = np.array([0 if g in drawn_set else -1 for g in binned.genes], dtype=np.int32)
+            if len(rank_of) == 0:  # no gene column: every molecule code is 0
+                rank_of = np.zeros(1, dtype=np.int32)
+            lut = np.array([hex_to_rgb(color)], dtype=np.uint8)
+            params["color"] = to_hex(color)
+        params["genes"] = list(genes) if genes is not None else None
+        params["molecules"] = binned.report.as_dict()
+    dy, dx = disc_footprint(dot_size)
+    import dask.array as da
+
+    data = da.map_blocks(
+        _draw_block,
+        stain[None],
+        binned=binned,
+        rank_of=rank_of,
+        lut=lut,
+        dy=dy,
+        dx=dx,
+        chunks=((3,), *stain.chunks),
+        dtype=np.uint8,
+        meta=np.empty((0, 0, 0), dtype=np.uint8),
+    )
+    add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
+
+
+def transcript_density(
+    sdata,
+    *,
+    points_key: str = "transcripts",
+    genes=None,
+    pixel_size: float = 0.5,
+    region: Sequence[float] | None = None,
+    min_qv: float | None = 20.0,
+    drop_controls: bool = True,
+    chunk: int = 1024,
+    dtype: str = "float32",
+    key_added: str = "transcript_density",
+    overwrite: bool = False,
+) -> None:
+    """Write a multi-channel image of molecule counts per pixel, for models that take channels.
+
+    One channel per gene (``genes`` a list), per gene group (a mapping ``{name: [genes]}``; a gene in several
+    groups counts in each) or one ``"total"`` channel (``genes=None``); channel names are the ``c`` coordinates.
+    Counts are exact (no pyramid: downsampling would blur counts), ``float32`` or ``uint16`` (saturating).
+    Placed on the same kind of grid as :func:`rasterize_transcripts` (same ``region`` and ``pixel_size`` give the
+    same pixels), computed lazily chunk by chunk.
+    """
+    check_key_free(sdata, key_added, overwrite=overwrite)
+    pixel_size = _check_pixel_size(pixel_size)
+    if dtype not in ("float32", "uint16"):
+        msg = f"dtype must be 'float32' or 'uint16', got {dtype!r}."
+        raise ValueError(msg)
+    source = molecule_source(sdata, points_key, need_genes=genes is not None)
+    grid = (
+        _region_grid(region, pixel_size)
+        if region is not None
+        else _default_grid(sdata, source, None, None, pixel_size, min_qv, drop_controls)
+    )
+    binned = bin_molecules(
+        source, grid, chunk=chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
+    )
+    binned.report.log("transcript_density", min_qv=min_qv if source.qv_column else None)
+    channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
+    data = _density(binned, channels, groups)
+    if dtype == "uint16":
+        data = data.clip(0, 65535).astype(np.uint16)
+    params = {
+        "points_key": points_key,
+        "genes": groups or None,
+        "channels": channels,
+        "pixel_size": pixel_size,
+        "min_qv": min_qv,
+        "drop_controls": drop_controls,
+        "region": list(grid.bounds),
+        "dtype": dtype,
+        "molecules": binned.report.as_dict(),
+    }
+    add_image(
+        sdata,
+        key_added,
+        data,
+        grid,
+        overwrite=overwrite,
+        c_coords=channels,
+        scale_factors=None,
+        chunks=chunk,
+        params=params,
+    )
