@@ -142,13 +142,14 @@ def build_transcripts(
     rename: Mapping[str, str] | None = None,
     drop: Sequence[str] = (),
     instance_key: str | None = None,
+    keep_raw_xy: bool = False,
 ):
     """Normalise a raw molecule table to the st2he points schema and parse it as a PointsModel element.
 
     Columns: ``x``, ``y`` (µm; ``raw * scale``), ``z`` (µm, only when ``z`` is given), ``gene`` (categorical,
     the feature key), ``qv`` (float32, NaN when the platform has none), ``is_control`` (bool), then every other
     column of the raw table (``rename`` renames some of them first; ``drop`` lists raw columns replaced by the
-    above). The element maps to ``global`` with the identity: its coordinates already are µm.
+    above; the raw ``x`` and ``y`` columns stay when ``keep_raw_xy``). The element maps to ``global`` with the identity: its coordinates already are µm.
     """
     import dask.dataframe as dd
     from spatialdata.models import PointsModel
@@ -181,7 +182,9 @@ def build_transcripts(
     out["is_control"] = gene_col.isin(controls)
 
     frame = raw.assign(**{f"__st2he_{k}": v for k, v in out.items()})
-    replaced = {gene, x, y, *(c for c in (z, qv) if c is not None), *drop}
+    replaced = {gene, *(c for c in (z, qv) if c is not None), *drop}
+    if not keep_raw_xy:
+        replaced |= {x, y}
     rename = dict(rename or {})
     keep = [c for c in raw.columns if c not in replaced]
     frame = frame[[f"__st2he_{k}" for k in out] + keep]
