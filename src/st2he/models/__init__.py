@@ -4,6 +4,7 @@ Importing this package never imports spatialdata, so the training core runs wher
 and peft are installed.
 """
 
+from ._clip import ClipModel, load_clip
 from ._config import CONFIGS, get_config
 from ._io import from_pretrained, load_model, read_published, save_base, save_pretrained, save_published
 from ._pix2pix import Pix2PixTurbo, default_prompt
@@ -11,11 +12,13 @@ from ._tokenizer import HashingWordTokenizer
 
 __all__ = [
     "CONFIGS",
+    "ClipModel",
     "HashingWordTokenizer",
     "Pix2PixTurbo",
     "default_prompt",
     "from_pretrained",
     "get_config",
+    "load_clip",
     "load_model",
     "read_published",
     "save_base",

@@ -1,1 +1,3 @@
 """st2he.pl."""
+
+from ._zero_shot import roc, zero_shot

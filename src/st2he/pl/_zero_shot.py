@@ -1,0 +1,227 @@
+"""Plots of zero-shot calls: the class probability map next to the H&E, and ROC curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from st2he._grid import Grid
+
+
+def zero_shot(
+    sdata,
+    *,
+    key: str = "zero_shot",
+    class_name: str | None = None,
+    image_key: str | None = None,
+    cmap: str = "magma",
+    alpha: float = 0.85,
+    max_pixels: int = 1500,
+    scalebar_um: float | None = "auto",
+    axes: Sequence | None = None,
+    figsize: tuple[float, float] | None = None,
+):
+    """Show the probability of one class per tile over the tissue, next to the H&E it was read from.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object with a table written by :func:`st2he.tl.zero_shot`.
+    key
+        That table (the ``key_added`` of the run).
+    class_name
+        Class to map; default the slide-level call.
+    image_key
+        H&E image to show; default the one the run classified.
+    cmap
+        Colour map of the probabilities (0 to 1).
+    alpha
+        Opacity of the tiles over a faded copy of the H&E.
+    max_pixels
+        Longest side of the displayed H&E in pixels (a coarser pyramid level is read for big slides).
+    scalebar_um
+        Length of the scale bar in µm; ``"auto"`` picks a round length, ``None`` draws none.
+    axes
+        Two matplotlib axes to draw into; new ones otherwise.
+    figsize
+        Size of a new figure.
+
+    Returns
+    -------
+    The two axes: the H&E and the probability map.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    from st2he.tl._zero_shot import _zero_shot_table
+
+    adata = _zero_shot_table(sdata, key)
+    info = adata.uns[key]
+    classes = list(adata.var_names)
+    if class_name is None:
+        class_name = str(info["slide"]["class"])
+    if class_name not in classes:
+        msg = f"class_name={class_name!r} is not one of the classes {classes}."
+        raise KeyError(msg)
+    image_key = image_key or str(info["params"]["image_key"])
+    rgb, extent = _display_image(sdata, image_key, max_pixels)
+    if axes is None:
+        width = rgb.shape[1] / rgb.shape[0] if rgb.size else 1.0
+        figsize = figsize or (min(16.0, 2 * 5.0 * width + 1.5), 5.0)
+        fig, axes = plt.subplots(1, 2, figsize=figsize, sharex=True, sharey=True, layout="constrained")
+    ax_he, ax_map = axes
+    ax_he.imshow(rgb, extent=extent, interpolation="antialiased")
+    ax_he.set_title(f"H&E ({image_key})")
+    faded = (255 - (255 - rgb.astype(np.float32)) * 0.35).astype(np.uint8)
+    ax_map.imshow(faded, extent=extent, interpolation="antialiased")
+    boxes = _tile_boxes_of(sdata, adata)
+    probs = np.asarray(adata.X)[:, classes.index(class_name)]
+    patches = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
+    coll = PatchCollection(patches, cmap=cmap, alpha=alpha, linewidths=0)
+    coll.set_array(probs)
+    coll.set_clim(0.0, 1.0)
+    ax_map.add_collection(coll)
+    slide = info["slide"]
+    p_slide = float(slide["probabilities"][class_name])
+    ax_map.set_title(f"P({class_name}) per tile; slide: {slide['class']} (P({class_name})={p_slide:.2f})")
+    ax_map.figure.colorbar(coll, ax=ax_map, shrink=0.8, label=f"P({class_name})")
+    for ax in (ax_he, ax_map):
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if scalebar_um is not None:
+        _scalebar(ax_he, extent, scalebar_um)
+    return [ax_he, ax_map]
+
+
+def roc(
+    data,
+    *,
+    key: str = "zero_shot",
+    labels=None,
+    regions: str | None = None,
+    region_label: str = "label",
+    label_map: Mapping[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+    ax=None,
+):
+    """ROC curves (one vs rest) of zero-shot tile probabilities against true labels.
+
+    Parameters
+    ----------
+    data
+        The dict returned by :func:`st2he.tl.evaluate_zero_shot` (with labels), or a SpatialData object, in which
+        case ``key``, ``labels``, ``regions``, ``region_label`` and ``label_map`` are passed to it.
+    key, labels, regions, region_label, label_map
+        See :func:`st2he.tl.evaluate_zero_shot`.
+    classes
+        Classes to draw; default all with positive and negative tiles (only the second of two classes).
+    ax
+        Matplotlib axes; a new one otherwise.
+
+    Returns
+    -------
+    The axes.
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    result: Mapping[str, Any]
+    if isinstance(data, Mapping):
+        result = data
+    else:
+        from st2he.tl._zero_shot import evaluate_zero_shot
+
+        result = evaluate_zero_shot(
+            data, key=key, labels=labels, regions=regions, region_label=region_label, label_map=label_map
+        )
+    if "y_true" not in result:
+        msg = "The evaluation has no labels (y_true); evaluate with labels= or regions= first."
+        raise ValueError(msg)
+    y_true, y_score = np.asarray(result["y_true"]), np.asarray(result["y_score"])
+    all_classes = list(result["classes"])
+    if classes is None:
+        classes = [c for c in all_classes if 0 < (y_true == c).sum() < len(y_true)]
+        if len(all_classes) == 2:
+            classes = [c for c in classes if c == all_classes[1]] or classes[:1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
+    for cls in classes:
+        j = all_classes.index(cls)
+        pos = y_true == cls
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, y_score[:, j])
+        auc = result["roc_auc_per_class"][cls]
+        ax.plot(fpr, tpr, lw=1.5, label=f"{cls} (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"zero-shot ROC, {result.get('n_tiles', len(y_true))} tiles")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_aspect("equal")
+    return ax
+
+
+def _display_image(sdata, image_key: str, max_pixels: int):
+    """RGB ``(h, w, 3)`` uint8 of the coarsest-enough pyramid level and its extent ``(x0, x1, y1, y0)`` in µm."""
+    from st2he.tl._zero_shot import _levels, _to_uint8
+
+    if image_key not in sdata.images:
+        msg = f"image_key={image_key!r} is not an image; images are {sorted(sdata.images)}."
+        raise KeyError(msg)
+    element = sdata.images[image_key]
+    grid = Grid.from_element(element)
+    levels = _levels(element)
+    chosen = levels[-1]
+    for data in levels:
+        if max(data.sizes["y"], data.sizes["x"]) <= max_pixels:
+            chosen = data
+            break
+    arr = np.asarray(chosen.data[:3])
+    step = max(1, int(np.ceil(max(arr.shape[1:]) / max_pixels)))
+    arr = arr[:, ::step, ::step]
+    rgb = _to_uint8(np.moveaxis(arr, 0, -1))
+    x0, y0, x1, y1 = grid.bounds
+    return rgb, (x0, x1, y1, y0)
+
+
+def _tile_boxes_of(sdata, adata) -> np.ndarray:
+    from st2he.tl._zero_shot import INSTANCE_KEY, REGION_KEY, _shapes_in_global
+
+    region = str(adata.obs[REGION_KEY].iloc[0])
+    if region in sdata.shapes:
+        shapes = _shapes_in_global(sdata, region)
+        bounds = shapes.geometry.bounds
+        ids = adata.obs[INSTANCE_KEY].to_numpy()
+        found = bounds.reindex(ids)
+        if not found.isna().any().any():
+            return found.to_numpy()
+    # tiles element gone: square boxes of the recorded size around the centres
+    params = next(v for v in adata.uns.values() if isinstance(v, Mapping) and "params" in v)["params"]
+    size = float(params.get("tile_size_um", 1.0))
+    c = np.asarray(adata.obsm["spatial"])[:, :2]
+    return np.column_stack([c[:, 0] - size / 2, c[:, 1] - size / 2, c[:, 0] + size / 2, c[:, 1] + size / 2])
+
+
+def _scalebar(ax, extent, length) -> None:
+    x0, x1, y1, y0 = extent
+    width = x1 - x0
+    if length == "auto":
+        target = width / 5
+        exp = 10 ** np.floor(np.log10(target)) if target > 0 else 1
+        length = max(v * exp for v in (1, 2, 5) if v * exp <= target) if target >= exp else exp
+    length = float(length)
+    pad = 0.04 * width
+    xs = [x1 - pad - length, x1 - pad]
+    y = y1 - 0.05 * (y1 - y0)
+    ax.plot(xs, [y, y], color="black", lw=3, solid_capstyle="butt")
+    label = f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm"
+    ax.text(np.mean(xs), y - 0.015 * (y1 - y0), label, ha="center", va="bottom", fontsize="small")
