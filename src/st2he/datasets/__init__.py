@@ -1,1 +1,5 @@
-"""st2he.datasets."""
+"""st2he.datasets: built-in data."""
+
+from ._synthetic import synthetic_tissue
+
+__all__ = ["synthetic_tissue"]
