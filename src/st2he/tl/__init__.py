@@ -1,5 +1,6 @@
 """st2he.tl."""
 
+from ._evaluate import evaluate_he
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot

@@ -1,0 +1,348 @@
+"""``st2he.tl.evaluate_he``: PSNR, SSIM and MSE of a virtual H&E against a real one, per tile and overall."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from st2he._elements import check_key_free, get_image, record_params, set_element
+from st2he._grid import COORDINATE_SYSTEM, Grid
+
+logger = logging.getLogger("st2he")
+
+METRICS = ("mse", "psnr", "ssim")
+#: SSIM window (skimage's default 7 x 7 uniform window) and the margin it needs around a block.
+_SSIM_WIN = 7
+_SSIM_MARGIN = _SSIM_WIN // 2
+_DATA_RANGE = 255.0
+
+
+def evaluate_he(
+    sdata,
+    *,
+    pred_key: str = "virtual_he",
+    true_key: str = "he_image",
+    tile_size: int = 256,
+    pixel_size: float | None = None,
+    region: Sequence[float] | None = None,
+    key_added: str = "he_metrics",
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Score a virtual H&E against a real H&E of the same section: MSE, PSNR and SSIM per tile and overall.
+
+    The two RGB images are compared over their common region in the coordinate system ``"global"`` (µm), on one
+    evaluation grid of ``pixel_size`` µm anchored at the region's top-left corner. Each image is resampled onto
+    it: by area averaging over the largest whole number of source pixels per evaluation pixel, then bilinear
+    interpolation at the evaluation pixel centres (an image already on the grid is read as it is, untouched).
+    The grid is cut into square tiles of ``tile_size`` evaluation pixels (the last row and column may be
+    smaller).
+
+    Metrics, on 0-255 values (``skimage.metrics``, ``data_range=255``, SSIM with a 7 x 7 window averaged over the
+    three channels):
+
+    - ``overall``: MSE over every pixel of the common region, PSNR from that MSE, and SSIM of the whole region
+      (the mean of its SSIM map without the 3-pixel outer border, as :func:`skimage.metrics.structural_similarity`
+      computes it; made block by block with overlapping margins, so it is exact at any image size);
+    - per tile: ``mse`` and ``psnr`` of the tile's pixels, and ``ssim``: the mean of the whole region's SSIM map
+      over the tile (so tiles have no edge effects and their pixel-weighted mean is the overall SSIM; NaN for a
+      tile that lies entirely in the region's border or for a region under 7 pixels);
+    - ``mean_over_tiles``: the mean of the tile values (PSNR averaged over tiles where it is finite).
+
+    PSNR is ``inf`` where the images are identical (MSE 0).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object with both images.
+    pred_key
+        Image element to score (uint8 RGB), e.g. from :func:`st2he.tl.virtual_he`.
+    true_key
+        Image element of the real H&E (uint8 RGB).
+    tile_size
+        Edge of the tiles in pixels of the evaluation grid.
+    pixel_size
+        Evaluation pixel size in µm. Default: the coarser of the two images' pixel sizes.
+    region
+        ``(x_min, y_min, x_max, y_max)`` in global µm to restrict the comparison to (intersected with the common
+        region).
+    key_added
+        Name of the table written (its tiles go to the shapes element ``{key_added}_tiles``, which it annotates).
+    overwrite
+        Replace existing elements of those names.
+
+    Returns
+    -------
+    Data frame with one row per tile (index ``tile_id``; columns ``mse``, ``psnr``, ``ssim``, the tile's pixel
+    offsets ``row0``, ``col0``, size ``height``, ``width`` and bounds ``x_min``, ``y_min``, ``x_max``, ``y_max`` in
+    µm), followed by the rows ``"mean_over_tiles"`` and ``"overall"``. The table ``sdata.tables[key_added]`` holds
+    the tiles (metrics in ``X`` and ``obs``) and ``uns["overall"]``, ``uns["mean_over_tiles"]``, ``uns["params"]``.
+    """
+    if int(tile_size) != tile_size or tile_size < 1:
+        msg = f"tile_size must be a whole number of pixels >= 1, got {tile_size!r}."
+        raise ValueError(msg)
+    tile_size = int(tile_size)
+    tiles_key = f"{key_added}_tiles"
+    check_key_free(sdata, key_added, overwrite=overwrite)
+    check_key_free(sdata, tiles_key, overwrite=overwrite, parameter="key_added")
+    pred, pred_grid = get_image(sdata, pred_key, parameter="pred_key")
+    true, true_grid = get_image(sdata, true_key, parameter="true_key")
+    _check_rgb(pred, pred_key, "pred_key")
+    _check_rgb(true, true_key, "true_key")
+
+    grid = _evaluation_grid(pred_grid, true_grid, pixel_size, region, pred_key, true_key)
+    rows = []
+    sse_total = 0.0
+    ssim_sum = 0.0
+    ssim_count = 0
+    n_tiles_r = math.ceil(grid.height / tile_size)
+    n_tiles_c = math.ceil(grid.width / tile_size)
+    for i in range(n_tiles_r):
+        for j in range(n_tiles_c):
+            r0, c0 = i * tile_size, j * tile_size
+            r1, c1 = min(r0 + tile_size, grid.height), min(c0 + tile_size, grid.width)
+            # read the tile with a margin so that the SSIM map inside it equals that of the whole region
+            m = _SSIM_MARGIN
+            er0, ec0 = max(r0 - m, 0), max(c0 - m, 0)
+            er1, ec1 = min(r1 + m, grid.height), min(c1 + m, grid.width)
+            block = grid.crop(er0, er1, ec0, ec1)
+            a = _read_on_grid(pred, pred_grid, block)
+            b = _read_on_grid(true, true_grid, block)
+            inner = (slice(r0 - er0, r1 - er0), slice(c0 - ec0, c1 - ec0))
+            ta, tb = a[inner], b[inner]
+            diff = ta - tb
+            sse = float(np.sum(diff * diff))
+            sse_total += sse
+            mse = sse / diff.size
+            # SSIM: the map of the whole region (this block's map is exact inside the tile thanks to the margin),
+            # averaged over the tile's pixels, leaving out the region's outer border as skimage does
+            ssim_tile = float("nan")
+            if min(block.shape) >= _SSIM_WIN:
+                smap = _ssim_map(a, b)[inner]
+                rr = np.arange(r0, r1)
+                cc = np.arange(c0, c1)
+                ok_r = (rr >= m) & (rr < grid.height - m)
+                ok_c = (cc >= m) & (cc < grid.width - m)
+                n_ok = int(ok_r.sum() * ok_c.sum())
+                if n_ok:
+                    tile_sum = float(smap[np.ix_(ok_r, ok_c)].sum())
+                    ssim_sum += tile_sum
+                    ssim_count += n_ok
+                    ssim_tile = tile_sum / n_ok
+            tg = grid.crop(r0, r1, c0, c1)
+            x_min, y_min, x_max, y_max = tg.bounds
+            rows.append(
+                {
+                    "tile_id": f"tile_{i}_{j}",
+                    "mse": mse,
+                    "psnr": _psnr(mse),
+                    "ssim": ssim_tile,
+                    "row0": r0,
+                    "col0": c0,
+                    "height": r1 - r0,
+                    "width": c1 - c0,
+                    "x_min": x_min,
+                    "y_min": y_min,
+                    "x_max": x_max,
+                    "y_max": y_max,
+                }
+            )
+    tiles = pd.DataFrame(rows).set_index("tile_id")
+    n_values = grid.height * grid.width * 3
+    overall_mse = sse_total / n_values
+    overall = {
+        "mse": overall_mse,
+        "psnr": _psnr(overall_mse),
+        "ssim": ssim_sum / ssim_count if ssim_count else float("nan"),
+    }
+    finite_psnr = tiles["psnr"][np.isfinite(tiles["psnr"])]
+    mean_over_tiles = {
+        "mse": float(tiles["mse"].mean()),
+        "psnr": float(finite_psnr.mean()) if len(finite_psnr) else float("inf"),
+        "ssim": float(tiles["ssim"].mean()),
+    }
+    params: dict[str, Any] = {
+        "pred_key": pred_key,
+        "true_key": true_key,
+        "tile_size": tile_size,
+        "pixel_size": grid.pixel_size,
+        "region": list(grid.bounds),
+        "resampling": "area average (whole factor) + bilinear",
+        "data_range": _DATA_RANGE,
+        "ssim_window": _SSIM_WIN,
+        "n_pixels": grid.height * grid.width,
+    }
+    _store(sdata, tiles, overall, mean_over_tiles, params, key_added, tiles_key, overwrite)
+    logger.info(
+        "evaluate_he: %s vs %s over %d x %d px at %.3g µm: PSNR %.2f dB, SSIM %.3f, MSE %.1f",
+        pred_key,
+        true_key,
+        grid.height,
+        grid.width,
+        grid.pixel_size,
+        overall["psnr"],
+        overall["ssim"],
+        overall["mse"],
+    )
+    summary = pd.DataFrame(
+        [
+            {**mean_over_tiles, "height": grid.height, "width": grid.width},
+            {**overall, "row0": 0, "col0": 0, "height": grid.height, "width": grid.width},
+        ],
+        index=["mean_over_tiles", "overall"],
+    )
+    x_min, y_min, x_max, y_max = grid.bounds
+    for name in ("mean_over_tiles", "overall"):
+        summary.loc[name, ["x_min", "y_min", "x_max", "y_max"]] = [x_min, y_min, x_max, y_max]
+    out = pd.concat([tiles, summary])
+    out.index.name = "tile_id"
+    out.attrs["overall"] = overall
+    out.attrs["mean_over_tiles"] = mean_over_tiles
+    out.attrs["params"] = params
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _check_rgb(data, key: str, parameter: str) -> None:
+    channels = [str(c) for c in data.coords["c"].values] if "c" in data.coords else []
+    if data.ndim != 3 or data.shape[0] != 3:
+        msg = (
+            f"{parameter}={key!r} is not an RGB image: it has {data.shape[0] if data.ndim == 3 else '?'} channels "
+            f"{channels}; evaluate_he compares 3-channel (r, g, b) H&E images."
+        )
+        raise ValueError(msg)
+    if channels and [c.lower() for c in channels] not in (["r", "g", "b"], ["0", "1", "2"]):
+        logger.warning("%s=%r has channels %s; reading them as r, g, b.", parameter, key, channels)
+
+
+def _evaluation_grid(pred_grid: Grid, true_grid: Grid, pixel_size, region, pred_key, true_key) -> Grid:
+    px0, py0, px1, py1 = pred_grid.bounds
+    tx0, ty0, tx1, ty1 = true_grid.bounds
+    x0, y0, x1, y1 = max(px0, tx0), max(py0, ty0), min(px1, tx1), min(py1, ty1)
+    if x1 <= x0 or y1 <= y0:
+        msg = (
+            f"{pred_key!r} (x {px0:.1f}..{px1:.1f}, y {py0:.1f}..{py1:.1f} µm) and {true_key!r} "
+            f"(x {tx0:.1f}..{tx1:.1f}, y {ty0:.1f}..{ty1:.1f} µm) do not overlap in the {COORDINATE_SYSTEM!r} "
+            "coordinate system; nothing to compare. Check their transformations."
+        )
+        raise ValueError(msg)
+    if region is not None:
+        if len(region) != 4:
+            msg = f"region must be (x_min, y_min, x_max, y_max) in µm, got {region!r}."
+            raise ValueError(msg)
+        rx0, ry0, rx1, ry1 = (float(v) for v in region)
+        x0, y0, x1, y1 = max(x0, rx0), max(y0, ry0), min(x1, rx1), min(y1, ry1)
+        if x1 <= x0 or y1 <= y0:
+            msg = f"region {tuple(region)} does not overlap the common region of {pred_key!r} and {true_key!r}."
+            raise ValueError(msg)
+    if pixel_size is None:
+        pixel_size = max(pred_grid.pixel_size, true_grid.pixel_size)
+    if not (np.isfinite(pixel_size) and pixel_size > 0):
+        msg = f"pixel_size must be a positive number of µm, got {pixel_size!r}."
+        raise ValueError(msg)
+    # whole pixels that fit in the common region (a hair of tolerance for floating point bounds)
+    width = int(math.floor((x1 - x0) / pixel_size + 1e-6))
+    height = int(math.floor((y1 - y0) / pixel_size + 1e-6))
+    if width < 1 or height < 1:
+        msg = (
+            f"The common region ({x1 - x0:.3g} x {y1 - y0:.3g} µm) is smaller than one evaluation pixel of "
+            f"{pixel_size} µm."
+        )
+        raise ValueError(msg)
+    return Grid(float(x0), float(y0), float(pixel_size), height, width)
+
+
+def _read_on_grid(data, src: Grid, dst: Grid) -> np.ndarray:
+    """Values of image ``data`` (on ``src``) resampled onto ``dst``: float64 ``(H, W, 3)``."""
+    from scipy import ndimage
+
+    ratio = dst.pixel_size / src.pixel_size
+    # source position (in source pixels, continuous, 0 = first pixel's top-left edge) of dst's top-left corner
+    oy = (dst.y0 - src.y0) / src.pixel_size
+    ox = (dst.x0 - src.x0) / src.pixel_size
+    # on the same grid: read the pixels as they are
+    if abs(ratio - 1) < 1e-9 and abs(oy - round(oy)) < 1e-6 and abs(ox - round(ox)) < 1e-6:
+        r0, c0 = round(oy), round(ox)
+        window = _read_window(data, src, r0, r0 + dst.height, c0, c0 + dst.width)
+        return window
+    # area averaging by the largest whole factor not above the ratio
+    factor = max(1, int(math.floor(ratio + 1e-9)))
+    # source window needed (with one pixel to spare for the bilinear step)
+    r_lo = max(0, int(math.floor(oy)) - factor)
+    c_lo = max(0, int(math.floor(ox)) - factor)
+    r_hi = min(src.height, int(math.ceil(oy + dst.height * ratio)) + factor + 1)
+    c_hi = min(src.width, int(math.ceil(ox + dst.width * ratio)) + factor + 1)
+    window = _read_window(data, src, r_lo, r_hi, c_lo, c_hi)
+    if factor > 1:
+        h = (window.shape[0] // factor) * factor
+        w = (window.shape[1] // factor) * factor
+        window = window[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+    step = factor
+    # dst pixel centres in coordinates of the (coarsened) window, where index k is centred at k + 0.5
+    rows = (oy + (np.arange(dst.height) + 0.5) * ratio - r_lo) / step - 0.5
+    cols = (ox + (np.arange(dst.width) + 0.5) * ratio - c_lo) / step - 0.5
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    out = np.empty((dst.height, dst.width, 3), dtype=np.float64)
+    for ch in range(3):
+        out[..., ch] = ndimage.map_coordinates(window[..., ch], [rr, cc], order=1, mode="nearest")
+    return out
+
+
+def _read_window(data, src: Grid, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    r0, r1 = max(r0, 0), min(r1, src.height)
+    c0, c1 = max(c0, 0), min(c1, src.width)
+    values = data.data[:3, r0:r1, c0:c1]
+    if hasattr(values, "compute"):
+        values = values.compute()
+    return np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1)
+
+
+def _psnr(mse: float) -> float:
+    if mse <= 0:
+        return float("inf")
+    return float(10 * np.log10(_DATA_RANGE**2 / mse))
+
+
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+
+    _, smap = structural_similarity(a, b, channel_axis=-1, data_range=_DATA_RANGE, win_size=_SSIM_WIN, full=True)
+    return smap.mean(axis=-1)
+
+
+def _store(sdata, tiles, overall, mean_over_tiles, params, key_added, tiles_key, overwrite) -> None:
+    import anndata as ad
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    boxes = shapely.box(tiles["x_min"], tiles["y_min"], tiles["x_max"], tiles["y_max"])
+    shapes = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=boxes, index=pd.Index(tiles.index.astype(str), name="tile_id")),
+        transformations={COORDINATE_SYSTEM: Identity()},
+    )
+    obs = tiles.copy()
+    obs.index = obs.index.astype(str)
+    obs.index.name = None
+    obs.insert(0, "tile_id", tiles.index.astype(str))
+    obs.insert(1, "region", pd.Categorical([tiles_key] * len(obs)))
+    adata = ad.AnnData(
+        X=tiles[list(METRICS)].to_numpy(dtype=np.float64),
+        obs=obs,
+        var=pd.DataFrame(index=list(METRICS)),
+    )
+    adata.obsm["spatial"] = np.c_[(tiles["x_min"] + tiles["x_max"]) / 2, (tiles["y_min"] + tiles["y_max"]) / 2]
+    adata.uns["overall"] = dict(overall)
+    adata.uns["mean_over_tiles"] = dict(mean_over_tiles)
+    adata.uns["params"] = dict(params)
+    table = TableModel.parse(adata, region=tiles_key, region_key="region", instance_key="tile_id")
+    set_element(sdata, tiles_key, shapes, overwrite=overwrite)
+    set_element(sdata, key_added, table, overwrite=overwrite)
+    record_params(sdata, key_added, params)
