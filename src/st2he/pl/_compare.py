@@ -1,0 +1,353 @@
+"""``st2he.pl.compare``: input picture, virtual H&E, real H&E and gene expression side by side."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from st2he._elements import get_params
+from st2he._grid import Grid
+
+logger = logging.getLogger("st2he")
+
+_DEFAULT_DOT_COLOR = "#ffd92f"
+
+
+def compare(
+    sdata,
+    *,
+    input_key: str | None = "st2he_input",
+    pred_key: str | None = "virtual_he",
+    true_key: str | None = "he_image",
+    genes: Sequence[str] | None = None,
+    n_genes: int = 2,
+    points_key: str = "transcripts",
+    region: Sequence[float] | None = None,
+    scale_bar_um: float | None = None,
+    max_pixels: int = 1200,
+    max_points: int = 200_000,
+    dot_size: float | None = None,
+    figsize: tuple[float, float] | None = None,
+    ax=None,
+):
+    """Show the input picture, the virtual H&E, the real H&E and the expression of genes over the same region.
+
+    Every panel shows the same box of the coordinate system ``"global"`` with axes in µm and a scale bar. Large
+    images are read from the pyramid level that gives at most ``max_pixels`` pixels across the region.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object.
+    input_key
+        The ST2HE input picture (:func:`st2he.pp.rasterize_transcripts`); ``None`` leaves the panel out.
+    pred_key
+        The virtual H&E (:func:`st2he.tl.virtual_he`); ``None`` leaves the panel out.
+    true_key
+        The real H&E; left out when ``None`` or when the object has no such image.
+    genes
+        Genes whose molecules are drawn, one panel each, as dots in the gene's palette colour (the palette
+        recorded with ``input_key``, else yellow) on black. Default: the ``n_genes`` genes with most molecules
+        in the region (control probes left out). ``[]`` draws no gene panel.
+    n_genes
+        Number of genes shown when ``genes`` is None.
+    points_key
+        Points element of the molecules (its ``feature_key`` names the gene column).
+    region
+        ``(x_min, y_min, x_max, y_max)`` in µm. Default: the extent of the first image shown (else of the molecules).
+    scale_bar_um
+        Length of the scale bar in µm. Default: a round number near a fifth of the region's width.
+    max_pixels
+        Largest number of image pixels across the region; coarser pyramid levels are used above it.
+    max_points
+        Largest number of molecules drawn per gene panel (a random subset beyond it, the same in every call).
+    dot_size
+        Marker size of the molecules (points²). Default: from the region's size.
+    figsize
+        Figure size when the axes are made here. Default: 4 inches per panel.
+    ax
+        Axes to draw into, one per panel (a sequence or an array), or ``None`` to make a figure.
+
+    Returns
+    -------
+    A 1-D numpy array of the :class:`matplotlib.axes.Axes` drawn, in panel order.
+    """
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, str]] = []  # (kind, key or gene)
+    for key, label, optional in (
+        (input_key, "input_key", False),
+        (pred_key, "pred_key", False),
+        (true_key, "true_key", True),
+    ):
+        if key is None:
+            continue
+        if key not in sdata.images:
+            if optional:
+                logger.info("compare: no image %r, its panel is left out.", key)
+                continue
+            msg = (
+                f"{label}={key!r} is not an image of this SpatialData object (its images are {sorted(sdata.images)}). "
+                f"Pass {label}=None to leave the panel out."
+            )
+            raise KeyError(msg)
+        panels.append(("image", key))
+
+    if region is None:
+        region = _default_region(sdata, [k for _, k in panels], points_key)
+    region = _check_region(region)
+
+    molecules = None
+    if genes is None or len(genes):
+        molecules = _molecules(sdata, points_key, region, need=genes is not None)
+    if genes is None:
+        genes = _top_genes(molecules, n_genes) if molecules is not None else []
+    else:
+        genes = [str(g) for g in genes]
+        if genes:
+            panel = molecules["panel"]
+            unknown = [g for g in genes if g not in panel]
+            if unknown:
+                msg = f"Genes {unknown} are not in the panel of {points_key!r} (e.g. {sorted(panel)[:10]})."
+                raise ValueError(msg)
+    panels += [("gene", g) for g in genes]
+    if not panels:
+        msg = "Nothing to show: no image panel and no gene panel. Give input_key, pred_key, true_key or genes."
+        raise ValueError(msg)
+
+    width = region[2] - region[0]
+    height = region[3] - region[1]
+    if ax is None:
+        side = 4.0
+        fs = figsize or (side * len(panels), side * height / width + 0.5)
+        fig, axes = plt.subplots(1, len(panels), figsize=fs, squeeze=False, layout="constrained")
+        axes = axes[0]
+    else:
+        axes = np.atleast_1d(np.asarray(ax, dtype=object)).ravel()
+        if len(axes) != len(panels):
+            msg = f"ax holds {len(axes)} axes but there are {len(panels)} panels ({[p[1] for p in panels]})."
+            raise ValueError(msg)
+
+    if scale_bar_um is None:
+        scale_bar_um = _nice_length(width / 5)
+    palette = get_params(sdata, input_key).get("palette", {}) if input_key is not None else {}
+    titles = {input_key: "input", pred_key: "virtual H&E", true_key: "H&E"}
+    for axis, (kind, key) in zip(axes, panels, strict=True):
+        if kind == "image":
+            dark = _draw_image(axis, sdata.images[key], region, max_pixels)
+            axis.set_title(f"{titles.get(key, key)} ({key})")
+        else:
+            n = _draw_gene(axis, molecules, key, palette.get(key, _DEFAULT_DOT_COLOR), region, max_points, dot_size)
+            axis.set_title(f"{key} ({n:,} molecules)")
+            dark = True
+        axis.set_xlim(region[0], region[2])
+        axis.set_ylim(region[3], region[1])  # row = y: y grows downwards, as in the images
+        axis.set_aspect("equal")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        _scale_bar(axis, scale_bar_um, height / 120, color="white" if dark else "black")
+    return np.asarray(axes, dtype=object)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _check_region(region) -> tuple[float, float, float, float]:
+    if len(region) != 4:
+        msg = f"region must be (x_min, y_min, x_max, y_max) in µm, got {region!r}."
+        raise ValueError(msg)
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not (np.all(np.isfinite([x0, y0, x1, y1])) and x1 > x0 and y1 > y0):
+        msg = f"region must be a non-empty box (x_min < x_max, y_min < y_max) in µm, got {region!r}."
+        raise ValueError(msg)
+    return (x0, y0, x1, y1)
+
+
+def _default_region(sdata, image_keys, points_key):
+    for key in image_keys:
+        return Grid.from_element(sdata.images[key]).bounds
+    if points_key in sdata.points:
+        pts = sdata.points[points_key]
+        x = pts["x"].compute().to_numpy()
+        y = pts["y"].compute().to_numpy()
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.any():
+            return (x[ok].min(), y[ok].min(), x[ok].max() + 1e-6, y[ok].max() + 1e-6)
+    msg = "Cannot tell which region to show: no image and no molecules. Pass region=(x_min, y_min, x_max, y_max)."
+    raise ValueError(msg)
+
+
+def _levels(element):
+    """Full-resolution-first list of ``(DataArray, Grid)`` of a single- or multi-scale image."""
+    if hasattr(element, "children") and len(getattr(element, "children", {})):
+        arrays = [next(iter(element[k].ds.data_vars.values())) for k in sorted(element.children)]
+    else:
+        arrays = [element]
+    return [(a, Grid.from_element(a)) for a in arrays]
+
+
+def _draw_image(axis, element, region, max_pixels) -> bool:
+    """Draw the region of an image from the coarsest-enough level; return True when it is dark (fluorescence)."""
+    levels = _levels(element)
+    width_um = region[2] - region[0]
+    height_um = region[3] - region[1]
+    data, grid = levels[0]
+    for arr, g in levels:
+        data, grid = arr, g
+        if max(width_um, height_um) / g.pixel_size <= max_pixels:
+            break
+    r0 = max(0, int(math.floor((region[1] - grid.y0) / grid.pixel_size)))
+    c0 = max(0, int(math.floor((region[0] - grid.x0) / grid.pixel_size)))
+    r1 = min(grid.height, int(math.ceil((region[3] - grid.y0) / grid.pixel_size)))
+    c1 = min(grid.width, int(math.ceil((region[2] - grid.x0) / grid.pixel_size)))
+    axis.set_facecolor("black")
+    if r1 <= r0 or c1 <= c0:
+        return True
+    values = np.asarray(data.data[:, r0:r1, c0:c1])
+    extent = (
+        grid.x0 + c0 * grid.pixel_size,
+        grid.x0 + c1 * grid.pixel_size,
+        grid.y0 + r1 * grid.pixel_size,
+        grid.y0 + r0 * grid.pixel_size,
+    )
+    if values.shape[0] == 3 and values.dtype == np.uint8:
+        picture = np.moveaxis(values, 0, -1)
+        dark = float(picture.mean()) < 128
+        axis.imshow(picture, extent=extent, interpolation="nearest")
+        return dark
+    if values.shape[0] >= 3:
+        picture = np.moveaxis(values[:3].astype(np.float32), 0, -1)
+        lo, hi = np.nanpercentile(picture, (1, 99.5))
+        picture = np.clip((picture - lo) / max(hi - lo, 1e-12), 0, 1)
+        axis.imshow(picture, extent=extent, interpolation="nearest")
+        return float(picture.mean()) < 0.5
+    grey = values[0].astype(np.float32)
+    lo, hi = np.nanpercentile(grey, (1, 99.5))
+    axis.imshow(grey, extent=extent, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-12), interpolation="nearest")
+    return True
+
+
+def _molecules(sdata, points_key, region, need: bool):
+    """Molecules in ``region``: ``{"x", "y", "gene" (codes), "panel" (names), "control" (bool per name)}``."""
+    if points_key not in sdata.points:
+        if need:
+            msg = f"points_key={points_key!r} is not a points element (points: {sorted(sdata.points)}); no gene panels."
+            raise KeyError(msg)
+        logger.info("compare: no points element %r, no gene panels.", points_key)
+        return None
+    from spatialdata.models import PointsModel
+
+    points = sdata.points[points_key]
+    feature_key = points.attrs.get(PointsModel.ATTRS_KEY, {}).get(PointsModel.FEATURE_KEY)
+    if feature_key is None or feature_key not in points.columns:
+        if need:
+            msg = f"The points element {points_key!r} has no gene column (no feature_key)."
+            raise ValueError(msg)
+        return None
+    x0, y0, x1, y1 = region
+    columns = ["x", "y", feature_key] + (["is_control"] if "is_control" in points.columns else [])
+    sub = points[columns]
+    sub = sub[(sub["x"] >= x0) & (sub["x"] < x1) & (sub["y"] >= y0) & (sub["y"] < y1)].compute()
+    genes = sub[feature_key]
+    if not hasattr(genes, "cat"):
+        genes = genes.astype(str).astype("category")
+    panel = [str(c) for c in genes.cat.categories]
+    codes = genes.cat.codes.to_numpy()
+    control = np.zeros(len(panel), dtype=bool)
+    if "is_control" in sub.columns and len(sub):
+        flagged = np.unique(codes[sub["is_control"].to_numpy(dtype=bool)])
+        control[flagged[flagged >= 0]] = True
+    prefixes = (
+        "blank",
+        "negcontrol",
+        "unassignedcodeword",
+        "deprecatedcodeword",
+        "negprb",
+        "falsecode",
+        "systemcontrol",
+    )
+    control |= np.array([p.lower().startswith(prefixes) for p in panel], dtype=bool)
+    return {
+        "x": sub["x"].to_numpy(),
+        "y": sub["y"].to_numpy(),
+        "gene": codes,
+        "panel": panel,
+        "control": control,
+    }
+
+
+def _top_genes(molecules, n_genes: int) -> list[str]:
+    if molecules is None or len(molecules["gene"]) == 0:
+        return []
+    counts = np.bincount(molecules["gene"][molecules["gene"] >= 0], minlength=len(molecules["panel"]))
+    counts[molecules["control"]] = -1
+    order = np.argsort(-counts, kind="stable")
+    return [molecules["panel"][i] for i in order[: max(0, int(n_genes))] if counts[i] > 0]
+
+
+def _draw_gene(axis, molecules, gene, color, region, max_points, dot_size) -> int:
+    axis.set_facecolor("black")
+    code = molecules["panel"].index(gene)
+    sel = np.flatnonzero(molecules["gene"] == code)
+    n = len(sel)
+    if n > max_points:
+        sel = np.sort(np.random.default_rng(0).choice(sel, max_points, replace=False))
+    if dot_size is None:
+        dot_size = float(np.clip(1500.0 / max(region[2] - region[0], 1.0), 0.3, 16.0))
+    axis.scatter(
+        molecules["x"][sel],
+        molecules["y"][sel],
+        s=dot_size,
+        c=[_visible_on_black(color)],
+        marker=".",
+        linewidths=0,
+        rasterized=True,
+    )
+    return n
+
+
+def _visible_on_black(color) -> tuple[float, float, float]:
+    """Lighten a colour (towards white) until it stands out on black (relative luminance >= 0.4)."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.asarray(to_rgb(color), dtype=float)
+    for _ in range(10):
+        if float(rgb @ [0.2126, 0.7152, 0.0722]) >= 0.4:
+            break
+        rgb = rgb + 0.25 * (1 - rgb)
+    return tuple(float(v) for v in rgb)
+
+
+def _nice_length(length: float) -> float:
+    """Round ``length`` down to 1, 2 or 5 times a power of ten."""
+    if not (np.isfinite(length) and length > 0):
+        return 1.0
+    power = 10 ** math.floor(math.log10(length))
+    for step in (5, 2, 1):
+        if step * power <= length:
+            return float(step * power)
+    return float(power)
+
+
+def _scale_bar(axis, length_um: float, thickness_um: float, color: str) -> None:
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    label = f"{length_um:g} µm" if length_um < 1000 else f"{length_um / 1000:g} mm"
+    bar = AnchoredSizeBar(
+        axis.transData,
+        length_um,
+        label,
+        loc="lower right",
+        pad=0.4,
+        sep=3,
+        color=color,
+        frameon=False,
+        size_vertical=thickness_um,
+        fontproperties=FontProperties(size=8),
+    )
+    bar.set_gid("scale_bar")
+    axis.add_artist(bar)
