@@ -6,6 +6,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +77,26 @@ def find_file(folder: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def read_table(file: Path, *, required: Sequence[str] = (), dtype: Mapping[str, Any] | None = None, lazy: bool = True):
+def read_table(
+    file: Path,
+    *,
+    required: Sequence[str] = (),
+    dtype: Mapping[str, Any] | None = None,
+    lazy: bool = True,
+    categorical: str | None = None,
+):
     """Open a parquet or csv(.gz) table (lazily with dask by default) and check its columns.
 
-    Raises a :class:`ValueError` that names the file when it cannot be parsed or lacks a ``required`` column.
+    A lazy parquet table is read by groups of row groups; its ``categorical`` column (dictionary-encoded in Xenium
+    files) arrives as a pandas categorical with known categories. Raises a :class:`ValueError` that names the file
+    when it cannot be parsed or lacks a ``required`` column.
     """
     import dask.dataframe as dd
 
     name = file.name.lower()
     try:
         if name.endswith(".parquet"):
-            table = dd.read_parquet(file) if lazy else pd.read_parquet(file)
+            table = _read_parquet_lazy(file, categorical) if lazy else pd.read_parquet(file)
         elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
             sep = "\t" if ".tsv" in name else ","
             kwargs: dict[str, Any] = {"sep": sep, "dtype": dict(dtype or {})}
@@ -117,6 +127,76 @@ def read_table(file: Path, *, required: Sequence[str] = (), dtype: Mapping[str, 
     return table
 
 
+_ROWS_PER_PARTITION = 2_000_000
+
+
+def _read_parquet_lazy(file: Path, categorical: str | None):
+    """Return a dask DataFrame over groups of row groups of a parquet file (binary columns decoded as text)."""
+    import dask.dataframe as dd
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    schema = parquet.schema_arrow
+    if categorical is not None and categorical not in schema.names:
+        categorical = None  # the caller reports the missing column
+    categories = gene_names(file, categorical) if categorical is not None else None
+    batches: list[list[int]] = []
+    rows = 0
+    for i in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(i).num_rows
+        if not batches or rows + n > _ROWS_PER_PARTITION:
+            batches.append([])
+            rows = 0
+        batches[-1].append(i)
+        rows += n
+    meta = _arrow_to_pandas(schema.empty_table(), categorical, categories)
+    if not batches:
+        return dd.from_pandas(meta, npartitions=1)
+    return dd.from_map(_ParquetRowGroups(str(file), categorical, categories), batches, meta=meta)
+
+
+class _ParquetRowGroups:
+    """Read some row groups of a parquet file as pandas (a picklable callable for dask's ``from_map``)."""
+
+    def __init__(self, file: str, categorical: str | None, categories: list[str] | None):
+        self.file, self.categorical, self.categories = file, categorical, categories
+
+    def __call__(self, row_groups: list[int], columns: list[str] | None = None) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        read_dictionary = [self.categorical] if self.categorical is not None else None
+        parquet = pq.ParquetFile(self.file, read_dictionary=read_dictionary)
+        table = parquet.read_row_groups(row_groups, columns=None if columns is None else list(columns))
+        categorical = self.categorical if columns is None or self.categorical in columns else None
+        return _arrow_to_pandas(table, categorical, self.categories)
+
+
+def _arrow_to_pandas(table, categorical: str | None, categories: list[str] | None) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        is_dict = pa.types.is_dictionary(column.type)
+        kind = column.type.value_type if is_dict else column.type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            if is_dict:
+                column = pa.chunked_array([chunk.dictionary_decode() for chunk in column.chunks], type=kind)
+            column = pc.cast(column, pa.string())
+            if name == categorical:
+                column = column.dictionary_encode()
+        columns[name] = column
+    frame = pa.table(columns).to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get)
+    if categorical is not None and categories is not None:
+        dtype = pd.CategoricalDtype(categories)
+        values = frame[categorical]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            frame[categorical] = values.cat.set_categories(categories)
+        else:
+            frame[categorical] = values.astype(object).astype(dtype)
+    return frame
+
+
 def _unreadable(file: Path, err: Exception) -> ValueError:
     msg = (
         f"Could not read {str(file)!r} ({type(err).__name__}: {err}). The file is damaged, truncated or not a "
@@ -140,7 +220,6 @@ def build_transcripts(
     scale: float = 1.0,
     qv: str | None = None,
     rename: Mapping[str, str] | None = None,
-    drop: Sequence[str] = (),
     instance_key: str | None = None,
     keep_raw_xy: bool = False,
 ):
@@ -148,8 +227,9 @@ def build_transcripts(
 
     Columns: ``x``, ``y`` (µm; ``raw * scale``), ``z`` (µm, only when ``z`` is given), ``gene`` (categorical,
     the feature key), ``qv`` (float32, NaN when the platform has none), ``is_control`` (bool), then every other
-    column of the raw table (``rename`` renames some of them first; ``drop`` lists raw columns replaced by the
-    above; the raw ``x`` and ``y`` columns stay when ``keep_raw_xy``). The element maps to ``global`` with the identity: its coordinates already are µm.
+    column of the raw table (``rename`` renames some of them; the raw ``x`` and ``y`` columns stay when
+    ``keep_raw_xy``). The element maps to ``global`` with the identity: its coordinates already are µm. The
+    result stays lazy; only the gene names are read now (to make them a categorical with known categories).
     """
     import dask.dataframe as dd
     from spatialdata.models import PointsModel
@@ -157,49 +237,45 @@ def build_transcripts(
 
     if isinstance(table, pd.DataFrame):
         table = dd.from_pandas(table, npartitions=1)
-    raw = table
-    # --- gene: decoded, categorical with known categories (one pass over one column) ---
-    genes_raw = raw[gene]
-    sample = genes_raw.head(1)
-    if len(sample) and isinstance(sample.iloc[0], bytes):
-        genes_raw = genes_raw.map_partitions(lambda s: s.str.decode("utf-8"), meta=(gene, "object"))
-    try:
-        categories = sorted(str(g) for g in genes_raw.dropna().unique().compute())
-    except Exception as err:
-        raise _unreadable(file, err) from err
-    cat_dtype = pd.CategoricalDtype(categories=categories)
-    controls = [g for g, m in zip(categories, control_mask(categories, platform), strict=True) if m]
-
-    out = {}
-    out["x"] = raw[x].astype("float64") * scale if scale != 1.0 else raw[x].astype("float64")
-    out["y"] = raw[y].astype("float64") * scale if scale != 1.0 else raw[y].astype("float64")
-    if z is not None:
-        out["z"] = raw[z].astype("float64")
-    gene_col = genes_raw.astype(str).astype(cat_dtype) if categories else genes_raw.astype(cat_dtype)
-    out["gene"] = gene_col
-    if qv is not None:
-        out["qv"] = raw[qv].astype("float32")
-    out["is_control"] = gene_col.isin(controls)
-
-    frame = raw.assign(**{f"__st2he_{k}": v for k, v in out.items()})
-    replaced = {gene, *(c for c in (z, qv) if c is not None), *drop}
+    replaced = {gene, *(c for c in (z, qv) if c is not None)}
     if not keep_raw_xy:
         replaced |= {x, y}
-    rename = dict(rename or {})
-    keep = [c for c in raw.columns if c not in replaced]
-    frame = frame[[f"__st2he_{k}" for k in out] + keep]
-    names = list(out) + [rename.get(c, c) for c in keep]
-    clash = {n for n in names if names.count(n) > 1}
+    rename = {k: v for k, v in dict(rename or {}).items() if k in table.columns and k not in replaced}
+    raw = table.rename(columns=rename) if rename else table
+    others = [c for c in raw.columns if c not in replaced]
+    schema = ["x", "y", *(["z"] if z is not None else []), "gene", "qv", "is_control"]
+    clash = sorted(set(schema) & set(others))
     if clash:
-        msg = f"Column name clash {sorted(clash)} while normalising {str(file)!r}; rename them before reading."
+        msg = (
+            f"{str(file)!r} has column(s) {clash} besides the ones st2he derives them from; rename them in the file "
+            "before reading."
+        )
         raise ValueError(msg)
-    frame.columns = names
-    if qv is None:
-        frame["qv"] = np.float32(np.nan)
-        frame = frame[["x", "y", *(["z"] if z is not None else []), "gene", "qv", "is_control", *names[len(out) :]]]
-    for col in frame.columns:
-        if frame[col].dtype == object and col != "gene":
-            frame[col] = frame[col].map_partitions(_decode_bytes, meta=(col, "object"))
+
+    # gene: categorical with known categories (parquet: from its dictionaries; csv: one pass over the column)
+    genes = raw[gene]
+    if isinstance(genes.dtype, pd.CategoricalDtype) and genes.cat.known:
+        categories = [str(c) for c in genes.dtype.categories]
+        gene_col = genes
+    else:
+        try:
+            categories = sorted({_text(g) for g in genes.dropna().unique().compute()})
+        except Exception as err:
+            raise _unreadable(file, err) from err
+        cat_dtype = pd.CategoricalDtype(categories=categories)
+        gene_col = genes.map_partitions(_to_categorical, cat_dtype, meta=pd.Series([], name=gene, dtype=cat_dtype))
+    controls = [g for g, m in zip(categories, control_mask(categories, platform), strict=True) if m]
+
+    new = {
+        "x": raw[x].astype("float64") * scale if scale != 1.0 else raw[x].astype("float64"),
+        "y": raw[y].astype("float64") * scale if scale != 1.0 else raw[y].astype("float64"),
+    }
+    if z is not None:
+        new["z"] = raw[z].astype("float64")
+    new["gene"] = gene_col
+    new["qv"] = raw[qv].astype("float32") if qv is not None else raw[x].astype("float32") * np.float32(np.nan)
+    new["is_control"] = gene_col.isin(controls)
+    frame = raw.assign(**new)[schema + others]
     if instance_key is not None and instance_key not in frame.columns:
         instance_key = None
     return PointsModel.parse(
@@ -209,6 +285,33 @@ def build_transcripts(
         transformations={COORDINATE_SYSTEM: Identity()},
         sort=True,
     )
+
+
+def gene_names(file: Path, column: str) -> list[str] | None:
+    """Sorted distinct values of a parquet file's string column, from its dictionaries; None when not parquet."""
+    if not file.name.lower().endswith(".parquet"):
+        return None
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file, read_dictionary=[column])
+    names: set[str] = set()
+    for i in range(parquet.num_row_groups):
+        chunked = parquet.read_row_group(i, columns=[column]).column(0)
+        for chunk in chunked.chunks:
+            values = chunk.dictionary if hasattr(chunk, "dictionary") else pc.unique(chunk)
+            names.update(_text(v) for v in values.to_pylist() if v is not None)
+    return sorted(names)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _to_categorical(series: pd.Series, dtype: pd.CategoricalDtype) -> pd.Series:
+    if len(series) and series.dtype == object and isinstance(series.iloc[0], bytes):
+        series = series.str.decode("utf-8")
+    return series.astype(dtype)
 
 
 def _decode_bytes(series: pd.Series) -> pd.Series:
@@ -424,6 +527,15 @@ def set_source(sdata, source: dict[str, Any]) -> None:
 
     store = sdata.attrs.setdefault(ATTRS_KEY, {})
     store["source"] = json.loads(json.dumps(source, default=_jsonable))
+
+
+@contextmanager
+def quiet_spatialdata_io():
+    """Silence the warnings spatialdata-io raises about its own intermediate objects (deprecations, annotations)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is annotating.*which is not present.*")
+        yield
 
 
 def warn_assumption(note: str, how_to_fix: str) -> None:

@@ -18,6 +18,7 @@ from ._common import (
     find_file,
     logger,
     polygons_from_vertices,
+    quiet_spatialdata_io,
     read_table,
     scale_matrix,
     set_source,
@@ -260,7 +261,8 @@ def _read_cell_table(counts_file: Path | None, metadata_file: Path | None, pixel
 def _read_full(folder: Path, dataset_id: str, pixel_size: float):
     from spatialdata_io import cosmx
 
-    sdata_io = cosmx(folder, dataset_id=dataset_id, transcripts=False)
+    with quiet_spatialdata_io():
+        sdata_io = cosmx(folder, dataset_id=dataset_id, transcripts=False)
     to_um = scale_matrix(pixel_size)  # spatialdata-io's "global" is CosMx global pixels
     images, labels = {}, {}
     for key, element in sdata_io.images.items():

@@ -26,6 +26,7 @@ from ._common import (
     image_element,
     logger,
     points_extent,
+    quiet_spatialdata_io,
     read_image_lazy,
     read_table,
     set_source,
@@ -327,7 +328,8 @@ def _read_mosaics(folder: Path, stains, z_layers, placement, transcripts, assump
 def _read_full(folder: Path, micron_to_pixel: np.ndarray):
     from spatialdata_io import merscope
 
-    sdata_io = merscope(folder, transcripts=False, mosaic_images=False, cells_boundaries=True, cells_table=True)
+    with quiet_spatialdata_io():
+        sdata_io = merscope(folder, transcripts=False, mosaic_images=False, cells_boundaries=True, cells_table=True)
     shapes, tables = {}, {}
     pixel_to_micron = np.linalg.inv(micron_to_pixel)  # spatialdata-io's "global" is the mosaic's pixels
     if len(sdata_io.shapes) == 1:
@@ -340,7 +342,10 @@ def _read_full(folder: Path, micron_to_pixel: np.ndarray):
     table = sdata_io.tables.get(TABLE_KEY)
     if table is not None:
         table.var["is_control"] = control_mask(table.var_names, "merscope")
-        table.obs = table.obs.drop(columns=["cells_region"], errors="ignore")
+        # spatialdata-io's obs "region" is the Vizgen region name; "region" becomes the annotated element below
+        table.obs = table.obs.drop(columns=["cells_region"], errors="ignore").rename(
+            columns={"region": "vizgen_region"}
+        )
         if CELL_BOUNDARIES_KEY in shapes:
             table = annotate(table, CELL_BOUNDARIES_KEY, "EntityID")
         tables[TABLE_KEY] = table

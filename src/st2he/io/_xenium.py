@@ -25,6 +25,7 @@ from ._common import (
     logger,
     points_extent,
     polygons_from_vertices,
+    quiet_spatialdata_io,
     read_image_lazy,
     read_table,
     scale_matrix,
@@ -186,6 +187,7 @@ def _read_transcripts(file: Path):
         file,
         required=("feature_name", "x_location", "y_location"),
         dtype={"feature_name": "object", "cell_id": "object", "fov_name": "object"},
+        categorical="feature_name",
     )
     return build_transcripts(
         table,
@@ -207,19 +209,20 @@ def _read_full(folder: Path, pixel_size: float, *, labels: bool, aligned_images:
     from spatialdata import SpatialData
     from spatialdata_io import xenium
 
-    sdata_io = xenium(
-        folder,
-        transcripts=False,
-        cells_boundaries=True,
-        nucleus_boundaries=True,
-        cells_as_circles=False,
-        cells_labels=labels,
-        nucleus_labels=labels,
-        morphology_mip=True,
-        morphology_focus=True,
-        aligned_images=aligned_images,
-        cells_table=True,
-    )
+    with quiet_spatialdata_io():
+        sdata_io = xenium(
+            folder,
+            transcripts=False,
+            cells_boundaries=True,
+            nucleus_boundaries=True,
+            cells_as_circles=False,
+            cells_labels=labels,
+            nucleus_labels=labels,
+            morphology_mip=True,
+            morphology_focus=True,
+            aligned_images=aligned_images,
+            cells_table=True,
+        )
     to_um = scale_matrix(pixel_size)  # spatialdata-io's "global" is the morphology image's pixels
     images, label_elements, shapes, tables = {}, {}, {}, {}
     for key, element in sdata_io.images.items():
