@@ -285,6 +285,7 @@ def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin,
         frame = polygons_from_vertices(table, id_col=id_col, x="vertex_x", y="vertex_y", file=file)
         if id_col == "label_id":
             first = table.groupby("label_id", sort=False)["cell_id"].first()
+            first = first.map(lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v))
             frame["cell_id"] = pd.Series(first.to_numpy(), index=first.index.astype(str)).reindex(frame.index).values
         frame.index.name = id_col
         shapes[key] = shapes_element(frame)
