@@ -422,7 +422,7 @@ def test_missing_path(platform, tmp_path):
 
 @pytest.mark.parametrize("platform", list(READERS))
 def test_folder_without_transcripts(platform, tmp_path):
-    reader, _, name = READERS[platform]
+    reader = READERS[platform][0]
     with pytest.raises(FileNotFoundError, match="transcripts") as info:
         reader(tmp_path)
     assert str(tmp_path) in str(info.value)
@@ -430,7 +430,6 @@ def test_folder_without_transcripts(platform, tmp_path):
     file.write_text("")
     with pytest.raises(NotADirectoryError, match="folder"):
         reader(file)
-    del name
 
 
 @pytest.mark.parametrize("platform", list(READERS))
