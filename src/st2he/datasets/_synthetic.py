@@ -437,38 +437,59 @@ def _layout(rng, x0, y0, width, height, subtype, he_grid):
     if tissue.geom_type != "Polygon":
         tissue = max(shapely.get_parts(tissue), key=lambda g: g.area)
 
-    # tumour regions on a jittered grid of about 200 µm, subtypes in a checkerboard
+    # tumour regions on a jittered grid of about 200 µm, subtypes in a checkerboard; a sample of one grid cell
+    # holds one tumour region, which "mixed" splits in two along a band of stroma
     nx, ny = max(1, round(width / 200)), max(1, round(height / 200))
-    if subtype == "mixed" and nx * ny == 1:
-        nx, ny = (2, 1) if width >= height else (1, 2)
     sx, sy = width / nx, height / ny
     flip = int(rng.integers(2))
     blobs = []
     for j in range(ny):
         for i in range(nx):
-            bx = x0 + (i + 0.5) * sx + rng.uniform(-0.12, 0.12) * sx
-            by = y0 + (j + 0.5) * sy + rng.uniform(-0.12, 0.12) * sy
-            if subtype == "mixed":
-                kind = ("gland", "solid")[(i + j + flip) % 2]
-            else:
-                kind = subtype
-            r = 0.40 * min(sx, sy) * rng.uniform(0.9, 1.1)
-            blobs.append([kind, _star(bx, by, r, r * rng.uniform(0.85, 1.15), rng, amplitude=0.25)])
-    inner = tissue.buffer(-10)
+            jitter = 0.12 if nx * ny > 1 else 0.04
+            bx = x0 + (i + 0.5) * sx + rng.uniform(-jitter, jitter) * sx
+            by = y0 + (j + 0.5) * sy + rng.uniform(-jitter, jitter) * sy
+            kind = ("gland", "solid")[(i + j + flip) % 2] if subtype == "mixed" else subtype
+            r = 0.42 * min(sx, sy) * rng.uniform(0.92, 1.08)
+            blobs.append([kind, _star(bx, by, r, r * rng.uniform(0.88, 1.12), rng, amplitude=0.22)])
+    if subtype == "mixed" and len(blobs) == 1:
+        blob = blobs[0][1]
+        c = blob.centroid
+        phi = rng.uniform(0, np.pi) if width == height else (0.0 if width > height else np.pi / 2)
+        far = 4 * max(width, height)
+        ux, uy = np.cos(phi), np.sin(phi)  # normal of the dividing band
+        vx, vy = -uy, ux
+        halves = []
+        for sign in (-1, 1):
+            off = sign * 6.0
+            near_edge = (c.x + ux * off, c.y + uy * off)
+            far_edge = (c.x + ux * (off + sign * far), c.y + uy * (off + sign * far))
+            halves.append(
+                shapely.Polygon(
+                    [
+                        (near_edge[0] - vx * far, near_edge[1] - vy * far),
+                        (near_edge[0] + vx * far, near_edge[1] + vy * far),
+                        (far_edge[0] + vx * far, far_edge[1] + vy * far),
+                        (far_edge[0] - vx * far, far_edge[1] - vy * far),
+                    ]
+                )
+            )
+        kinds = ("gland", "solid") if flip == 0 else ("solid", "gland")
+        blobs = [[kinds[0], blob.intersection(halves[0])], [kinds[1], blob.intersection(halves[1])]]
+    inner = tissue.buffer(-min(10.0, 0.05 * min(width, height)))
     kept = []
     for k, (kind, blob) in enumerate(blobs):
         others = [b for m, (_, b) in enumerate(blobs) if m != k]
         blob = blob.intersection(inner)
         if others:
-            blob = blob.difference(shapely.union_all(others).buffer(12))
-        if blob.is_empty or blob.area < 1500:
+            blob = blob.difference(shapely.union_all(others).buffer(6.0))
+        if blob.is_empty or blob.area < 200:
             continue
         if blob.geom_type != "Polygon":
             blob = max(shapely.get_parts(blob), key=lambda g: g.area)
         kept.append((kind, blob))
-    if subtype == "mixed" and len({k for k, _ in kept}) < 2:  # pragma: no cover - guarded by the layout above
-        msg = "The simulated layout lost a tumour subtype; use a larger size_um."
-        raise RuntimeError(msg)
+    if subtype == "mixed" and len({k for k, _ in kept}) < 2:
+        msg = f"A sample of {width:g} x {height:g} µm is too small for tumour of both subtypes; use a larger size_um."
+        raise ValueError(msg)
     regions = []
     for kind, blob in kept:
         n = sum(1 for r in regions if r["subtype"] == kind) + 1
@@ -494,14 +515,16 @@ def _layout(rng, x0, y0, width, height, subtype, he_grid):
         blob = reg["geometry"]
         bx0, by0, bx1, by1 = blob.bounds
         if reg["subtype"] == "gland":
-            centres = _lattice(bx0, by0, bx1, by1, 30.0, rng, jitter=5.0)
+            # glands packed at random (random sequential adsorption): lumen, then a ring of columnar cells
+            centres = _lattice(bx0, by0, bx1, by1, 7.0, rng, jitter=3.5)
+            centres = centres[rng.permutation(len(centres))]
+            lumens = rng.uniform(3.5, 10.0, len(centres))
             accepted: list[tuple[float, float, float]] = []
-            for gx, gy in centres:
-                rl = rng.uniform(4.0, 10.0)
+            for (gx, gy), rl in zip(centres, lumens, strict=True):
                 outer = rl + 13.5
                 if not blob.contains(shapely.Point(gx, gy).buffer(outer - 5.0)):
                     continue
-                if any(np.hypot(gx - ax, gy - ay) < outer + ao - 7.0 for ax, ay, ao in accepted):
+                if any(np.hypot(gx - ax, gy - ay) < outer + ao - 4.0 for ax, ay, ao in accepted):
                     continue
                 accepted.append((gx, gy, outer))
                 mucin = bool(rng.random() < 0.4)
@@ -630,6 +653,7 @@ def _layout(rng, x0, y0, width, height, subtype, he_grid):
     groups.append(("lymphocyte", stroma_candidates(22.0, 0.35, 5.0), None))
 
     # resolve overlaps: structured cells first, then stroma groups in order
+    cells.add(np.zeros(0), np.zeros(0), "tumour_solid", angle=np.zeros(0))  # (no structure at all is fine)
     x = np.concatenate(cells.x)
     y = np.concatenate(cells.y)
     ctype = np.concatenate(cells.ctype)
