@@ -115,6 +115,8 @@ def stain_he(
         density = density.map_overlap(
             _smooth, depth=depth, boundary=0.0, sigma=sigma_px, dtype=np.float32, meta=np.empty((0, 0), np.float32)
         )
+    # map_overlap may rechunk small edge chunks: align the blocks of both layers
+    density = density.rechunk(stain.chunks)
     return da.map_blocks(
         _render_block,
         stain,

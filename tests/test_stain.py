@@ -1,0 +1,107 @@
+"""The stain-model baseline (st2he.tl._stain.stain_he) and the Beer-Lambert model it shares with the simulator."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+import st2he
+from st2he._grid import Grid, _scale0
+from st2he.datasets import _stain_model as stain
+from st2he.tl._stain import stain_he
+
+
+@pytest.fixture(scope="module")
+def sample():
+    sdata = st2he.datasets.synthetic_tissue(1, size_um=192)
+    st2he.pp.rasterize_transcripts(sdata, pixel_size=0.5)
+    return sdata
+
+
+def test_beer_lambert_model():
+    # no stain: the white of bare glass
+    white = stain.render_rgb(np.zeros((2, 4, 4)))
+    assert white.dtype == np.uint8 and white.shape == (3, 4, 4)
+    assert (white >= 248).all()
+    # haematoxylin is blue-purple, eosin pink, haemoglobin red
+    h, e, hb = (
+        stain.render_rgb(np.eye(3)[k][:, None] * 1.5, ("haematoxylin", "eosin", "haemoglobin"))[:, 0] for k in range(3)
+    )
+    assert h[2] > h[0] > h[1] - 40 and h.mean() < 150
+    assert e[0] > e[1] + 100 and e[2] > e[1]
+    assert hb[0] > hb[1] + 100 and hb[0] > hb[2] + 100
+    # densities add, and RGB -> OD inverts OD -> RGB
+    od = stain.concentrations_to_od(np.array([[0.4], [0.7]]))
+    np.testing.assert_allclose(stain.rgb_to_od(stain.od_to_rgb(od)), od, atol=0.01)
+    np.testing.assert_allclose(
+        od[:, 0] - stain.GLASS_OD, 0.4 * stain.STAIN_VECTORS["haematoxylin"] + 0.7 * stain.STAIN_VECTORS["eosin"]
+    )
+    with pytest.raises(ValueError, match="Unknown stains"):
+        stain.stain_matrix(("dab",))
+
+
+def test_output_lies_on_the_input_grid_and_is_lazy(sample):
+    rgb = stain_he(sample, chunk=128)
+    grid = Grid.from_element(sample.images["st2he_input"])
+    assert isinstance(rgb, da.Array)
+    assert rgb.dtype == np.uint8
+    assert rgb.shape == (3, *grid.shape)
+    assert rgb.chunksize[1:] == (128, 128)
+    # the chunked result does not depend on the chunk size (smoothing across chunk borders)
+    np.testing.assert_array_equal(rgb.compute(), stain_he(sample, chunk=1024).compute())
+
+
+def test_nuclei_are_dark_purple_cytoplasm_pink_and_empty_glass_white(sample):
+    rgb = stain_he(sample).compute().astype(float)
+    grid = Grid.from_element(sample.images["st2he_input"])
+    obs = sample["table"].obs
+    nuclear = obs["cell_type"].isin(["lymphocyte", "tumour_solid", "fibroblast"]).to_numpy()
+    xy = sample["table"].obsm["spatial"][nuclear]
+    rows, cols = grid.to_pixel(xy[:, 0], xy[:, 1])
+    nuclei = rgb[:, rows, cols]
+    assert nuclei.mean() < 150
+    assert (nuclei[2] > nuclei[1]).mean() > 0.9  # purple-blue: green absorbed most
+    # molecules without stain (cytoplasm): pink, lighter than nuclei
+    tx = sample["transcripts"].compute()
+    cyto = tx[~tx["overlaps_nucleus"] & (tx["cell_id"] != "UNASSIGNED") & ~tx["is_control"]]
+    r, c = grid.to_pixel(cyto["x"].to_numpy(), cyto["y"].to_numpy())
+    pink = rgb[:, r, c]
+    assert pink.mean() > nuclei.mean() + 40
+    assert (pink[0] - pink[1]).mean() > 30
+    # neither molecules nor stain: white
+    corner = rgb[:, :6, :6].reshape(3, -1)
+    assert corner.min() >= 245
+
+
+def test_blank_where_there_are_no_molecules_and_no_stain(sample):
+    sdata = st2he.datasets.synthetic_tissue(1, size_um=96)
+    # a picture of an empty region far away from the tissue
+    st2he.pp.rasterize_transcripts(sdata, region=(5000.0, 5000.0, 5040.0, 5030.0), key_added="empty")
+    rgb = stain_he(sdata, input_key="empty").compute()
+    assert rgb.shape == (3, *Grid.from_element(sdata.images["empty"]).shape)
+    assert rgb.shape[1] >= 60 and rgb.shape[2] >= 80
+    assert rgb.min() >= 245
+
+
+def test_scored_against_the_simulated_he(sample):
+    st2he.tl.virtual_he(sample, method="stain", key_added="stain_he")
+    element = sample.images["stain_he"]
+    assert Grid.from_element(element) == Grid.from_element(sample.images["st2he_input"])
+    assert list(_scale0(element).coords["c"].values) == ["r", "g", "b"]
+    df = st2he.tl.evaluate_he(sample, pred_key="stain_he", true_key="he_image", key_added="stain_metrics")
+    overall = df.loc["overall"]
+    assert np.isfinite(overall["psnr"]) and 14 < overall["psnr"] < 30
+    assert 0.4 < overall["ssim"] < 0.95
+    assert overall["mse"] > 50  # the baseline cannot know fibres, keratin, mucin or red cells
+
+
+def test_bad_input(sample):
+    with pytest.raises(KeyError, match="input_key"):
+        stain_he(sample, input_key="nothing")
+    with pytest.raises(ValueError, match="chunk"):
+        stain_he(sample, chunk=0)
+    with pytest.raises(ValueError, match="eosin"):
+        stain_he(sample, eosin=-1)
+    with pytest.raises(ValueError, match="density_scale"):
+        stain_he(sample, density_scale=0.0)
