@@ -1,0 +1,92 @@
+"""st2he.pl.compare: input, virtual H&E, real H&E and gene panels over one region."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+import st2he
+
+
+@pytest.fixture(scope="module")
+def sample():
+    sdata = st2he.datasets.synthetic_tissue(4, size_um=128)
+    st2he.pp.rasterize_transcripts(sdata)
+    st2he.tl.virtual_he(sdata, method="stain")
+    return sdata
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _has_scale_bar(ax) -> bool:
+    return any(a.get_gid() == "scale_bar" for a in ax.artists)
+
+
+def test_default_panels(sample):
+    axes = st2he.pl.compare(sample)
+    assert isinstance(axes, np.ndarray) and len(axes) == 3 + 2  # three images and the two top genes
+    titles = [ax.get_title() for ax in axes]
+    assert titles[0].startswith("input") and titles[1].startswith("virtual H&E") and titles[2].startswith("H&E")
+    assert all("molecules" in t for t in titles[3:])
+    assert all(_has_scale_bar(ax) for ax in axes)
+    # every panel shows the same region, y downwards
+    x0, y0, x1, y1 = st2he._grid.Grid.from_element(sample.images["st2he_input"]).bounds
+    for ax in axes:
+        assert ax.get_xlim() == pytest.approx((x0, x1))
+        assert ax.get_ylim() == pytest.approx((y1, y0))
+
+
+def test_chosen_genes_region_and_given_axes(sample):
+    region = (1230.0, 830.0, 1290.0, 870.0)
+    fig, given = plt.subplots(1, 4)
+    axes = st2he.pl.compare(sample, genes=["COL1A1"], region=region, scale_bar_um=10, ax=given)
+    assert list(axes) == list(given)
+    assert axes[3].get_title().startswith("COL1A1")
+    assert axes[0].get_xlim() == pytest.approx((1230.0, 1290.0))
+    assert axes[0].get_ylim() == pytest.approx((870.0, 830.0))
+    fig.canvas.draw()  # renders without error
+
+
+def test_missing_true_image_is_left_out(sample):
+    he = sample.images["he_image"]
+    del sample["he_image"]
+    try:
+        axes = st2he.pl.compare(sample, genes=["KRT5", "PTPRC"])
+        assert len(axes) == 4
+        assert not any(ax.get_title().startswith("H&E") for ax in axes)
+    finally:
+        sample["he_image"] = he
+
+
+def test_panels_can_be_left_out_and_bad_input(sample):
+    axes = st2he.pl.compare(sample, input_key=None, pred_key=None, genes=[])
+    assert len(axes) == 1 and axes[0].get_title().startswith("H&E")
+    with pytest.raises(KeyError, match="pred_key"):
+        st2he.pl.compare(sample, pred_key="nothing")
+    with pytest.raises(ValueError, match="not in the panel"):
+        st2he.pl.compare(sample, genes=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match="region"):
+        st2he.pl.compare(sample, region=(10.0, 10.0, 5.0, 20.0))
+    with pytest.raises(ValueError, match="ax holds"):
+        _, ax = plt.subplots(1, 2)
+        st2he.pl.compare(sample, ax=ax)
+
+
+def test_big_images_are_read_from_a_coarser_level(sample):
+    dapi = sample.images["morphology_focus"]
+    full = dapi["scale0"].image.shape[1]
+    axes = st2he.pl.compare(
+        sample, input_key=None, pred_key=None, true_key="morphology_focus", genes=[], max_pixels=400
+    )
+    shown = axes[0].get_images()[0].get_array()
+    assert shown.ndim == 2  # a single-channel image in grey
+    assert max(shown.shape) <= full // 2 + 1 < full
