@@ -5,119 +5,88 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+#: Gene codes and ranks take the low 16 bits of a packed int32; the next 15 bits hold a molecule's priority.
+CODE_BITS = 16
+CODE_MASK = (1 << CODE_BITS) - 1
+
 
 @numba.njit(cache=True, nogil=True)
-def _winner_of(ranks: np.ndarray) -> int:
-    """Most frequent rank; ties go to the smallest rank."""
-    k = ranks.shape[0]
-    if k <= 32:
-        best, best_n = -1, 0
-        for i in range(k):
-            r = ranks[i]
-            n = 0
-            for j in range(k):
-                if ranks[j] == r:
-                    n += 1
-            if n > best_n or (n == best_n and r < best):
-                best, best_n = r, n
-        return best
-    s = np.sort(ranks)
-    best, best_n = s[0], 0
-    i = 0
-    while i < k:
-        j = i
-        while j < k and s[j] == s[i]:
-            j += 1
-        if j - i > best_n:  # runs come in increasing rank, so ">" keeps the smallest rank on ties
-            best, best_n = s[i], j - i
-        i = j
-    return best
+def priority(x: float, y: float) -> int:
+    """Return a 15-bit pseudo-random priority from a molecule's coordinates (to 1/4096 µm; the same in every pass)."""
+    h = np.uint64(np.int64(np.floor(x * 4096.0))) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= np.uint64(np.int64(np.floor(y * 4096.0))) + np.uint64(0x632BE59BD9B4E019) + (h << np.uint64(6))
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    return np.int64(h >> np.uint64(49))
 
 
 @numba.njit(cache=True, nogil=True)
 def paint_winners(
-    rows: np.ndarray,
-    cols: np.ndarray,
-    ranks: np.ndarray,
+    offsets: np.ndarray,
+    packed: np.ndarray,
+    rank_of: np.ndarray,
+    chunk: int,
+    row0: int,
+    col0: int,
     height: int,
     width: int,
     dy: np.ndarray,
     dx: np.ndarray,
-) -> np.ndarray:
-    """Per pixel of a ``height`` x ``width`` chunk, the rank of the gene drawn there (``-1``: none).
+    out: np.ndarray,
+) -> None:
+    """Draw one bucket of molecules into ``out`` (``height * width`` int32, ``-1`` where nothing is drawn).
 
-    Molecule ``i`` at ``(rows[i], cols[i])`` (chunk-relative, may lie outside for dots reaching in from a
-    neighbouring chunk) covers the pixels ``(rows[i] + dy[k], cols[i] + dx[k])``. A pixel covered by several
-    molecules shows the gene that covers it most often; ties go to the smallest rank. The result does not
-    depend on the order of the molecules, so every tiling of the slide draws the same pixels.
+    A molecule at ``offsets[i]`` (``row * chunk + col`` within its bucket, whose origin lies at ``(row0, col0)``
+    relative to the output chunk) with ``packed[i]`` = priority << 16 | gene code covers the pixels
+    ``(row + dy[k], col + dx[k])``. Its gene's rank is ``rank_of[code]`` (``-1``: not drawn). Where molecules
+    meet, the one with the highest priority wins (ties: the highest rank); the priority is a hash of the
+    molecule's exact coordinates, so the picture does not depend on the order of the molecules or on the
+    tiling. The pixel value is ``priority << 16 | rank``.
     """
-    npix = height * width
-    out = np.full(npix, -1, dtype=np.int32)
-    n = rows.shape[0]
     nk = dy.shape[0]
-    count = np.zeros(npix, dtype=np.int32)
-    for i in range(n):
+    for i in range(offsets.shape[0]):
+        v = packed[i]
+        rank = rank_of[v & CODE_MASK]
+        if rank < 0:
+            continue
+        key = ((v >> CODE_BITS) << CODE_BITS) | rank
+        off = offsets[i]
+        r0 = off // chunk + row0
+        c0 = off - (off // chunk) * chunk + col0
         for k in range(nk):
-            r = rows[i] + dy[k]
-            c = cols[i] + dx[k]
+            r = r0 + dy[k]
+            c = c0 + dx[k]
             if r < 0 or r >= height or c < 0 or c >= width:
                 continue
             p = r * width + c
-            count[p] += 1
-            if count[p] == 1:
-                out[p] = ranks[i]
-            elif out[p] != ranks[i]:
-                out[p] = -2  # several genes: decided below
-    # pixels where different genes meet: gather their ranks (CSR) and take the most frequent
-    n_multi = 0
-    for p in range(npix):
-        if out[p] == -2:
-            n_multi += 1
-    if n_multi == 0:
-        return out
-    slot = np.full(npix, -1, dtype=np.int64)
-    total = 0
-    for p in range(npix):
-        if out[p] == -2:
-            slot[p] = total
-            total += count[p]
-    fill = np.zeros(npix, dtype=np.int32)
-    gathered = np.empty(total, dtype=ranks.dtype)
-    for i in range(n):
-        for k in range(nk):
-            r = rows[i] + dy[k]
-            c = cols[i] + dx[k]
-            if r < 0 or r >= height or c < 0 or c >= width:
-                continue
-            p = r * width + c
-            if slot[p] >= 0:
-                gathered[slot[p] + fill[p]] = ranks[i]
-                fill[p] += 1
-    for p in range(npix):
-        if slot[p] >= 0:
-            out[p] = _winner_of(gathered[slot[p] : slot[p] + count[p]])
-    return out
+            if key > out[p]:
+                out[p] = key
 
 
 @numba.njit(cache=True, nogil=True)
-def compose_rgb(grey: np.ndarray, winners: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """``(3, h, w)`` uint8: ``grey`` (``(h, w)`` float in [0, 1]) where no gene is drawn, else ``lut[winner]``."""
-    h, w = grey.shape
-    out = np.empty((3, h, w), dtype=np.uint8)
+def compose_rgb(grey: np.ndarray, winners: np.ndarray, lut: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Compose one ``(3, h, w)`` uint8 chunk: the gene's colour where one is drawn, else the grey stain.
+
+    ``grey`` is ``(h, w)`` float in [0, 1], or empty for a black background. ``winners`` holds :func:`paint_winners`' values (``-1`` or priority << 16 | rank); ``lut[rank]`` is the colour.
+    """
+    out = np.zeros((3, h, w), dtype=np.uint8)
+    has_grey = grey.shape[0] == h and grey.shape[1] == w and h * w > 0
     for r in range(h):
         for c in range(w):
             g = winners[r * w + c]
             if g >= 0:
+                g &= CODE_MASK
                 out[0, r, c] = lut[g, 0]
                 out[1, r, c] = lut[g, 1]
                 out[2, r, c] = lut[g, 2]
-            else:
+            elif has_grey:
                 v = grey[r, c]
-                v = 0.0 if not (v > 0.0) else (1.0 if v > 1.0 else v)
-                b = np.uint8(v * 255.0 + 0.5)
-                out[0, r, c] = b
-                out[1, r, c] = b
-                out[2, r, c] = b
+                if v > 0.0:
+                    b = np.uint8(255) if v >= 1.0 else np.uint8(v * 255.0 + 0.5)
+                    out[0, r, c] = b
+                    out[1, r, c] = b
+                    out[2, r, c] = b
     return out
 
 
@@ -134,3 +103,271 @@ def disc_footprint(dot_size: int) -> tuple[np.ndarray, np.ndarray]:
     keep = (ys - cy + 0.0) ** 2 + (xs - cx + 0.0) ** 2 <= r * r + 1e-9
     keep |= (ys == 0) & (xs == 0)
     return ys[keep].astype(np.int32).ravel(), xs[keep].astype(np.int32).ravel()
+
+
+# ----------------------------------------------------------------------------------------------- molecules
+
+
+@numba.njit(cache=True, nogil=True)
+def filter_partition(
+    x, y, raw_codes, lut, control_code, control_col, qv, affine, identity, drop_controls, min_qv, gx, gy, codes, stats
+):
+    """Map one partition to global µm and mark the molecules kept; returns the keep mask.
+
+    A molecule is dropped (in this order) for non-finite coordinates, as a control probe, for quality below
+    ``min_qv`` or for a missing gene name.
+
+    ``raw_codes`` index ``lut`` (the partition's categories -> global gene codes; an empty ``raw_codes`` means no
+    gene column: code 0). ``control_code`` marks control genes by global code, ``control_col`` (may be empty)
+    per molecule. ``qv`` may be empty (no quality column); NaN quality is kept. Writes ``gx``, ``gy``, ``codes``
+    and adds to ``stats`` = [total, non-finite, controls, low qv, missing gene, kept].
+    """
+    n = x.shape[0]
+    keep = np.zeros(n, dtype=np.bool_)
+    has_genes = raw_codes.shape[0] == n and n > 0
+    has_ctrl = control_col.shape[0] == n and n > 0
+    has_qv = qv.shape[0] == n and n > 0
+    a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
+    a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
+    for i in range(n):
+        xi = np.float64(x[i])
+        yi = np.float64(y[i])
+        if not identity:
+            t = a00 * xi + a01 * yi + a02
+            yi = a10 * xi + a11 * yi + a12
+            xi = t
+        gx[i] = xi
+        gy[i] = yi
+        c = 0
+        if has_genes:
+            r = raw_codes[i]
+            c = lut[r] if r >= 0 else -1
+        codes[i] = c
+        # the filter, written out here and in bin_partition: calling a helper with arrays costs reference counting
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            stats[1] += 1
+        elif drop_controls and ((c >= 0 and control_code[c]) or (has_ctrl and control_col[i])):
+            stats[2] += 1
+        elif has_qv and qv[i] < min_qv:
+            stats[3] += 1
+        elif c < 0:
+            stats[4] += 1
+        else:
+            stats[5] += 1
+            keep[i] = True
+    stats[0] += n
+    return keep
+
+
+@numba.njit(cache=True, nogil=True)
+def bin_partition(
+    x,
+    y,
+    raw_codes,
+    lut,
+    control_code,
+    control_col,
+    qv,
+    affine,
+    identity,
+    drop_controls,
+    min_qv,
+    stats,
+    x0,
+    y0,
+    pixel_size,
+    height,
+    width,
+    chunk,
+    block_cols,
+    n_blocks,
+    bin_size,
+    bin_level,
+):
+    """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by ``chunk`` blocks.
+
+    A counting sort that keeps the molecules' order. Returns ``(starts, offsets, packed, n_kept, bin_keys,
+    bin_codes)``: molecules of block ``b`` are ``starts[b]:starts[b + 1]``, ``offsets`` = row_in_block * chunk +
+    col_in_block, ``packed`` = :func:`priority` << 16 | gene code, pixels as :meth:`st2he._grid.Grid.to_pixel` (``floor((x - x0) / pixel_size)``). With
+    ``bin_size > 0`` it also returns the spatial-bin keys and codes of the kept molecules selected at
+    ``bin_level`` (see :func:`select_bins`) for co-expression statistics.
+    """
+    n = x.shape[0]
+    has_genes = raw_codes.shape[0] == n and n > 0
+    has_ctrl = control_col.shape[0] == n and n > 0
+    has_qv = qv.shape[0] == n and n > 0
+    a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
+    a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
+    block = np.empty(n, dtype=np.int32)
+    offset = np.empty(n, dtype=np.int32)
+    code_of = np.empty(n, dtype=np.int32)
+    counts = np.zeros(n_blocks + 1, dtype=np.int64)
+    do_bins = bin_size > 0
+    bin_keys = np.empty(n if do_bins else 0, dtype=np.int64)
+    bin_codes = np.empty(n if do_bins else 0, dtype=np.int32)
+    bin_mask = (np.uint64(1) << np.uint64(bin_level)) - np.uint64(1)
+    n_bins = 0
+    n_kept = 0
+    n_in = 0
+    for i in range(n):
+        block[i] = -1
+        xi = np.float64(x[i])
+        yi = np.float64(y[i])
+        if not identity:
+            t = a00 * xi + a01 * yi + a02
+            yi = a10 * xi + a11 * yi + a12
+            xi = t
+        c = 0
+        if has_genes:
+            r = raw_codes[i]
+            c = lut[r] if r >= 0 else -1
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            stats[1] += 1
+            continue
+        if drop_controls and ((c >= 0 and control_code[c]) or (has_ctrl and control_col[i])):
+            stats[2] += 1
+            continue
+        if has_qv and qv[i] < min_qv:
+            stats[3] += 1
+            continue
+        if c < 0:
+            stats[4] += 1
+            continue
+        n_kept += 1
+        if do_bins:
+            key = (np.int64(np.floor(xi / bin_size)) + (1 << 30)) * (1 << 31) + (
+                np.int64(np.floor(yi / bin_size)) + (1 << 30)
+            )
+            if bin_level == 0 or (bin_hash(key) >> np.uint64(20)) & bin_mask == 0:
+                bin_keys[n_bins] = key
+                bin_codes[n_bins] = c
+                n_bins += 1
+        colf = np.floor((xi - x0) / pixel_size)
+        rowf = np.floor((yi - y0) / pixel_size)
+        if colf < 0 or rowf < 0 or colf >= width or rowf >= height:
+            continue
+        col = np.int64(colf)
+        row = np.int64(rowf)
+        bq = row // chunk
+        cq = col // chunk
+        b = bq * block_cols + cq
+        block[i] = b
+        offset[i] = (row - bq * chunk) * chunk + (col - cq * chunk)
+        code_of[i] = (priority(xi, yi) << CODE_BITS) | c
+        counts[b + 1] += 1
+        n_in += 1
+    stats[0] += n
+    stats[5] += n_kept
+    for b in range(n_blocks):
+        counts[b + 1] += counts[b]
+    pos = counts[:n_blocks].copy()
+    out_off = np.empty(n_in, dtype=np.int32)
+    out_codes = np.empty(n_in, dtype=np.int32)
+    # molecules come in runs of one block (instruments write them field by field): keep the write position of
+    # the current run in a register instead of reading and writing pos[b] for every molecule
+    cur = -1
+    j = 0
+    for i in range(n):
+        b = block[i]
+        if b < 0:
+            continue
+        if b != cur:
+            if cur >= 0:
+                pos[cur] = j
+            cur = b
+            j = pos[b]
+        out_off[j] = offset[i]
+        out_codes[j] = code_of[i]
+        j += 1
+    if cur >= 0:
+        pos[cur] = j
+    return counts, out_off, out_codes, n_kept, bin_keys[:n_bins], bin_codes[:n_bins]
+
+
+@numba.njit(cache=True, nogil=True)
+def extent_of(x, y, affine, identity, box):
+    """Grow ``box`` = [x_min, y_min, x_max, y_max] by the molecules with finite global coordinates."""
+    a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
+    a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
+    for i in range(x.shape[0]):
+        xi = np.float64(x[i])
+        yi = np.float64(y[i])
+        if not identity:
+            t = a00 * xi + a01 * yi + a02
+            yi = a10 * xi + a11 * yi + a12
+            xi = t
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            continue
+        if xi < box[0]:
+            box[0] = xi
+        if yi < box[1]:
+            box[1] = yi
+        if xi > box[2]:
+            box[2] = xi
+        if yi > box[3]:
+            box[3] = yi
+
+
+@numba.njit(cache=True, nogil=True)
+def select_bins(gx, gy, codes, keep, bin_size, level):
+    """Spatial bin keys and gene codes of kept molecules in bins whose hash has ``level`` low zero bits."""
+    n = gx.shape[0]
+    keys = np.empty(n, dtype=np.int64)
+    out_codes = np.empty(n, dtype=np.int32)
+    mask = (np.uint64(1) << np.uint64(level)) - np.uint64(1)
+    m = 0
+    for i in range(n):
+        if not keep[i]:
+            continue
+        bx = np.int64(np.floor(gx[i] / bin_size)) + (1 << 30)
+        by = np.int64(np.floor(gy[i] / bin_size)) + (1 << 30)
+        key = bx * (1 << 31) + by
+        if level > 0 and (bin_hash(key) >> np.uint64(20)) & mask != 0:
+            continue
+        keys[m] = key
+        out_codes[m] = codes[i]
+        m += 1
+    return keys[:m], out_codes[:m]
+
+
+@numba.njit(cache=True, nogil=True)
+def bin_hash(key):
+    """Scrambled bits of a bin key (shared by :func:`select_bins` and its re-filtering)."""
+    h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    return h ^ (h >> np.uint64(29))
+
+
+@numba.njit(cache=True, nogil=True)
+def keep_level(keys, level):
+    """Mask of the bin ``keys`` kept at subsampling ``level``."""
+    mask = (np.uint64(1) << np.uint64(level)) - np.uint64(1)
+    out = np.empty(keys.shape[0], dtype=np.bool_)
+    for i in range(keys.shape[0]):
+        out[i] = (bin_hash(keys[i]) >> np.uint64(20)) & mask == 0
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
+    """Separable bilinear resampling of ``win`` at the given indices/weights, then ``(v - lo) * scale`` in [0, 1].
+
+    Output pixels outside the source (``iny``/``inx`` false) are 0.
+    """
+    h = i0y.shape[0]
+    w = i0x.shape[0]
+    out = np.zeros((h, w), dtype=np.float32)
+    for r in range(h):
+        if not iny[r]:
+            continue
+        a = win[i0y[r]]
+        b = win[i1y[r]]
+        fy = wy[r]
+        for c in range(w):
+            if not inx[c]:
+                continue
+            fx = wx[c]
+            top = a[i0x[c]] * (1.0 - fx) + a[i1x[c]] * fx
+            bot = b[i0x[c]] * (1.0 - fx) + b[i1x[c]] * fx
+            v = ((top * (1.0 - fy) + bot * fy) - lo) * scale
+            out[r, c] = 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
+    return out

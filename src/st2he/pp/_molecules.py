@@ -30,10 +30,11 @@ from st2he._grid import COORDINATE_SYSTEM, Grid
 logger = logging.getLogger("st2he")
 
 #: Names of control probes on Xenium (``BLANK*``, ``NegControl*``, ``UnassignedCodeword*``, ``DeprecatedCodeword*``,
-#: ``Intergenic*``), CosMx (``NegPrb*``, ``FalseCode*``, ``SystemControl*``) and MERSCOPE (``Blank-*``).
+#: ``Intergenic*``), CosMx (``NegPrb*``, ``Negative*``, ``FalseCode*``, ``SystemControl*``) and MERSCOPE
+#: (``Blank-*``), matched case-insensitively at the start of the name.
 CONTROL_PATTERN = re.compile(
-    r"^(blank|negcontrol|neg_control|negprb|unassignedcodeword|deprecatedcodeword|intergenic|falsecode|"
-    r"systemcontrol|antisense)",
+    r"^(blank|negcontrol|neg_control|negprb|negative|unassignedcodeword|deprecatedcodeword|intergenic|falsecode|"
+    r"systemcontrol)",
     re.IGNORECASE,
 )
 #: Boolean columns that mark control probes (any of them, when present, is honoured too).
@@ -57,8 +58,14 @@ class FilterReport:
     nonfinite: int = 0
     controls: int = 0
     low_qv: int = 0
+    missing_gene: int = 0
     outside: int = 0
     kept: int = 0
+
+    def update(self, stats: np.ndarray) -> None:
+        """Take the counts from the kernels' ``stats`` = [total, non-finite, controls, low qv, no gene, kept]."""
+        self.total, self.nonfinite, self.controls, self.low_qv, self.missing_gene = (int(v) for v in stats[:5])
+        self.kept = int(stats[5])
 
     def as_dict(self) -> dict[str, int]:
         """Return the counts as a plain dictionary."""
@@ -68,6 +75,7 @@ class FilterReport:
             "dropped_controls": self.controls,
             "dropped_low_qv": self.low_qv,
             "dropped_nonfinite": self.nonfinite,
+            "dropped_missing_gene": self.missing_gene,
             "outside_region": self.outside,
         }
 
@@ -191,28 +199,115 @@ class GeneCodes:
             self.names.append(name)
         return i
 
-    def encode(self, values) -> tuple[np.ndarray, list[str]]:
-        """Codes of a column of gene names (categorical or strings) and the names of its categories."""
+    def encode(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """Raw codes of a column of gene names (categorical or strings) and the lookup table to global codes."""
         if isinstance(values.dtype, pd.CategoricalDtype):
             cat = values.array
             categories = [str(c) for c in cat.categories]
-            codes = np.asarray(cat.codes, dtype=np.int64)
+            raw = np.asarray(cat.codes)
         else:
-            codes, uniques = pd.factorize(values.astype(str), sort=False)
+            raw, uniques = pd.factorize(values.astype(str), sort=False)
             categories = [str(c) for c in uniques]
         lut = np.fromiter((self.code(c) for c in categories), dtype=np.int32, count=len(categories))
-        out = np.full(codes.shape, -1, dtype=np.int32)
-        ok = codes >= 0
-        out[ok] = lut[codes[ok]]
-        return out, categories
+        if len(lut) == 0:
+            lut = np.zeros(1, dtype=np.int32)  # every raw code is -1 here
+        return raw, lut
 
 
-def _to_global(affine: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if np.allclose(affine, np.eye(3)):
-        return x, y
-    gx = affine[0, 0] * x + affine[0, 1] * y + affine[0, 2]
-    gy = affine[1, 0] * x + affine[1, 1] * y + affine[1, 2]
-    return gx, gy
+_EMPTY_BOOL = np.zeros(0, dtype=bool)
+_EMPTY_F32 = np.zeros(0, dtype=np.float32)
+_EMPTY_I8 = np.zeros(0, dtype=np.int8)
+
+
+def _raw_partitions(source: MoleculeSource, genes: GeneCodes, *, min_qv, drop_controls, columns=None):
+    """Yield the arrays the kernels read from each non-empty partition."""
+    import dask
+
+    columns = list(columns or source.columns)
+    points = source.points
+    # selecting columns lets parquet skip the others, but copies in-memory frames: skip it when all are needed
+    frame = points if list(points.columns) == columns else points[columns]
+    control_code = np.zeros(1, dtype=bool)
+    for part in frame.to_delayed():
+        df = dask.compute(part, scheduler="sync")[0]
+        if len(df) == 0:
+            continue
+        x = _numeric(df["x"])
+        y = _numeric(df["y"])
+        raw, lut = _EMPTY_I8, np.zeros(1, dtype=np.int32)
+        if source.gene_column is not None and source.gene_column in df.columns:
+            raw, lut = genes.encode(df[source.gene_column])
+        if len(control_code) != max(len(genes.names), 1):
+            control_code = is_control_name(genes.names) if genes.names else np.zeros(1, dtype=bool)
+        control_col = _EMPTY_BOOL
+        if drop_controls and source.control_column is not None and source.control_column in df.columns:
+            control_col = df[source.control_column].fillna(False).to_numpy(dtype=bool)
+        qv = _EMPTY_F32
+        if min_qv is not None and source.qv_column is not None and source.qv_column in df.columns:
+            qv = _numeric(df[source.qv_column])
+        yield x, y, raw, lut, control_code, control_col, qv
+
+
+def _affine(source: MoleculeSource) -> tuple[np.ndarray, bool]:
+    return np.ascontiguousarray(source.affine[:2], dtype=np.float64), bool(np.allclose(source.affine, np.eye(3)))
+
+
+def scan_partitions(
+    source: MoleculeSource,
+    *,
+    min_qv: float | None = 20.0,
+    drop_controls: bool = True,
+    genes: GeneCodes | None = None,
+    report: FilterReport | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(x, y, gene_code, keep)`` per partition: global µm, codes into ``genes.names`` and the kept mask.
+
+    A molecule is dropped for non-finite coordinates, as a control probe (``drop_controls``; by name, see
+    :data:`CONTROL_PATTERN`, or by a boolean control column), for a quality value below ``min_qv`` (when the
+    points have a quality column; a NaN quality value, as st2he's readers write for platforms without one, is
+    kept; ``None`` keeps all) or for a missing gene name, counted under the first reason in that order. Without
+    a gene column every code is 0.
+    """
+    from ._kernels import filter_partition
+
+    genes = genes if genes is not None else GeneCodes()
+    report = report if report is not None else FilterReport()
+    affine, identity = _affine(source)
+    stats = np.zeros(6, dtype=np.int64)
+    for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
+        source, genes, min_qv=min_qv, drop_controls=drop_controls
+    ):
+        n = len(x)
+        gx = np.empty(n, dtype=np.float64)
+        gy = np.empty(n, dtype=np.float64)
+        codes = np.empty(n, dtype=np.int32)
+        keep = filter_partition(
+            x,
+            y,
+            raw,
+            lut,
+            control_code,
+            control_col,
+            qv,
+            affine,
+            identity,
+            bool(drop_controls),
+            float(min_qv) if min_qv is not None else -np.inf,
+            gx,
+            gy,
+            codes,
+            stats,
+        )
+        report.update(stats)
+        yield gx, gy, codes, keep
+
+
+def _numeric(series) -> np.ndarray:
+    """Return a numeric column as a float numpy array (NaN for missing values)."""
+    dtype = series.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return series.to_numpy()
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def iter_molecules(
@@ -225,67 +320,28 @@ def iter_molecules(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Yield ``(x, y, gene_code)`` of the kept molecules, partition by partition, in global µm.
 
-    Drops molecules with non-finite coordinates, control probes (``drop_controls``; by name, see
-    :data:`CONTROL_PATTERN`, or by a boolean control column) and molecules whose quality value is below
-    ``min_qv`` (when the points have a quality column; ``None`` keeps all). ``gene_code`` indexes
-    ``genes.names`` (``None`` when the points have no gene column).
+    Filtering as in :func:`scan_partitions`; ``gene_code`` is ``None`` when the points have no gene column.
     """
-    import dask
-
-    genes = genes if genes is not None else GeneCodes()
-    report = report if report is not None else FilterReport()
-    frame = source.points[source.columns]
-    for part in frame.to_delayed():
-        df = dask.compute(part, scheduler="sync")[0]
-        n = len(df)
-        if n == 0:
-            continue
-        report.total += n
-        x = df["x"].to_numpy(dtype=np.float64, na_value=np.nan)
-        y = df["y"].to_numpy(dtype=np.float64, na_value=np.nan)
-        x, y = _to_global(source.affine, x, y)
-        keep = np.isfinite(x) & np.isfinite(y)
-        report.nonfinite += int(n - np.count_nonzero(keep))
-        codes = None
-        if source.gene_column is not None:
-            codes, categories = genes.encode(df[source.gene_column])
-        if drop_controls:
-            control = np.zeros(n, dtype=bool)
-            if codes is not None:
-                control_code = is_control_name(genes.names)
-                control |= (codes >= 0) & control_code[np.maximum(codes, 0)]
-            if source.control_column is not None:
-                control |= df[source.control_column].fillna(False).to_numpy(dtype=bool)
-            report.controls += int(np.count_nonzero(keep & control))
-            keep &= ~control
-        if min_qv is not None and source.qv_column is not None:
-            qv = df[source.qv_column].to_numpy(dtype=np.float64, na_value=np.nan)
-            low = ~(qv >= min_qv)
-            report.low_qv += int(np.count_nonzero(keep & low))
-            keep &= ~low
-        if codes is not None:
-            keep &= codes >= 0  # missing gene names
-        if not keep.all():
-            x, y = x[keep], y[keep]
-            codes = codes[keep] if codes is not None else None
-        yield x, y, codes
+    for gx, gy, codes, keep in scan_partitions(
+        source, min_qv=min_qv, drop_controls=drop_controls, genes=genes, report=report
+    ):
+        yield gx[keep], gy[keep], (codes[keep] if source.gene_column is not None else None)
 
 
-def points_extent(
-    source: MoleculeSource, *, min_qv: float | None = 20.0, drop_controls: bool = True
-) -> tuple[float, float, float, float] | None:
-    """``(x_min, y_min, x_max, y_max)`` in global µm of the kept molecules (``None`` when there are none)."""
-    lo = np.array([np.inf, np.inf])
-    hi = np.array([-np.inf, -np.inf])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for x, y, _ in iter_molecules(source, min_qv=min_qv, drop_controls=drop_controls):
-            if len(x):
-                lo = np.minimum(lo, [x.min(), y.min()])
-                hi = np.maximum(hi, [x.max(), y.max()])
-    if not np.all(np.isfinite(lo)):
+def points_extent(source: MoleculeSource) -> tuple[float, float, float, float] | None:
+    """``(x_min, y_min, x_max, y_max)`` in global µm of the molecules with finite coordinates (``None``: none).
+
+    Reads the coordinate columns only, so filtering does not enter: the extent of all molecules.
+    """
+    from ._kernels import extent_of
+
+    affine, identity = _affine(source)
+    box = np.array([np.inf, np.inf, -np.inf, -np.inf])
+    for x, y, *_ in _raw_partitions(source, GeneCodes(), min_qv=None, drop_controls=False, columns=["x", "y"]):
+        extent_of(x, y, affine, identity, box)
+    if not np.all(np.isfinite(box)):
         return None
-    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+    return float(box[0]), float(box[1]), float(box[2]), float(box[3])
 
 
 @dataclass
@@ -320,46 +376,30 @@ class BinnedMolecules:
     def __dask_tokenize__(self):
         return ("st2he-binned-molecules", self.token)
 
-    def block(self, bi: int, bj: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(offsets, codes)`` of the molecules in block ``(bi, bj)`` (offsets use stride ``chunk``)."""
+    def buckets(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(offsets, packed)`` of block ``(bi, bj)``, one pair per stored part (nothing is copied).
+
+        ``offsets`` = row_in_block * chunk + col_in_block; ``packed`` = priority << 16 | gene code (see
+        :func:`st2he.pp._kernels.priority`).
+        """
         if not (0 <= bi < self.block_rows and 0 <= bj < self.block_cols):
-            return np.empty(0, np.int32), np.empty(0, np.int32)
+            return
         b = bi * self.block_cols + bj
-        offs, codes = [], []
         for part in self.parts:
             s, e = int(part.starts[b]), int(part.starts[b + 1])
             if e > s:
-                offs.append(np.asarray(part.offsets[s:e]))
-                codes.append(np.asarray(part.codes[s:e]))
-        if not offs:
-            return np.empty(0, np.int32), np.empty(0, np.int32)
-        if len(offs) == 1:
-            return offs[0], codes[0]
-        return np.concatenate(offs), np.concatenate(codes)
+                yield part.offsets[s:e], part.codes[s:e]
 
-    def window(self, bi: int, bj: int, margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, cols, codes)`` relative to block ``(bi, bj)``'s origin of molecules within ``margin`` pixels of it."""
-        rows, cols, codes = [], [], []
-        span = range(-1, 2) if margin > 0 else range(0, 1)
-        h = min(self.chunk, self.grid.height - bi * self.chunk)
-        w = min(self.chunk, self.grid.width - bj * self.chunk)
-        for di in span:
-            for dj in span:
-                off, code = self.block(bi + di, bj + dj)
-                if len(off) == 0:
-                    continue
-                r = off // self.chunk + di * self.chunk
-                c = off % self.chunk + dj * self.chunk
-                if di or dj:
-                    near = (r >= -margin) & (r < h + margin) & (c >= -margin) & (c < w + margin)
-                    r, c, code = r[near], c[near], code[near]
-                rows.append(r)
-                cols.append(c)
-                codes.append(code)
-        if not rows:
-            e = np.empty(0, np.int32)
-            return e, e, e
-        return np.concatenate(rows), np.concatenate(cols), np.concatenate(codes)
+    def block(self, bi: int, bj: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, gene codes)`` of the molecules in block ``(bi, bj)``, concatenated."""
+        from ._kernels import CODE_MASK
+
+        pairs = list(self.buckets(bi, bj))
+        if not pairs:
+            return np.empty(0, np.int32), np.empty(0, np.int32)
+        offsets = np.concatenate([o for o, _ in pairs])
+        codes = np.concatenate([c for _, c in pairs]) & CODE_MASK
+        return offsets, codes
 
 
 def bin_molecules(
@@ -372,15 +412,18 @@ def bin_molecules(
     genes: Sequence[str] = (),
     memory_limit: int = 256 * 2**20,
     spill_dir: str | None = None,
-    observers: Sequence = (),
+    bins=None,
 ) -> BinnedMolecules:
     """One streaming pass over ``source``: filter, map to pixels of ``grid``, bucket by ``chunk`` blocks.
 
-    ``genes`` fixes the first gene codes (others are appended as met). ``observers`` are called with
-    ``(x, y, codes)`` of every partition's kept molecules (e.g. to gather co-expression statistics in the same
-    pass). Buckets beyond ``memory_limit`` bytes go to ``.npy`` files in a temporary folder (under
-    ``spill_dir``, default the system's) that is removed when the returned object is garbage-collected.
+    ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
+    :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
+    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to ``.npy`` files in a temporary
+    folder (under ``spill_dir``, default the system's) that is removed when the returned object is
+    garbage-collected.
     """
+    from ._kernels import bin_partition
+
     if chunk < 1 or chunk > 46340:
         msg = f"chunk must be between 1 and 46340 pixels, got {chunk}."
         raise ValueError(msg)
@@ -388,35 +431,43 @@ def bin_molecules(
     report = FilterReport()
     binned = BinnedMolecules(grid, chunk, codes_book.names, report)
     n_blocks = binned.block_rows * binned.block_cols
+    affine, identity = _affine(source)
+    stats = np.zeros(6, dtype=np.int64)
     in_memory = 0
-    for x, y, codes in iter_molecules(
-        source, min_qv=min_qv, drop_controls=drop_controls, genes=codes_book, report=report
+    for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
+        source, codes_book, min_qv=min_qv, drop_controls=drop_controls
     ):
-        for observer in observers:
-            observer(x, y, codes)
-        n = len(x)
-        col = np.floor((x - grid.x0) / grid.pixel_size)
-        row = np.floor((y - grid.y0) / grid.pixel_size)
-        inside = (col >= 0) & (col < grid.width) & (row >= 0) & (row < grid.height)
-        n_in = int(np.count_nonzero(inside))
-        report.outside += n - n_in
-        report.kept += n
-        if n_in == 0:
+        starts, offsets, codes, n_kept, bin_keys, bin_codes = bin_partition(
+            x,
+            y,
+            raw,
+            lut,
+            control_code,
+            control_col,
+            qv,
+            affine,
+            identity,
+            bool(drop_controls),
+            float(min_qv) if min_qv is not None else -np.inf,
+            stats,
+            grid.x0,
+            grid.y0,
+            grid.pixel_size,
+            grid.height,
+            grid.width,
+            chunk,
+            binned.block_cols,
+            n_blocks,
+            bins.bin_size if bins is not None else 0.0,
+            bins.level if bins is not None else 0,
+        )
+        report.update(stats)
+        report.outside += int(n_kept) - len(offsets)
+        if bins is not None:
+            bins.add(bin_keys, bin_codes)
+        if len(offsets) == 0:
             continue
-        if n_in < n:
-            col, row = col[inside], row[inside]
-            codes = codes[inside] if codes is not None else None
-        col = col.astype(np.int64)
-        row = row.astype(np.int64)
-        block = (row // chunk) * binned.block_cols + (col // chunk)
-        offset = ((row % chunk) * chunk + (col % chunk)).astype(np.int32)
-        if codes is None:
-            codes = np.zeros(n_in, dtype=np.int32)
-        order = np.argsort(block.astype(np.uint16 if n_blocks <= 65535 else np.int64), kind="stable")
-        counts = np.bincount(block, minlength=n_blocks)
-        starts = np.zeros(n_blocks + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        part = _Part(starts, offset[order], codes[order].astype(np.int32, copy=False))
+        part = _Part(starts, offsets, codes)
         nbytes = part.offsets.nbytes + part.codes.nbytes
         if in_memory + nbytes > memory_limit:
             if binned.spill_dir is None:
@@ -426,6 +477,9 @@ def bin_molecules(
         else:
             in_memory += nbytes
         binned.parts.append(part)
+    if len(codes_book.names) > 65535:
+        msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most 65535."
+        raise ValueError(msg)
     return binned
 
 

@@ -75,21 +75,26 @@ def hex_to_rgb(colour: str) -> tuple[int, int, int]:
 def correlation(counts) -> np.ndarray:
     """Gene-gene Pearson correlation of ``log1p`` of per-unit normalised counts (units x genes, dense or sparse)."""
     import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
 
     x = sp.csr_matrix(counts, dtype=np.float64)
     totals = np.asarray(x.sum(axis=1)).ravel()
     keep = totals > 0
     x = x[keep]
     totals = totals[keep]
-    n_genes = x.shape[1]
-    if x.shape[0] < 2:
+    n, n_genes = x.shape
+    if n < 2:
         return np.zeros((n_genes, n_genes))
-    scale = np.median(totals) / totals
-    x = sp.diags(scale) @ x
+    x = sp.diags(np.median(totals) / totals) @ x
     x.data = np.log1p(x.data)
-    n = x.shape[0]
     mean = np.asarray(x.mean(axis=0)).ravel()
-    cov = np.asarray((x.T @ x).todense()) / n - np.outer(mean, mean)
+    with threadpool_limits(1):  # multi-threaded BLAS is slow on small problems and shared machines
+        if n * n_genes <= 30_000_000:
+            dense = x.toarray()
+            gram = dense.T @ dense
+        else:
+            gram = np.asarray((x.T @ x).todense())
+    cov = gram / n - np.outer(mean, mean)
     sd = np.sqrt(np.clip(np.diag(cov), 0, None))
     ok = sd > 1e-12
     corr = np.zeros_like(cov)
@@ -120,7 +125,10 @@ def coexpression_palette(genes: Sequence[str], corr: np.ndarray) -> dict[str, st
     d = w.sum(axis=1)
     dinv = 1.0 / np.sqrt(d)
     lap = np.eye(n) - dinv[:, None] * w * dinv[None, :]
-    _, vecs = np.linalg.eigh((lap + lap.T) / 2)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # multi-threaded BLAS is far slower than one thread on small matrices
+        _, vecs = np.linalg.eigh((lap + lap.T) / 2)
     v1 = _fix_sign(dinv * vecs[:, 1])
     v2 = _fix_sign(dinv * vecs[:, 2])
     v1 = v1 / (np.abs(v1).max() or 1.0)
@@ -144,7 +152,7 @@ class BinCounts:
     hash of its index are zero, and ``level`` rises whenever more than ``budget`` molecules are held.
     """
 
-    def __init__(self, bin_size: float = 10.0, budget: int = 4_000_000) -> None:
+    def __init__(self, bin_size: float = 10.0, budget: int = 1_000_000) -> None:
         if not bin_size > 0:
             msg = f"bin_size must be a positive number of µm, got {bin_size!r}."
             raise ValueError(msg)
@@ -155,33 +163,28 @@ class BinCounts:
         self.codes: list[np.ndarray] = []
         self.held = 0
 
-    @staticmethod
-    def _hash(keys: np.ndarray) -> np.ndarray:
-        h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        return h ^ (h >> np.uint64(29))
+    def __call__(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray | None, keep: np.ndarray | None = None) -> None:
+        """Add one partition of molecules in global µm (``keep`` marks those to count; default all)."""
+        from ._kernels import select_bins
 
-    def _mask(self, keys: np.ndarray) -> np.ndarray:
-        if self.level == 0:
-            return np.ones(len(keys), dtype=bool)
-        bits = np.uint64((1 << self.level) - 1)
-        return (self._hash(keys) >> np.uint64(20)) & bits == 0
-
-    def __call__(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray | None) -> None:
-        """Add one partition of kept molecules."""
         if codes is None or len(x) == 0:
             return
-        bx = np.floor(x / self.bin_size).astype(np.int64)
-        by = np.floor(y / self.bin_size).astype(np.int64)
-        keys = (bx + (1 << 30)) * (1 << 31) + (by + (1 << 30))
-        m = self._mask(keys)
-        self.keys.append(keys[m])
-        self.codes.append(codes[m])
-        self.held += int(np.count_nonzero(m))
+        if keep is None:
+            keep = np.ones(len(x), dtype=bool)
+        self.add(*select_bins(x, y, codes, keep, self.bin_size, self.level))
+
+    def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
+        """Add bin keys and gene codes already selected at the current level."""
+        from ._kernels import keep_level
+
+        self.keys.append(keys)
+        self.codes.append(codes)
+        self.held += len(keys)
         while self.held > self.budget:
             self.level += 1
             self.held = 0
             for i, k in enumerate(self.keys):
-                m = self._mask(k)
+                m = keep_level(k, self.level)
                 self.keys[i], self.codes[i] = k[m], self.codes[i][m]
                 self.held += len(self.keys[i])
 
@@ -352,16 +355,16 @@ def _panel_and_sources(data, method, points_key, table_key, source, bin_size, mi
         return genes, None, (lambda: correlation(data.X[:, order]))
     if isinstance(data, str) or not hasattr(data, "points"):
         return sorted({str(g) for g in data}), None, None
-    from ._molecules import GeneCodes, is_control_name, iter_molecules, molecule_source
+    from ._molecules import GeneCodes, is_control_name, molecule_source, scan_partitions
 
     src = molecule_source(data, points_key, need_genes=True)
     need_counts = method == "coexpression" and source != "table"
     codes = GeneCodes(src.panel or ())
     bins = BinCounts(bin_size) if need_counts else None
     if src.panel is None or need_counts:
-        for x, y, c in iter_molecules(src, min_qv=min_qv, drop_controls=drop_controls, genes=codes):
+        for x, y, c, keep in scan_partitions(src, min_qv=min_qv, drop_controls=drop_controls, genes=codes):
             if bins is not None:
-                bins(x, y, c)
+                bins(x, y, c, keep)
     names = list(codes.names)
     panel = [g for g, ctrl in zip(names, is_control_name(names), strict=True) if not (drop_controls and ctrl)]
     genes = sorted(panel)

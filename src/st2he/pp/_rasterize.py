@@ -20,7 +20,7 @@ import numpy as np
 from st2he._elements import ATTRS_KEY, add_image, check_key_free
 from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
 
-from ._kernels import compose_rgb, disc_footprint, paint_winners
+from ._kernels import compose_rgb, disc_footprint, paint_winners, resample_bilinear
 from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source, points_extent
 from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
 
@@ -179,17 +179,12 @@ def _axis_weights(start: float, n: int, step: float, src0: float, src_ps: float,
 
 def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
     """Bilinear resampling of a source window (after a ``k`` x ``k`` mean) onto one output chunk, normalised."""
-    win = np.asarray(window, dtype=np.float32)
+    win = np.asarray(window)
     if k > 1:
         hh, ww = win.shape[0] // k, win.shape[1] // k
-        win = win[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3))
-    rows = win[i0y] * (1 - wy)[:, None] + win[i1y] * wy[:, None]
-    out = rows[:, i0x] * (1 - wx)[None, :] + rows[:, i1x] * wx[None, :]
-    out = (out - lo) * (1.0 / (hi - lo))
-    np.clip(out, 0.0, 1.0, out=out)
-    out[~iny, :] = 0
-    out[:, ~inx] = 0
-    return out
+        win = win[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3), dtype=np.float32)
+    win = np.ascontiguousarray(win, dtype=np.float32)
+    return resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
 
 
 def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: float, binary: bool = False):
@@ -390,7 +385,7 @@ def _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, 
     del boundaries_key
     mol = None
     if source is not None:
-        mol = points_extent(source, min_qv=min_qv, drop_controls=drop_controls)
+        mol = points_extent(source)
     key = _auto_stain_image(sdata) if stain_key == "auto" else stain_key
     img = _geom(_scale0(sdata.images[key])).bounds if key is not None and key in sdata.images else None
     boxes = [b for b in (mol, img) if b is not None]
@@ -542,29 +537,36 @@ def density_layer(
 # ----------------------------------------------------------------------------------------------- the picture
 
 
-def _draw_block(stain, *, binned: BinnedMolecules | None, rank_of, lut, dy, dx, block_id=None):
+def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, lut, dy, dx, chunk=1024, grid=None, block_id=None):
     bi, bj = block_id[1], block_id[2]
-    stain = stain[0]
-    h, w = stain.shape
-    margin = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
-    if binned is None:
-        rows = cols = ranks = np.empty(0, np.int32)
+    if not stain:  # no stain: a black background
+        h = min(chunk, grid.height - bi * chunk)
+        w = min(chunk, grid.width - bj * chunk)
+        stain = np.zeros((0, 0), dtype=np.float32)
     else:
-        rows, cols, codes = binned.window(bi, bj, margin)
-        ranks = rank_of[codes]
-        keep = ranks >= 0
-        if not keep.all():
-            rows, cols, ranks = rows[keep], cols[keep], ranks[keep]
-    winners = paint_winners(
-        rows.astype(np.int32, copy=False),
-        cols.astype(np.int32, copy=False),
-        ranks.astype(np.int32, copy=False),
-        h,
-        w,
-        dy,
-        dx,
-    )
-    return compose_rgb(np.ascontiguousarray(stain, dtype=np.float32), winners, lut)
+        stain = np.ascontiguousarray(stain[0][0], dtype=np.float32)
+        h, w = stain.shape
+    winners = np.full(h * w, -1, dtype=np.int32)
+    if binned is not None:
+        reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
+        span = (-1, 0, 1) if reach > 0 else (0,)
+        for di in span:
+            for dj in span:
+                for offsets, packed in binned.buckets(bi + di, bj + dj):
+                    paint_winners(
+                        offsets,
+                        packed,
+                        rank_of,
+                        binned.chunk,
+                        di * binned.chunk,
+                        dj * binned.chunk,
+                        h,
+                        w,
+                        dy,
+                        dx,
+                        winners,
+                    )
+    return compose_rgb(stain, winners, lut, h, w)
 
 
 def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
@@ -713,7 +715,7 @@ def rasterize_transcripts(
             min_qv=min_qv,
             drop_controls=drop_controls,
             genes=source.panel or (),
-            observers=[bins] if bins is not None else (),
+            bins=bins,
         )
         binned.report.log("rasterize_transcripts", min_qv=min_qv if source.qv_column else None)
         panel = _panel(source, binned, drop_controls) if source.gene_column is not None else []
@@ -744,15 +746,18 @@ def rasterize_transcripts(
     dy, dx = disc_footprint(dot_size)
     import dask.array as da
 
+    stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     data = da.map_blocks(
         _draw_block,
-        stain[None],
+        *stain_input,
         binned=binned,
         rank_of=rank_of,
         lut=lut,
         dy=dy,
         dx=dx,
-        chunks=((3,), *stain.chunks),
+        chunk=chunk,
+        grid=grid,
+        chunks=((3,), _split(grid.height, chunk), _split(grid.width, chunk)),
         dtype=np.uint8,
         meta=np.empty((0, 0, 0), dtype=np.uint8),
     )
