@@ -2,5 +2,6 @@
 
 from ._palette import make_palette
 from ._rasterize import rasterize_transcripts, transcript_density
+from ._tiles import make_tiles
 
-__all__ = ["make_palette", "rasterize_transcripts", "transcript_density"]
+__all__ = ["make_palette", "make_tiles", "rasterize_transcripts", "transcript_density"]

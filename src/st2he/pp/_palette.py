@@ -7,8 +7,8 @@ Methods
     only, so the same panel always gets the same colours.
 ``"coexpression"``
     Genes expressed together get near hues, so the colour of a dot speaks of the cell type it sits in.
-    Gene-gene Pearson correlations of log-normalised counts are computed over cells (from a table whose genes
-    cover the panel) or, without one, over square spatial bins of ``bin_size`` µm filled from the molecules
+    Gene-gene Pearson correlations of log-normalised counts are computed over cells (from a table of at least 50
+    cells whose genes cover the panel) or, without one, over square spatial bins of ``bin_size`` µm filled from the molecules
     (a deterministic spatial subsample of bins caps the work on whole slides). The positive correlations
     form a gene graph whose first two non-trivial Laplacian eigenvectors place each gene on a circle; genes
     are ordered by their angle (ties by name), the circle is cut at the widest angular gap, and the ordered
@@ -269,7 +269,7 @@ def _table_correlation(sdata, genes: Sequence[str], table_key: str | None):
         adata = tables[key]
         names = [str(v) for v in adata.var_names]
         index = {g: i for i, g in enumerate(names)}
-        if adata.n_obs >= 10 and all(g in index for g in genes):
+        if adata.n_obs >= 50 and all(g in index for g in genes):
             cols = [index[g] for g in genes]
             logger.info("Palette co-expression from the %d cells of table %r.", adata.n_obs, key)
             return correlation(adata.X[:, cols])
