@@ -850,7 +850,7 @@ def _obstacle_blocked(obstacles, ctype, px, py):
         return blocked
     tree = cKDTree(obstacles[:, :2])
     k = min(3, len(obstacles))
-    d, i = tree.query(np.c_[px, py], k=k, distance_upper_bound=obstacles[:, 2].max() + 1e-6)
+    d, i = tree.query(np.c_[px, py], k=k, distance_upper_bound=obstacles[:, 2].max() + 1e-6, workers=-1)
     d, i = np.atleast_2d(d.T).T, np.atleast_2d(i.T).T
     valid = np.isfinite(d)
     i = np.minimum(i, len(obstacles) - 1)
@@ -864,7 +864,7 @@ def _obstacle_blocked(obstacles, ctype, px, py):
 def _in_cell(cells, obstacles, tissue, px, py, owner):
     """Tell where points belong to the cell ``owner`` (its Voronoi territory within its radius, not blocked)."""
     tree = cKDTree(np.c_[cells["x"], cells["y"]])
-    d, nearest = tree.query(np.c_[px, py])
+    d, nearest = tree.query(np.c_[px, py], workers=-1)
     ok = (nearest == owner) & (d < cells["R"][owner])
     ok &= ~_obstacle_blocked(obstacles, cells["ctype"][owner], px, py)
     ok &= _inside(tissue, np.c_[px, py])
@@ -1152,6 +1152,24 @@ def _render_dapi(rng, chromatin, grid: Grid):
     return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)[None]
 
 
+def _polygon_mask(polygon, grid: Grid) -> np.ndarray:
+    """Pixels of ``grid`` whose centres lie inside ``polygon`` (its exterior; scanlines, even-odd rule)."""
+    xy = np.asarray(polygon.exterior.coords)
+    x0, y0 = xy[:-1, 0], xy[:-1, 1]
+    x1, y1 = xy[1:, 0], xy[1:, 1]
+    ys, xs = grid.pixel_centers()
+    mask = np.zeros(grid.shape, dtype=bool)
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    for row, y in enumerate(ys):
+        crossing = (lo <= y) & (hi > y)
+        if not crossing.any():
+            continue
+        t = (y - y0[crossing]) / (y1[crossing] - y0[crossing])
+        cross_x = np.sort(x0[crossing] + t * (x1[crossing] - x0[crossing]))
+        mask[row] = np.searchsorted(cross_x, xs) % 2 == 1
+    return mask
+
+
 def _upsample(small, factor, shape):
     """Bilinear upsampling of a block-averaged map by a whole ``factor`` back to ``shape``."""
     positions_y = (np.arange(shape[0]) + 0.5) / factor - 0.5
@@ -1185,18 +1203,11 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid):
     px, py = xx.ravel(), yy.ravel()
     shape = grid.shape
 
-    # tissue mask from the outline (fast polygon fill in pixel space)
-    from skimage.draw import polygon as fill_polygon
-
-    tissue = np.zeros(shape, dtype=bool)
-    ex = np.asarray(layout["tissue"].exterior.coords)
-    rr, cc = fill_polygon((ex[:, 1] - grid.y0) / ps - 0.5, (ex[:, 0] - grid.x0) / ps - 0.5, shape)
-    tissue[rr, cc] = True
-    tissue = tissue.ravel()
+    tissue = _polygon_mask(layout["tissue"], grid).ravel()
 
     # which cell each pixel belongs to
     tree = cKDTree(np.c_[cells["x"], cells["y"]])
-    d, nn = tree.query(np.c_[px, py], k=2)
+    d, nn = tree.query(np.c_[px, py], k=2, workers=-1)
     d1, d2, label = d[:, 0], d[:, 1], nn[:, 0]
     in_cell = tissue & (d1 < cells["R"][label])
     in_cell &= ~_obstacle_blocked(obstacles, cells["ctype"][label], px, py)
@@ -1207,7 +1218,7 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid):
     core_r = np.zeros(len(px))
     if len(obstacles):
         otree = cKDTree(obstacles[:, :2])
-        od, oi = otree.query(np.c_[px, py])
+        od, oi = otree.query(np.c_[px, py], workers=-1)
         inside = od < obstacles[oi, 2]
         kind[inside] = obstacles[oi[inside], 3].astype(np.int8)
         mucin_px[inside] = layout["mucin"][oi[inside]]
@@ -1228,7 +1239,7 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid):
     Hb = np.zeros(len(px), dtype=np.float32)
 
     # stroma: collagen fibres along the orientation field, patchy
-    _, patch_of = cKDTree(layout["fibre_seeds"]).query(np.c_[px, py])
+    _, patch_of = cKDTree(layout["fibre_seeds"]).query(np.c_[px, py], workers=-1)
     direction = layout["fibre_dir"][patch_of]
     normal_x, normal_y = -np.sin(direction), np.cos(direction)
     seeds = layout["fibre_seeds"][patch_of]
