@@ -56,7 +56,7 @@ def zero_shot(
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    from st2he.tl._zero_shot import _zero_shot_table
+    from st2he.tl._zero_shot import _zero_shot_table, tile_boxes
 
     adata = _zero_shot_table(sdata, key)
     info = adata.uns[key]
@@ -77,7 +77,7 @@ def zero_shot(
     ax_he.set_title(f"H&E ({image_key})")
     faded = (255 - (255 - rgb.astype(np.float32)) * 0.35).astype(np.uint8)
     ax_map.imshow(faded, extent=extent, interpolation="antialiased")
-    boxes = _tile_boxes_of(sdata, adata)
+    boxes = tile_boxes(sdata, adata)
     probs = np.asarray(adata.X)[:, classes.index(class_name)]
     patches = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
     coll = PatchCollection(patches, cmap=cmap, alpha=alpha, linewidths=0)
@@ -106,6 +106,7 @@ def roc(
     labels=None,
     regions: str | None = None,
     region_label: str = "label",
+    min_region_fraction: float | None = None,
     label_map: Mapping[str, str] | None = None,
     classes: Sequence[str] | None = None,
     ax=None,
@@ -116,8 +117,8 @@ def roc(
     ----------
     data
         The dict returned by :func:`st2he.tl.evaluate_zero_shot` (with labels), or a SpatialData object, in which
-        case ``key``, ``labels``, ``regions``, ``region_label`` and ``label_map`` are passed to it.
-    key, labels, regions, region_label, label_map
+        case the other arguments below are passed to it.
+    key, labels, regions, region_label, min_region_fraction, label_map
         See :func:`st2he.tl.evaluate_zero_shot`.
     classes
         Classes to draw; default all with positive and negative tiles (only the second of two classes).
@@ -138,7 +139,13 @@ def roc(
         from st2he.tl._zero_shot import evaluate_zero_shot
 
         result = evaluate_zero_shot(
-            data, key=key, labels=labels, regions=regions, region_label=region_label, label_map=label_map
+            data,
+            key=key,
+            labels=labels,
+            regions=regions,
+            region_label=region_label,
+            min_region_fraction=min_region_fraction,
+            label_map=label_map,
         )
     if "y_true" not in result:
         msg = "The evaluation has no labels (y_true); evaluate with labels= or regions= first."
@@ -191,24 +198,6 @@ def _display_image(sdata, image_key: str, max_pixels: int):
     rgb = _to_uint8(np.moveaxis(arr, 0, -1))
     x0, y0, x1, y1 = grid.bounds
     return rgb, (x0, x1, y1, y0)
-
-
-def _tile_boxes_of(sdata, adata) -> np.ndarray:
-    from st2he.tl._zero_shot import INSTANCE_KEY, REGION_KEY, _shapes_in_global
-
-    region = str(adata.obs[REGION_KEY].iloc[0])
-    if region in sdata.shapes:
-        shapes = _shapes_in_global(sdata, region)
-        bounds = shapes.geometry.bounds
-        ids = adata.obs[INSTANCE_KEY].to_numpy()
-        found = bounds.reindex(ids)
-        if not found.isna().any().any():
-            return found.to_numpy()
-    # tiles element gone: square boxes of the recorded size around the centres
-    params = next(v for v in adata.uns.values() if isinstance(v, Mapping) and "params" in v)["params"]
-    size = float(params.get("tile_size_um", 1.0))
-    c = np.asarray(adata.obsm["spatial"])[:, :2]
-    return np.column_stack([c[:, 0] - size / 2, c[:, 1] - size / 2, c[:, 0] + size / 2, c[:, 1] + size / 2])
 
 
 def _scalebar(ax, extent, length) -> None:

@@ -19,8 +19,9 @@ from ._prompts import build_prompts, resolve_classes, resolve_templates
 
 logger = logging.getLogger("st2he")
 
-#: A pixel of an H&E tile is background when all three channels are brighter than this (0-255): glass is white.
-WHITE_LEVEL = 210
+#: A pixel of an H&E tile is background when the mean of its RGB values (0-255) is at least this: glass is white
+#: (the same rule as the ``"not_white"`` tissue of :func:`st2he.pp.make_tiles`).
+WHITE_LEVEL = 220
 #: ... or when all three channels are darker than this (padding outside the scanned area, black borders).
 BLACK_LEVEL = 25
 REGION_KEY = "region"
@@ -82,8 +83,10 @@ def zero_shot(
         ``f"{key_added}_tiles"``. With ``tiles_key`` each tile is read over its bounding box.
     min_tissue_fraction
         Tiles whose tissue fraction is below this are skipped (not embedded, not in the table). A pixel is
-        background when all its channels are above :data:`WHITE_LEVEL` (210, glass) or below
-        :data:`BLACK_LEVEL` (25, padding); the tissue fraction is the share of the other pixels.
+        background when the mean of its RGB values is at least :data:`WHITE_LEVEL` (220 of 255: glass) or all its
+        channels are below :data:`BLACK_LEVEL` (25: padding); the tissue fraction is the share of the other
+        pixels, measured on the tile as read. Tiles of a tiles element whose ``tissue_fraction`` column (as
+        :func:`st2he.pp.make_tiles` writes it) is 0 are skipped without being read.
     batch_size
         Tiles per forward pass.
     top_k
@@ -181,11 +184,16 @@ def zero_shot(
         made_tiles = True
     try:
         boxes, tile_ids = _tile_boxes(sdata, tiles_key)
+        coarse = sdata.shapes[tiles_key].get("tissue_fraction")
+        readable = None
+        if coarse is not None and min_tissue_fraction > 0:
+            readable = np.asarray(pd.to_numeric(coarse, errors="coerce").fillna(1.0)) > 0
         embeddings, tissue, keep = embed_tiles(
             sdata,
             image_key,
             boxes,
             clip,
+            read=readable,
             min_tissue_fraction=min_tissue_fraction,
             batch_size=batch_size,
             progress=progress,
@@ -330,9 +338,9 @@ def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
     tiles = np.asarray(tiles)
     if tiles.ndim == 3:
         tiles = tiles[None]
-    lo = tiles[..., :3].min(axis=-1)
+    grey = tiles[..., :3].mean(axis=-1, dtype=np.float32)
     hi = tiles[..., :3].max(axis=-1)
-    background = (lo > WHITE_LEVEL) | (hi < BLACK_LEVEL)
+    background = (grey >= WHITE_LEVEL) | (hi < BLACK_LEVEL)
     return 1.0 - background.reshape(len(tiles), -1).mean(axis=1)
 
 
@@ -397,9 +405,12 @@ def embed_tiles(
     *,
     min_tissue_fraction: float = 0.25,
     batch_size: int = 32,
+    read: np.ndarray | None = None,
     progress: bool = True,
 ):
     """Embed the tiles over ``boxes`` (µm) with ``clip``; tiles with too little tissue are skipped.
+
+    ``read`` (boolean, one per box) marks the tiles to read at all; the others count as tissue-free.
 
     Returns
     -------
@@ -416,18 +427,19 @@ def embed_tiles(
     tissue = np.zeros(n, dtype=np.float64)
     keep = np.zeros(n, dtype=bool)
     chunks: list[np.ndarray] = []
-    bar = tqdm(total=n, desc=f"zero-shot tiles of {image_key}", unit="tile", disable=not progress)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        tiles, _ = read_tiles(sdata, image_key, boxes[start:stop], level=level)
+    todo = np.flatnonzero(np.ones(n, bool) if read is None else np.asarray(read, bool))
+    bar = tqdm(total=len(todo), desc=f"zero-shot tiles of {image_key}", unit="tile", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        which = todo[start : start + batch_size]
+        tiles, _ = read_tiles(sdata, image_key, boxes[which], level=level)
         frac = np.array([tissue_fraction(t)[0] for t in tiles])
-        tissue[start:stop] = frac
+        tissue[which] = frac
         ok = frac >= min_tissue_fraction
-        keep[start:stop] = ok
+        keep[which] = ok
         batch = [_resize(t, clip.image_size) for t, k in zip(tiles, ok, strict=True) if k]
         if batch:
             chunks.append(clip.encode_image(np.stack(batch), normalize=True).numpy())
-        bar.update(stop - start)
+        bar.update(len(which))
     bar.close()
     dim = chunks[0].shape[1] if chunks else 0
     embeddings = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, dim), np.float32)
@@ -445,6 +457,7 @@ def evaluate_zero_shot(
     labels: str | Sequence | None = None,
     regions: str | None = None,
     region_label: str = "label",
+    min_region_fraction: float | None = None,
     label_map: Mapping[str, str] | None = None,
     other_key: str | None = None,
 ) -> dict[str, Any]:
@@ -464,6 +477,9 @@ def evaluate_zero_shot(
         ``region_label``; each tile gets the label of the region containing its centre (tiles in none are left out).
     region_label
         Label column of ``regions``.
+    min_region_fraction
+        With ``regions``: instead of the centre rule, label a tile only when regions of one label cover at least
+        this share of its area (e.g. 0.7: tiles straddling a border, whose truth is mixed, are left out).
     label_map
         Maps label values to class names (e.g. ``{"gland-forming": "LUAD"}``). Tiles whose label is not a class
         (after mapping) are left out of the metrics, with a warning that counts them.
@@ -487,7 +503,14 @@ def evaluate_zero_shot(
         msg = "Give labels= (a column or a sequence), regions= (annotated shapes) or other_key= (a second run)."
         raise ValueError(msg)
     if labels is not None or regions is not None:
-        y = _tile_labels(sdata, adata, labels=labels, regions=regions, region_label=region_label)
+        y = _tile_labels(
+            sdata,
+            adata,
+            labels=labels,
+            regions=regions,
+            region_label=region_label,
+            min_region_fraction=min_region_fraction,
+        )
         if label_map is not None:
             y = y.map(lambda v: label_map.get(v, v) if isinstance(v, str) else v)
         known = y.isin(classes).to_numpy()
@@ -591,10 +614,10 @@ def _levels(element) -> list:
 
 
 def _pick_level(levels, grid: Grid, boxes: np.ndarray, out_size: int | None) -> int:
-    """Coarsest level whose pixel is no larger than the smallest box edge / ``out_size`` (1 % slack)."""
+    """Coarsest level whose pixel is no larger than the typical (median) box edge / ``out_size`` (1 % slack)."""
     if out_size is None or len(levels) == 1 or len(boxes) == 0:
         return 0
-    edge = float(np.min(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
+    edge = float(np.median(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
     target = edge / out_size
     best = 0
     for i, data in enumerate(levels):
@@ -771,7 +794,21 @@ def _zero_shot_table(sdata, key: str):
     return adata
 
 
-def _tile_labels(sdata, adata, *, labels, regions, region_label) -> pd.Series:
+def tile_boxes(sdata, adata) -> np.ndarray:
+    """``(n, 4)`` boxes (µm) of the tiles of a zero-shot table: from its tiles element, else squares around the centres."""
+    region = str(adata.obs[REGION_KEY].iloc[0]) if adata.n_obs else ""
+    if region in sdata.shapes:
+        bounds = _shapes_in_global(sdata, region).geometry.bounds
+        found = bounds.reindex(pd.Index(adata.obs[INSTANCE_KEY].to_numpy()))
+        if not found.isna().any().any():
+            return found.to_numpy()
+    params = next(v for v in adata.uns.values() if isinstance(v, Mapping) and "params" in v)["params"]
+    half = float(params.get("tile_size_um", 1.0)) / 2
+    c = np.asarray(adata.obsm["spatial"])[:, :2]
+    return np.column_stack([c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half])
+
+
+def _tile_labels(sdata, adata, *, labels, regions, region_label, min_region_fraction=None) -> pd.Series:
     index = adata.obs_names
     if regions is not None:
         if regions not in sdata.shapes:
@@ -783,10 +820,33 @@ def _tile_labels(sdata, adata, *, labels, regions, region_label) -> pd.Series:
             raise KeyError(msg)
         import geopandas as gpd
 
-        pts = gpd.GeoDataFrame(geometry=gpd.points_from_xy(*np.asarray(adata.obsm["spatial"]).T[:2]), index=index)
-        joined = gpd.sjoin(pts, shapes[[region_label, "geometry"]], how="left", predicate="within")
-        joined = joined[~joined.index.duplicated(keep="first")]
-        return joined[region_label].reindex(index).astype(object)
+        if min_region_fraction is None:
+            pts = gpd.GeoDataFrame(geometry=gpd.points_from_xy(*np.asarray(adata.obsm["spatial"]).T[:2]), index=index)
+            joined = gpd.sjoin(pts, shapes[[region_label, "geometry"]], how="left", predicate="within")
+            joined = joined[~joined.index.duplicated(keep="first")]
+            return joined[region_label].reindex(index).astype(object)
+        if not 0.0 < float(min_region_fraction) <= 1.0:
+            msg = f"min_region_fraction must lie in (0, 1], got {min_region_fraction!r}."
+            raise ValueError(msg)
+        import shapely
+
+        tiles = gpd.GeoDataFrame(geometry=shapely.box(*tile_boxes(sdata, adata).T), index=index)
+        right = shapes[[region_label, "geometry"]].reset_index(drop=True)
+        right.index.name = None
+        pairs = gpd.sjoin(tiles, right, how="inner", predicate="intersects")
+        out = pd.Series(None, index=index, dtype=object)
+        if len(pairs):
+            region_geoms = right.geometry.to_numpy()[pairs["index_right"].to_numpy()]
+            tile_geoms = tiles.geometry.loc[pairs.index].to_numpy()
+            share = shapely.area(shapely.intersection(tile_geoms, region_geoms)) / shapely.area(tile_geoms)
+            pairs = pairs.assign(share=share)
+            # the share of each label (regions with the same label add up), the largest one per tile
+            per_label = pairs.groupby([pairs.index, region_label], observed=True)["share"].sum().reset_index()
+            per_label.columns = ["tile", "label", "share"]
+            best = per_label.sort_values("share", ascending=False).drop_duplicates("tile").set_index("tile")
+            best = best[best["share"] >= float(min_region_fraction) - 1e-9]
+            out.loc[best.index] = best["label"].to_numpy()
+        return out
     if isinstance(labels, str):
         if labels in adata.obs.columns:
             return adata.obs[labels].astype(object)
