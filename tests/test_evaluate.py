@@ -163,3 +163,21 @@ def test_bad_inputs(picture):
     with pytest.raises(ValueError, match="pixel_size"):
         st2he.tl.evaluate_he(sdata, pred_key="pred", true_key="true", pixel_size=-1)
     assert "he_metrics" not in sdata
+
+
+def test_blockwise_reading_gives_the_whole_image_metrics(picture, monkeypatch):
+    import st2he.tl._evaluate as evaluate
+
+    grid = Grid(0.0, 0.0, PS, *picture.shape[1:])
+    rng = np.random.default_rng(1)
+    noisy = np.clip(picture + rng.normal(0, 15, picture.shape), 0, 255).astype(np.uint8)
+    sdata = _sdata(pred=(noisy, grid), true=(picture, grid))
+    whole = st2he.tl.evaluate_he(sdata, pred_key="pred", true_key="true", tile_size=50, key_added="whole")
+    monkeypatch.setattr(evaluate, "_BLOCK_PIXELS", 100)  # 2 x 2 tiles per block: many blocks
+    blocks = st2he.tl.evaluate_he(sdata, pred_key="pred", true_key="true", tile_size=50, key_added="blocks")
+    assert list(blocks.index) == list(whole.index)
+    np.testing.assert_allclose(blocks[["mse", "psnr", "ssim"]], whole[["mse", "psnr", "ssim"]], rtol=1e-10)
+    expected = structural_similarity(
+        noisy.transpose(1, 2, 0), picture.transpose(1, 2, 0), channel_axis=-1, data_range=255
+    )
+    assert blocks.loc["overall", "ssim"] == pytest.approx(expected, rel=1e-9)

@@ -20,6 +20,8 @@ METRICS = ("mse", "psnr", "ssim")
 _SSIM_WIN = 7
 _SSIM_MARGIN = _SSIM_WIN // 2
 _DATA_RANGE = 255.0
+#: Edge (evaluation pixels) of the blocks read at a time; peak memory grows with it, not with the image.
+_BLOCK_PIXELS = 1024
 
 
 def evaluate_he(
@@ -99,58 +101,58 @@ def evaluate_he(
     sse_total = 0.0
     ssim_sum = 0.0
     ssim_count = 0
-    n_tiles_r = math.ceil(grid.height / tile_size)
-    n_tiles_c = math.ceil(grid.width / tile_size)
-    for i in range(n_tiles_r):
-        for j in range(n_tiles_c):
-            r0, c0 = i * tile_size, j * tile_size
-            r1, c1 = min(r0 + tile_size, grid.height), min(c0 + tile_size, grid.width)
-            # read the tile with a margin so that the SSIM map inside it equals that of the whole region
-            m = _SSIM_MARGIN
-            er0, ec0 = max(r0 - m, 0), max(c0 - m, 0)
-            er1, ec1 = min(r1 + m, grid.height), min(c1 + m, grid.width)
-            block = grid.crop(er0, er1, ec0, ec1)
-            a = _read_on_grid(pred, pred_grid, block)
-            b = _read_on_grid(true, true_grid, block)
-            inner = (slice(r0 - er0, r1 - er0), slice(c0 - ec0, c1 - ec0))
-            ta, tb = a[inner], b[inner]
-            diff = ta - tb
-            sse = float(np.sum(diff * diff))
-            sse_total += sse
-            mse = sse / diff.size
-            # SSIM: the map of the whole region (this block's map is exact inside the tile thanks to the margin),
-            # averaged over the tile's pixels, leaving out the region's outer border as skimage does
-            ssim_tile = float("nan")
-            if min(block.shape) >= _SSIM_WIN:
-                smap = _ssim_map(a, b)[inner]
-                rr = np.arange(r0, r1)
-                cc = np.arange(c0, c1)
-                ok_r = (rr >= m) & (rr < grid.height - m)
-                ok_c = (cc >= m) & (cc < grid.width - m)
-                n_ok = int(ok_r.sum() * ok_c.sum())
-                if n_ok:
-                    tile_sum = float(smap[np.ix_(ok_r, ok_c)].sum())
-                    ssim_sum += tile_sum
-                    ssim_count += n_ok
-                    ssim_tile = tile_sum / n_ok
-            tg = grid.crop(r0, r1, c0, c1)
-            x_min, y_min, x_max, y_max = tg.bounds
-            rows.append(
-                {
-                    "tile_id": f"tile_{i}_{j}",
-                    "mse": mse,
-                    "psnr": _psnr(mse),
-                    "ssim": ssim_tile,
-                    "row0": r0,
-                    "col0": c0,
-                    "height": r1 - r0,
-                    "width": c1 - c0,
-                    "x_min": x_min,
-                    "y_min": y_min,
-                    "x_max": x_max,
-                    "y_max": y_max,
-                }
-            )
+    m = _SSIM_MARGIN
+    # blocks of whole tiles, each read once with a margin so that its SSIM map equals that of the whole region
+    # (a lazily generated image is then computed about once, not once per tile)
+    block = max(1, _BLOCK_PIXELS // tile_size) * tile_size
+    for br in range(0, grid.height, block):
+        for bc in range(0, grid.width, block):
+            br1, bc1 = min(br + block, grid.height), min(bc + block, grid.width)
+            er0, ec0 = max(br - m, 0), max(bc - m, 0)
+            er1, ec1 = min(br1 + m, grid.height), min(bc1 + m, grid.width)
+            read = grid.crop(er0, er1, ec0, ec1)
+            a = _read_on_grid(pred, pred_grid, read)
+            b = _read_on_grid(true, true_grid, read)
+            smap = _ssim_map(a, b) if min(read.shape) >= _SSIM_WIN else None
+            for r0 in range(br, br1, tile_size):
+                for c0 in range(bc, bc1, tile_size):
+                    r1, c1 = min(r0 + tile_size, grid.height), min(c0 + tile_size, grid.width)
+                    inner = (slice(r0 - er0, r1 - er0), slice(c0 - ec0, c1 - ec0))
+                    diff = a[inner] - b[inner]
+                    sse = float(np.sum(diff * diff))
+                    sse_total += sse
+                    mse = sse / diff.size
+                    # SSIM: the whole region's map averaged over the tile, without the region's outer border
+                    ssim_tile = float("nan")
+                    if smap is not None:
+                        rr = np.arange(r0, r1)
+                        cc = np.arange(c0, c1)
+                        ok_r = (rr >= m) & (rr < grid.height - m)
+                        ok_c = (cc >= m) & (cc < grid.width - m)
+                        n_ok = int(ok_r.sum() * ok_c.sum())
+                        if n_ok:
+                            tile_sum = float(smap[inner][np.ix_(ok_r, ok_c)].sum())
+                            ssim_sum += tile_sum
+                            ssim_count += n_ok
+                            ssim_tile = tile_sum / n_ok
+                    x_min, y_min, x_max, y_max = grid.crop(r0, r1, c0, c1).bounds
+                    rows.append(
+                        {
+                            "tile_id": f"tile_{r0 // tile_size}_{c0 // tile_size}",
+                            "mse": mse,
+                            "psnr": _psnr(mse),
+                            "ssim": ssim_tile,
+                            "row0": r0,
+                            "col0": c0,
+                            "height": r1 - r0,
+                            "width": c1 - c0,
+                            "x_min": x_min,
+                            "y_min": y_min,
+                            "x_max": x_max,
+                            "y_max": y_max,
+                        }
+                    )
+    rows.sort(key=lambda row: (row["row0"], row["col0"]))
     tiles = pd.DataFrame(rows).set_index("tile_id")
     n_values = grid.height * grid.width * 3
     overall_mse = sse_total / n_values
