@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import warnings
 
 import dask.dataframe as dd
@@ -131,6 +133,25 @@ def test_same_pixels_across_calls_chunks_regions_and_molecule_order():
         shuffled, pixel_size=0.5, region=(0, 0, 60, 60), chunk=64, dot_size=3, palette=get_params(sd, "a")["palette"]
     )
     np.testing.assert_array_equal(_image(shuffled), a)
+
+
+def test_spilled_buckets_read_back_the_same():
+    from st2he.pp._molecules import bin_molecules, molecule_source
+
+    sd = _random_sdata(n=5000, npartitions=4)
+    grid = Grid.from_bounds(0, 0, 60, 60, 0.5)
+    source = molecule_source(sd)
+    in_memory = bin_molecules(source, grid, chunk=40)
+    spilled = bin_molecules(source, grid, chunk=40, memory_limit=0)
+    assert in_memory.spill_dir is None and spilled.spill_dir is not None
+    for bi in range(in_memory.block_rows):
+        for bj in range(in_memory.block_cols):
+            for a, b in zip(in_memory.block(bi, bj), spilled.block(bi, bj), strict=True):
+                np.testing.assert_array_equal(a, b)
+    folder = spilled.spill_dir
+    del spilled
+    gc.collect()
+    assert not os.path.exists(folder)  # the temporary files go with the object
 
 
 def test_dot_size_draws_discs():

@@ -3,8 +3,8 @@
 Whole slides hold hundreds of millions of molecules, so nothing here holds the slide in memory: the points are
 read one partition at a time, filtered (controls, low quality, non-finite coordinates), mapped to pixels of the
 output grid and bucketed by output chunk in compact form (``int32`` pixel offset within the chunk plus
-``int32`` gene code). Buckets are kept in memory up to ``memory_limit`` bytes and spilled to ``.npy`` files in a
-temporary folder beyond that, which are read back per chunk through memory maps. Each chunk of the output image
+``int32`` gene code). Buckets are kept in memory up to ``memory_limit`` bytes and spilled to files in a
+temporary folder beyond that, which are read back per chunk with positional reads. Each chunk of the output image
 then touches only its own molecules.
 """
 
@@ -346,9 +346,21 @@ def points_extent(source: MoleculeSource) -> tuple[float, float, float, float] |
 
 @dataclass
 class _Part:
+    """The bucketed molecules of one partition, in memory or spilled to a file."""
+
     starts: np.ndarray  # int64, n_blocks + 1: molecules of block b are [starts[b], starts[b+1])
-    offsets: np.ndarray  # int32 pixel offset within the block: row_in_block * chunk + col_in_block
-    codes: np.ndarray  # int32 gene codes
+    offsets: np.ndarray | None  # int32 pixel offset within the block: row_in_block * chunk + col_in_block
+    codes: np.ndarray | None  # int32 priority << 16 | gene code
+    fd: int | None = None  # spilled: offsets then codes, raw int32, read back with pread
+
+    def slice(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.fd is None:
+            return self.offsets[s:e], self.codes[s:e]
+        # positional reads: thread-safe, and nothing stays mapped, so resident memory does not grow
+        n = int(self.starts[-1])
+        offsets = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * s), dtype=np.int32)
+        codes = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * (n + s)), dtype=np.int32)
+        return offsets, codes
 
 
 @dataclass
@@ -388,7 +400,7 @@ class BinnedMolecules:
         for part in self.parts:
             s, e = int(part.starts[b]), int(part.starts[b + 1])
             if e > s:
-                yield part.offsets[s:e], part.codes[s:e]
+                yield part.slice(s, e)
 
     def block(self, bi: int, bj: int) -> tuple[np.ndarray, np.ndarray]:
         """``(offsets, gene codes)`` of the molecules in block ``(bi, bj)``, concatenated."""
@@ -418,7 +430,7 @@ def bin_molecules(
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
-    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to ``.npy`` files in a temporary
+    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to files in a temporary
     folder (under ``spill_dir``, default the system's) that is removed when the returned object is
     garbage-collected.
     """
@@ -468,11 +480,11 @@ def bin_molecules(
         if len(offsets) == 0:
             continue
         part = _Part(starts, offsets, codes)
-        nbytes = part.offsets.nbytes + part.codes.nbytes
+        nbytes = offsets.nbytes + codes.nbytes
         if in_memory + nbytes > memory_limit:
             if binned.spill_dir is None:
                 binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
-                weakref.finalize(binned, shutil.rmtree, binned.spill_dir, True)
+                weakref.finalize(binned, _close, binned.parts, binned.spill_dir)
             part = _spill(part, binned.spill_dir, len(binned.parts))
         else:
             in_memory += nbytes
@@ -484,9 +496,16 @@ def bin_molecules(
 
 
 def _spill(part: _Part, folder: str, index: int) -> _Part:
-    paths = []
-    for name in ("offsets", "codes"):
-        path = os.path.join(folder, f"part{index:06d}_{name}.npy")
-        np.save(path, getattr(part, name))
-        paths.append(path)
-    return _Part(part.starts, np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r"))
+    path = os.path.join(folder, f"part{index:06d}.bin")
+    with open(path, "wb") as f:
+        f.write(np.ascontiguousarray(part.offsets, dtype=np.int32).tobytes())
+        f.write(np.ascontiguousarray(part.codes, dtype=np.int32).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    return _Part(part.starts, None, None, fd)
+
+
+def _close(parts: list[_Part], folder: str) -> None:
+    for part in parts:
+        if part.fd is not None:
+            os.close(part.fd)
+    shutil.rmtree(folder, ignore_errors=True)

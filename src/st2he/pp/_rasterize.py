@@ -148,21 +148,39 @@ def _auto_nuclei(sdata) -> tuple[str, str] | None:
 
 
 def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """Percentiles of the stain computed once on a coarse level (at most ~2 M pixels), the same for every chunk."""
+    """Percentiles of the stain, computed once for the whole image (so every chunk and region agrees).
+
+    From the finest pyramid level of at most ~2 M pixels; without one, from a strided sample of at most 8 x 8
+    of the image's chunks spread over it, so a whole slide is never read for this.
+    """
+    import dask.array as da
+
     levels = _levels(element)
     target = 2_000_000
     level = next((lv for lv in levels if lv.sizes["y"] * lv.sizes["x"] <= target), levels[-1])
     arr = level.data
     if "c" in level.dims:
         arr = arr[channel]
-    step = max(1, int(math.ceil(math.sqrt(level.sizes["y"] * level.sizes["x"] / target))))
-    sample = np.asarray(arr[::step, ::step]).astype(np.float64).ravel()
+    if not isinstance(arr, da.Array):
+        arr = da.from_array(np.asarray(arr), chunks=1024)
+    if arr.size > target:
+        picks = [np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int)) for n in arr.numblocks]
+        blocks = [arr.blocks[int(i), int(j)] for i in picks[0] for j in picks[1]]
+        per_block = max(1, target // len(blocks))
+        parts = []
+        for b in blocks:
+            step = max(1, int(math.ceil(math.sqrt(b.size / per_block))))
+            parts.append(b[::step, ::step].ravel())
+        sample = da.concatenate(parts)
+    else:
+        sample = arr.ravel()
+    sample = np.asarray(sample.compute(), dtype=np.float64)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, percentiles)
     if not hi > lo:
-        hi = lo + (1.0 if sample.dtype.kind == "f" and sample.max() <= 1 else max(1.0, abs(lo) * 1e-3))
+        hi = lo + (1.0 if sample.max() <= 1 else max(1.0, abs(lo) * 1e-3))
     return float(lo), float(hi)
 
 
