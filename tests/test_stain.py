@@ -105,3 +105,21 @@ def test_bad_input(sample):
         stain_he(sample, eosin=-1)
     with pytest.raises(ValueError, match="density_scale"):
         stain_he(sample, density_scale=0.0)
+    with pytest.raises(ValueError, match="stain_floor"):
+        stain_he(sample, stain_floor=1.0)
+
+
+def test_real_xenium_crop(shared_data):
+    """The baseline on a real Xenium crop: nuclei (bright DAPI) dark, empty glass white."""
+    sdata = st2he.io.read_xenium(shared_data / "xenium_cellline_crop")
+    st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0)
+    rgb = stain_he(sdata).compute().astype(float)
+    grid = Grid.from_element(sdata.images["st2he_input"])
+    assert rgb.shape == (3, *grid.shape)
+    nuclei = sdata["nucleus_boundaries"].geometry.centroid
+    rows, cols = grid.to_pixel(nuclei.x.to_numpy(), nuclei.y.to_numpy())
+    ok = (rows >= 0) & (rows < grid.height) & (cols >= 0) & (cols < grid.width)
+    at_nuclei = rgb[:, rows[ok], cols[ok]].mean(axis=0)
+    brightness = rgb.mean(axis=0)
+    assert np.median(at_nuclei) < np.percentile(brightness, 25)
+    assert np.percentile(brightness, 95) > 235

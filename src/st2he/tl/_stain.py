@@ -29,10 +29,11 @@ def stain_he(
     *,
     input_key: str = "st2he_input",
     chunk: int = 1024,
-    haematoxylin: float = 1.6,
-    eosin: float = 0.75,
+    haematoxylin: float = 2.0,
+    eosin: float = 0.8,
     sigma_um: float = 1.5,
     density_scale: float | None = None,
+    stain_floor: float = 0.05,
 ):
     """Render a virtual H&E from the nuclear stain and the molecule density with the Beer-Lambert stain model.
 
@@ -40,8 +41,9 @@ def stain_he(
     picture (the parameters :func:`st2he.pp.rasterize_transcripts` recorded for it: ``points_key``, ``stain_key``,
     ``min_qv``, ``drop_controls``):
 
-    - haematoxylin concentration ``haematoxylin * s`` from the nuclear stain ``s`` in [0, 1] (robustly
-      normalised; nuclei drawn from boundaries when there is no stain image);
+    - haematoxylin concentration ``haematoxylin * (s - stain_floor) / (1 - stain_floor)`` (0 below the floor)
+      from the nuclear stain ``s`` in [0, 1] (robustly normalised; nuclei drawn from boundaries when there is no
+      stain image): the floor keeps the dim background of a fluorescence image out of the haematoxylin;
     - eosin concentration ``eosin * (1 - exp(-rho / density_scale))`` from the molecule density ``rho``
       (molecules per µm², smoothed by a Gaussian of ``sigma_um``): the cytoplasm;
     - RGB ``= 255 exp(-OD)`` with ``OD = c_H v_H + c_E v_E`` (Ruifrok-Johnston stain vectors). Where there is
@@ -66,6 +68,8 @@ def stain_he(
     density_scale
         Molecule density (per µm²) at which eosin reaches 63% of ``eosin``. Default: estimated from the data, the
         median density over the 4 µm squares that hold molecules.
+    stain_floor
+        Normalised nuclear stain below which there is no haematoxylin (background glow, autofluorescence).
 
     Returns
     -------
@@ -84,6 +88,9 @@ def stain_he(
         if not (np.isfinite(value) and value >= 0):
             msg = f"{name} must be a non-negative number, got {value!r}."
             raise ValueError(msg)
+    if not (0 <= stain_floor < 1):
+        msg = f"stain_floor must be in [0, 1), got {stain_floor!r}."
+        raise ValueError(msg)
     params = get_params(sdata, input_key)
     stain_key = params.get("stain_key", "auto") if params else "auto"
     points_key = params.get("points_key", "transcripts") if params else "transcripts"
@@ -122,6 +129,7 @@ def stain_he(
         stain,
         density,
         h_max=float(haematoxylin),
+        floor=float(stain_floor),
         e_max=float(eosin),
         scale=float(density_scale),
         new_axis=0,
@@ -137,8 +145,10 @@ def _smooth(block: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(block.astype(np.float32), sigma, mode="constant", cval=0.0)
 
 
-def _render_block(stain: np.ndarray, density: np.ndarray, *, h_max: float, e_max: float, scale: float) -> np.ndarray:
-    h = np.float32(h_max) * np.clip(stain, 0.0, 1.0)
+def _render_block(
+    stain: np.ndarray, density: np.ndarray, *, h_max: float, floor: float, e_max: float, scale: float
+) -> np.ndarray:
+    h = np.float32(h_max) * np.clip((stain - np.float32(floor)) / np.float32(1 - floor), 0.0, 1.0)
     e = np.float32(e_max) * (1.0 - np.exp(-np.clip(density, 0.0, None) / np.float32(scale)))
     return od_to_rgb(concentrations_to_od(np.stack([h, e]).astype(np.float32)))
 
