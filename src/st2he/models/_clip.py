@@ -136,7 +136,7 @@ class ClipModel:
         """Image embeddings ``(n, d)`` (float32, on the CPU) of a batch of RGB tiles; see :meth:`preprocess`."""
         import torch
 
-        x = self.preprocess(images).to(self.device)
+        x = self.preprocess(images).to(self.device, dtype=_dtype_of(self.model))
         with torch.inference_mode():
             features = self._encode_image(x).float()
         if normalize:
@@ -426,7 +426,7 @@ def _load_conch(ckpt: Path, *, device, mpp, image_size) -> ClipModel:
         return clip.encode_image(x, proj_contrast=True, normalize=False)
 
     def encode_text(texts):
-        return clip.encode_text(tokenize(texts=texts, tokenizer=tok).to(device))
+        return clip.encode_text(tokenize(texts=texts, tokenizer=tok).to(_device_of(clip)))
 
     return ClipModel(
         clip,
@@ -549,7 +549,7 @@ def _wrap_loaded(model, *, tokenizer, preprocess, device, mpp, image_size) -> Cl
 
     def encode_text(texts):
         tokens = tokenizer(texts)
-        return model.encode_text(tokens.to(device) if hasattr(tokens, "to") else tokens)
+        return model.encode_text(tokens.to(_device_of(model)) if hasattr(tokens, "to") else tokens)
 
     return ClipModel(
         model,
@@ -581,7 +581,7 @@ def _from_open_clip(clip, tokenizer, *, name, device, mpp, image_size) -> ClipMo
         return clip.encode_image(x)
 
     def encode_text(texts):
-        return clip.encode_text(tokenizer(texts).to(device))
+        return clip.encode_text(tokenizer(texts).to(_device_of(clip)))
 
     return ClipModel(
         clip,
@@ -620,7 +620,7 @@ def _from_transformers(clip, tokenizer, *, name, device, mpp, image_size, mean, 
             max_length=max_len,
             return_tensors="pt",
         )
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        enc = {k: v.to(_device_of(clip)) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         return _features(clip.get_text_features(**enc))
 
     return ClipModel(
@@ -658,6 +658,29 @@ def _open_clip_lacks_text(model) -> bool:
     if hasattr(model, "text"):
         return model.text is None
     return getattr(model, "transformer", None) is None or getattr(model, "token_embedding", None) is None
+
+
+def _device_of(model):
+    """Return the device of a module's first parameter (CPU for parameter-less objects)."""
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _dtype_of(model):
+    """Return the dtype of a module's first floating parameter (float32 otherwise): half models take half input."""
+    import torch
+
+    try:
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    except (AttributeError, TypeError):
+        pass
+    return torch.float32
 
 
 def _logit_scale(model) -> float:
