@@ -17,7 +17,7 @@ def zero_shot(
     class_name: str | None = None,
     image_key: str | None = None,
     cmap: str = "magma",
-    alpha: float = 0.85,
+    alpha: float = 0.7,
     max_pixels: int = 1500,
     scalebar_um: float | None = "auto",
     axes: Sequence | None = None,
