@@ -1147,8 +1147,10 @@ def _render_dapi(rng, chromatin, grid: Grid):
     small = ndimage.gaussian_filter(small, 2.0 / (ps * f))
     haze = _upsample(small, f, (h, w))
     signal = signal + np.float32(0.12) * haze
-    counts = 90.0 + 9000.0 * (signal + 0.012)
-    counts = counts + np.sqrt(counts * 2.0) * rng.standard_normal(counts.shape) + rng.normal(0, 25.0, counts.shape)
+    counts = np.float32(90.0) + np.float32(9000.0) * (signal.astype(np.float32) + np.float32(0.012))
+    # shot noise (variance proportional to the signal) and read noise
+    counts += np.sqrt(counts * np.float32(2.0)) * rng.standard_normal(counts.shape, dtype=np.float32)
+    counts += np.float32(25.0) * rng.standard_normal(counts.shape, dtype=np.float32)
     return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)[None]
 
 
