@@ -116,7 +116,8 @@ SUBTYPE_NAMES = {"gland": "adenocarcinoma", "solid": "squamous cell carcinoma"}
 # a, b: semi-axes of the nucleus (µm); irregular: amplitude of its outline's harmonics; R: largest cell radius;
 # excl: exclusion radius when placing cells; chromatin: DAPI brightness; texture: chromatin contrast; rim:
 # chromatin at the nuclear envelope (vesicular nuclei); h_nuc: haematoxylin per unit chromatin; e/h/hb: eosin,
-# haematoxylin and haemoglobin in the cytoplasm.
+# haematoxylin and haemoglobin in the cytoplasm; nuclear_share: molecules in the nucleus relative to its share
+# of the cell's area.
 # --------------------------------------------------------------------------------------------------------------
 
 _TYPES: dict[str, dict[str, float]] = {
@@ -133,6 +134,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.32,
         "h": 0.20,
         "hb": 0.0,
+        "nuclear_share": 0.85,
     },
     "tumour_solid": {
         "a": 4.6,
@@ -147,6 +149,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.72,
         "h": 0.05,
         "hb": 0.0,
+        "nuclear_share": 0.9,
     },
     "fibroblast": {
         "a": 5.2,
@@ -161,6 +164,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.45,
         "h": 0.04,
         "hb": 0.0,
+        "nuclear_share": 1.0,
     },
     "lymphocyte": {
         "a": 2.6,
@@ -175,6 +179,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.15,
         "h": 0.18,
         "hb": 0.0,
+        "nuclear_share": 1.15,
     },
     "macrophage": {
         "a": 3.6,
@@ -189,6 +194,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.38,
         "h": 0.08,
         "hb": 0.0,
+        "nuclear_share": 0.8,
     },
     "endothelial": {
         "a": 4.5,
@@ -203,6 +209,7 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.35,
         "h": 0.04,
         "hb": 0.0,
+        "nuclear_share": 1.0,
     },
     "erythrocyte": {
         "a": 0.0,
@@ -217,11 +224,12 @@ _TYPES: dict[str, dict[str, float]] = {
         "e": 0.45,
         "h": 0.0,
         "hb": 1.15,
+        "nuclear_share": 0.0,
     },
 }
 #: Cytoplasm of cell states replaces that of the type.
 _STATES: dict[str, dict[str, float]] = {
-    "mucinous": {"e": 0.10, "h": 0.30, "hb": 0.0},
+    "mucinous": {"e": 0.10, "h": 0.30, "hb": 0.0, "nuclear_share": 0.75},
     "keratinizing": {"e": 1.10, "h": 0.0, "hb": 0.12, "a": 3.2, "b": 1.2, "chromatin": 1.0, "texture": 0.1, "rim": 0.0},
 }
 _STATE_NAMES = ("none", "mucinous", "keratinizing", "proliferating")
@@ -952,6 +960,8 @@ def _expression_means(cells):
 
 def _transcripts(rng, layout, areas, nuclei, density):
     """Molecules of every cell, a few unassigned ones and control probes; the cells x genes count matrix."""
+    import shapely
+
     cells = layout["cells"]
     n_cells = len(cells["x"])
     n_genes = len(GENES)
@@ -962,10 +972,13 @@ def _transcripts(rng, layout, areas, nuclei, density):
 
     owner = np.repeat(np.arange(n_cells), counts.sum(axis=1))
     gene = np.concatenate([np.repeat(np.arange(n_genes), row) for row in counts]) if n_cells else np.zeros(0, int)
-    # the nucleus holds a share of a cell's molecules in proportion to its area (more for MALAT1, NEAT1)
+    # the nucleus holds a share of a cell's molecules in proportion to its area, somewhat more in cells with
+    # scant cytoplasm, less in secretory and phagocytic cells (and more for MALAT1, NEAT1)
     nuc_area = np.zeros(n_cells)
-    nuc_area[nuclei["index"]] = np.asarray([p.area for p in nuclei["polygons"]])
-    p_nuc = np.clip(nuc_area / np.maximum(areas, 1e-6), 0, 0.95)
+    nuc_area[nuclei["index"]] = shapely.area(nuclei["polygons"])
+    p_nuc = np.clip(
+        nuc_area / np.maximum(areas, 1e-6) * _type_value(cells["ctype"], cells["state"], "nuclear_share"), 0, 0.95
+    )
     factor = np.ones(n_genes)
     for g in NUCLEAR_GENES:
         factor[GENES.index(g)] = 3.0
