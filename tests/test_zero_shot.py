@@ -369,6 +369,23 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     plt.close("all")
 
 
+def test_read_he_image_places_tiles_and_slides_in_micrometres(shared_data):
+    from PIL import Image
+
+    png = next((shared_data / "he_kather_crc_32").glob("TUM-*.png"))
+    with pytest.raises(ValueError, match="pixel_size"):
+        st2he.io.read_he_image(png)  # a PNG does not say how big its pixels are
+    sdata = st2he.io.read_he_image(png, pixel_size=0.5, origin=(10.0, 20.0), key="tile")
+    assert Grid.from_element(sdata.images["tile"]) == Grid(10.0, 20.0, 0.5, 224, 224)
+    np.testing.assert_array_equal(
+        np.moveaxis(np.asarray(zs._levels(sdata.images["tile"])[0]), 0, -1), np.asarray(Image.open(png).convert("RGB"))
+    )
+    with pytest.raises(KeyError, match="already exists"):
+        st2he.io.read_he_image(png, pixel_size=0.5, key="tile", sdata=sdata)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        st2he.io.read_he_image(shared_data / "missing.svs")
+
+
 def test_real_slide_through_the_tile_pipeline(shared_data, tiny_clip):
     sdata = st2he.io.read_he_image(shared_data / "he_cmu1_small_region.svs")
     grid = Grid.from_element(sdata.images["he_image"])
