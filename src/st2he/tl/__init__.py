@@ -2,5 +2,6 @@
 
 from ._evaluate import evaluate_he
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
+from ._train import train_generator
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot

@@ -19,7 +19,7 @@ def virtual_he(
     input_key: str = "st2he_input",
     model: Any = None,
     tissue: str | None = None,
-    tile_size: int = 512,
+    tile_size: int | None = None,
     overlap: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
@@ -30,6 +30,7 @@ def virtual_he(
     key_added: str = "virtual_he",
     overwrite: bool = False,
     progress: bool = True,
+    lazy: bool = False,
 ):
     """Generate a virtual H&E image from the ST2HE input picture and store it in ``sdata``.
 
@@ -50,7 +51,8 @@ def virtual_he(
         Tissue name for the conditional prompt ``"This is a {tissue} H&E image"``; ``None`` keeps the model's own
         prompt.
     tile_size
-        Edge of the square tiles (pixels of ``input_key``) the model sees; a multiple of 8.
+        Edge of the square tiles (pixels of ``input_key``) the model sees; a multiple of 8. Default: the tile size
+        the model was trained on (256 for the shipped model, 512 for SD-Turbo checkpoints).
     overlap
         Pixels shared by neighbouring tiles, blended with a smooth window. Default: a quarter of ``tile_size``.
     batch_size
@@ -61,17 +63,24 @@ def virtual_he(
         Number of stochastic samples (pix2pix-turbo's noise map blended by ``r``). With ``n_samples > 1`` the mean
         is written to ``key_added`` and the per-pixel spread to ``{key_added}_uncertainty``.
     r
-        Stochasticity in ``[0, 1]``; ``None``: 0 (deterministic) for one sample, 0.5 for several.
+        pix2pix-turbo's blend of input latent and noise in ``[0, 1]``: 1 is deterministic, lower values give more
+        varied samples. ``None``: 1 for one sample, 0.5 (or the model's recorded value) for several.
     seed
         Seed of the noise maps; the same seed gives the same image.
     chunk
-        Edge of the blocks computed at a time (pixels); peak memory depends on it, not on the slide size.
+        Edge of the blocks computed at a time (pixels); peak memory depends on it, not on the slide size. For
+        ``method="diffusion"`` the default is a multiple of the tile stride near 1024 (CPU) or 2048 (GPU) pixels.
     key_added
         Name of the new image element.
     overwrite
         Replace an existing element named ``key_added``.
     progress
         Show a progress bar.
+    lazy
+        ``method="diffusion"``: ``False`` (default) runs the model now, block by block, and stores the result
+        (in memory, or in a temporary zarr store for outputs over 1 GB); ``True`` returns a dask-backed element
+        that runs the model whenever it is computed (for out-of-core or distributed use; every computation, e.g.
+        each pyramid level written, runs the model again).
 
     Returns
     -------
@@ -111,4 +120,5 @@ def virtual_he(
         key_added=key_added,
         overwrite=overwrite,
         progress=progress,
+        lazy=lazy,
     )

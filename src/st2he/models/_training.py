@@ -1,0 +1,458 @@
+"""The training loop of the generator, on tensors of paired images; no spatialdata here.
+
+:func:`train` takes pairs of aligned images (input picture, real H&E), draws random crops with random flips and
+rotations (tissue has no "up"), and optimises L2 + a perceptual term (LPIPS when its weights are local, else SSIM)
++ an adversarial term from a conditional PatchGAN critic, with AdamW, mixed precision on GPU and gradient
+accumulation. It validates (L2, PSNR, SSIM) every ``val_every`` steps, checkpoints every ``ckpt_every`` steps, and
+``resume=`` continues a run to the same result as an uninterrupted one: every random draw comes from one seeded
+generator whose state is checkpointed with the weights and optimiser states.
+
+:func:`st2he.tl.train_generator` prepares the pairs from SpatialData objects and calls this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, load_lpips, psnr, ssim
+from ._pix2pix import Pix2PixTurbo
+
+logger = logging.getLogger("st2he")
+
+STATE_NAME = "training_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train` (all JSON-serialisable; stored with every checkpoint)."""
+
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    crop_size: int = 256
+    lr: float | None = None  # None: 2e-4 when every weight trains ("full"), 1e-4 for LoRA
+    lr_disc: float = 2e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine"
+    l2_weight: float = 1.0
+    perceptual: str | None = "auto"  # "lpips", "ssim", "auto" (LPIPS if local, else SSIM) or None
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.05
+    gan_start: int = 0
+    stochastic_prob: float = 0.0
+    r_range: tuple[float, float] = (0.3, 1.0)
+    augment: bool = True
+    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on GPU), "bf16", "fp16", "no"
+    channels_last: bool | str = "auto"
+    train_mode: str | None = None  # None: the model's ("full" for tiny/small, "lora" for SD-Turbo)
+    max_grad_norm: float | None = 1.0
+    val_every: int = 100
+    ckpt_every: int = 500
+    log_every: int = 10
+    val_batch_size: int = 8
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["r_range"] = list(self.r_range)
+        return out
+
+
+class PairSampler:
+    """Random aligned crops of image pairs, with the 8 flips / right-angle rotations, from one torch generator."""
+
+    def __init__(self, inputs: Sequence, targets: Sequence, crop: int) -> None:
+        if len(inputs) != len(targets) or not len(inputs):
+            msg = f"Need as many target as input images (and at least one), got {len(inputs)} and {len(targets)}."
+            raise ValueError(msg)
+        self.inputs = [_as_uint8_tensor(x, "input") for x in inputs]
+        self.targets = [_as_uint8_tensor(y, "target") for y in targets]
+        for i, (x, y) in enumerate(zip(self.inputs, self.targets, strict=True)):
+            if x.shape[1:] != y.shape[1:]:
+                msg = f"Pair {i}: input {tuple(x.shape)} and target {tuple(y.shape)} are not the same size."
+                raise ValueError(msg)
+            if min(x.shape[1:]) < crop:
+                msg = f"Pair {i} ({tuple(x.shape[1:])} pixels) is smaller than the crop size {crop}."
+                raise ValueError(msg)
+        self.crop = crop
+        # each image is drawn in proportion to the number of crop positions it offers
+        self.weights = torch.tensor(
+            [float((x.shape[1] - crop + 1) * (x.shape[2] - crop + 1)) for x in self.inputs], dtype=torch.float64
+        )
+
+    def sample(self, n: int, generator: torch.Generator, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.multinomial(self.weights, n, replacement=True, generator=generator).tolist()
+        xs, ys = [], []
+        for i in idx:
+            x, y = self.inputs[i], self.targets[i]
+            r0 = int(torch.randint(0, x.shape[1] - self.crop + 1, (1,), generator=generator))
+            c0 = int(torch.randint(0, x.shape[2] - self.crop + 1, (1,), generator=generator))
+            k = int(torch.randint(0, 8, (1,), generator=generator))
+            xc = x[:, r0 : r0 + self.crop, c0 : c0 + self.crop]
+            yc = y[:, r0 : r0 + self.crop, c0 : c0 + self.crop]
+            if augment:
+                xc, yc = _dihedral(xc, k), _dihedral(yc, k)
+            xs.append(xc)
+            ys.append(yc)
+        return _to_unit(torch.stack(xs)), _to_unit(torch.stack(ys))
+
+
+def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= 4:
+        t = t.flip(-1)
+    return torch.rot90(t, k % 4, dims=(-2, -1))
+
+
+def _as_uint8_tensor(x, what: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x))
+    if t.ndim != 3 or t.shape[0] != 3:
+        msg = f"Each {what} image must be (3, H, W) RGB, got shape {tuple(t.shape)}."
+        raise ValueError(msg)
+    if t.dtype != torch.uint8:
+        msg = f"Each {what} image must be uint8, got {t.dtype}."
+        raise TypeError(msg)
+    return t.contiguous()
+
+
+def _to_unit(t: torch.Tensor) -> torch.Tensor:
+    return t.float() / 127.5 - 1.0
+
+
+def _amp_dtype(setting: str, device: torch.device):
+    if setting == "no" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "bf16" or (setting == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _lr_at(step: int, cfg: TrainConfig, base: float) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return base
+
+
+@torch.no_grad()
+def evaluate(
+    model: Pix2PixTurbo,
+    inputs: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 8,
+    prompt_embeds: torch.Tensor | None = None,
+    amp_dtype=None,
+) -> dict[str, float]:
+    """L2 (on ``[-1, 1]``), PSNR and SSIM (on ``[0, 1]``) of the model (deterministic mode) on uint8 tile pairs."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    x_all = torch.as_tensor(np.asarray(inputs))
+    y_all = torch.as_tensor(np.asarray(targets))
+    l2, ps, ss = [], [], []
+    for s in range(0, len(x_all), batch_size):
+        x = _to_unit(x_all[s : s + batch_size]).to(device)
+        y = _to_unit(y_all[s : s + batch_size]).to(device)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else _null()
+        with ctx:
+            pred = model(x, prompt_embeds=prompt_embeds)
+        # metrics on the uint8 image, as the user will see it
+        pred = ((pred.float() + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+        l2 += ((pred - y) ** 2).mean(dim=(1, 2, 3)).tolist()
+        ps += psnr(pred, y, data_range=2.0).tolist()
+        ss += ssim(pred, y, data_range=2.0, reduction="none").tolist()
+    if was_training:
+        model.train()
+    return {"val_l2": float(np.mean(l2)), "val_psnr": float(np.mean(ps)), "val_ssim": float(np.mean(ss))}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in output_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _resolve_resume(resume, output_dir: Path | None) -> Path | None:
+    if resume in (None, False):
+        return None
+    if resume in (True, "latest"):
+        if output_dir is None:
+            msg = "resume='latest' needs output_dir."
+            raise ValueError(msg)
+        found = _checkpoints(output_dir)
+        if not found:
+            msg = f"No checkpoint to resume from in {output_dir} (folders checkpoint-<step> with {STATE_NAME})."
+            raise FileNotFoundError(msg)
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        msg = f"{path} is not a training checkpoint (no {STATE_NAME} in it)."
+        raise FileNotFoundError(msg)
+    return path
+
+
+def save_checkpoint(folder: Path, model: Pix2PixTurbo, state: dict[str, Any]) -> Path:
+    """Write the model (st2he format, full precision) and the training state (optimisers, RNG, history)."""
+    from ._io import save_pretrained
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, folder)
+    torch.save(state, folder / STATE_NAME)
+    return folder
+
+
+def _load_checkpoint_weights(model: Pix2PixTurbo, folder: Path) -> None:
+    from ._io import _apply_delta, _read_st2he
+
+    config, tensors = _read_st2he(folder)
+    if config.get("weights") == "full":
+        sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(sd, strict=True)
+    else:
+        _apply_delta(model, folder, config, tensors)
+
+
+def train(
+    model: Pix2PixTurbo,
+    train_inputs: Sequence,
+    train_targets: Sequence,
+    val_inputs: np.ndarray | None = None,
+    val_targets: np.ndarray | None = None,
+    *,
+    config: TrainConfig | dict | None = None,
+    output_dir: str | Path | None = None,
+    resume: str | Path | bool | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    prompt: str | None = None,
+) -> tuple[Pix2PixTurbo, list[dict[str, Any]]]:
+    """Train ``model`` on image pairs; return it (in eval mode) and the history.
+
+    Parameters
+    ----------
+    model
+        The generator; trained in place.
+    train_inputs, train_targets
+        Aligned uint8 ``(3, H, W)`` images (any sizes of at least ``crop_size``), input picture and real H&E.
+    val_inputs, val_targets
+        Validation tiles ``(n, 3, S, S)`` uint8 (held out by region or by sample); ``None``: no validation.
+    config
+        A :class:`TrainConfig` or a dict of its fields.
+    output_dir
+        Where checkpoints (``checkpoint-<step>/``) and the final model (``final/``) are written.
+    resume
+        A ``checkpoint-<step>`` folder, or ``"latest"`` / ``True`` for the newest in ``output_dir``. The run continues
+        where that one stopped, with the same random draws, so the result equals an uninterrupted run.
+    device
+        ``"auto"``: CUDA when available, else CPU.
+    prompt
+        Prompt to train with (default: the model's).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 0:
+        msg = "steps must be >= 0, and batch_size and grad_accum >= 1."
+        raise ValueError(msg)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    output_dir = Path(output_dir) if output_dir is not None else None
+    resume_from = _resolve_resume(resume, output_dir)
+    mode = cfg.train_mode or model.config.get("train_mode", "lora")
+    f = model.downscale
+    if cfg.crop_size % f:
+        msg = f"crop_size must be a multiple of {f}, got {cfg.crop_size}."
+        raise ValueError(msg)
+    sampler = PairSampler(train_inputs, train_targets, cfg.crop_size)
+
+    # the seed fixes the critic's initialisation and every random draw of the run
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    model.set_train(mode)
+    amp_dtype = _amp_dtype(cfg.mixed_precision, device)
+    use_cl = (device.type in ("cuda", "cpu")) if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    if use_cl:
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    params = model.trainable_parameters()
+    base_lr = cfg.lr if cfg.lr is not None else (2e-4 if mode == "full" else 1e-4)
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    disc = opt_d = None
+    if cfg.gan_weight > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            disc = PatchDiscriminator().to(device)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.999), weight_decay=0.0)
+    perceptual = cfg.perceptual
+    lpips_net = None
+    if perceptual in ("auto", "lpips"):
+        lpips_net = load_lpips()
+        if lpips_net is None and perceptual == "lpips":
+            msg = "perceptual='lpips' needs the lpips package and its backbone weights on this machine."
+            raise RuntimeError(msg)
+        perceptual = "lpips" if lpips_net is not None else "ssim"
+        if lpips_net is not None:
+            lpips_net.to(device)
+    emb = model.encode_prompt(prompt).detach()
+    history: list[dict[str, Any]] = []
+    step = 0
+    if resume_from is not None:
+        _load_checkpoint_weights(model, resume_from)
+        model.set_train(mode)
+        state = torch.load(resume_from / STATE_NAME, map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        if disc is not None and state.get("disc") is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["disc_optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["rng"])
+        step = int(state["step"])
+        history = json.loads(state["history"])
+        logger.info("Resuming training from %s at step %d.", resume_from, step)
+
+    from tqdm.auto import tqdm
+
+    def val_record(at_step: int) -> dict[str, Any]:
+        rec = {"step": at_step}
+        rec.update(
+            evaluate(
+                model, val_inputs, val_targets, batch_size=cfg.val_batch_size, prompt_embeds=emb, amp_dtype=amp_dtype
+            )
+        )
+        return rec
+
+    has_val = val_inputs is not None and len(val_inputs) > 0
+    if has_val and step == 0 and cfg.val_every > 0:
+        history.append(val_record(0))
+    bar = tqdm(total=cfg.steps, initial=step, desc="train generator", unit="step", disable=not progress)
+    running: dict[str, list[float]] = {}
+    try:
+        while step < cfg.steps:
+            lr = _lr_at(step, cfg, base_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            gan_on = disc is not None and step >= cfg.gan_start
+            parts: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                x, y = sampler.sample(cfg.batch_size, gen, augment=cfg.augment)
+                stochastic = cfg.stochastic_prob > 0 and float(torch.rand((), generator=gen)) < cfg.stochastic_prob
+                r = None
+                noise = None
+                if stochastic:
+                    lo, hi = cfg.r_range
+                    r = float(lo + (hi - lo) * float(torch.rand((), generator=gen)))
+                    noise = torch.randn(model.latent_shape(cfg.crop_size, cfg.crop_size, cfg.batch_size), generator=gen)
+                post_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+                post_gen = torch.Generator(device=device).manual_seed(post_seed)
+                x, y = x.to(device), y.to(device)
+                if use_cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else _null()
+                with ctx:
+                    pred = model(
+                        x, prompt_embeds=emb, r=r, noise=noise, generator=post_gen, sample_posterior=True
+                    ).float()
+                    loss_l2 = F.mse_loss(pred, y)
+                    loss = cfg.l2_weight * loss_l2
+                    parts["l2"] = parts.get("l2", 0.0) + float(loss_l2.detach()) / cfg.grad_accum
+                    if perceptual and cfg.perceptual_weight > 0:
+                        if perceptual == "lpips":
+                            loss_p = lpips_net(pred, y).mean()
+                        else:
+                            loss_p = 1 - ssim(pred, y, data_range=2.0)
+                        loss = loss + cfg.perceptual_weight * loss_p
+                        parts[perceptual] = parts.get(perceptual, 0.0) + float(loss_p.detach()) / cfg.grad_accum
+                    if gan_on:
+                        loss_g = hinge_g_loss(disc(x, pred))
+                        loss = loss + cfg.gan_weight * loss_g
+                        parts["gan"] = parts.get("gan", 0.0) + float(loss_g.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+                parts["loss"] = parts.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+                if gan_on:
+                    with ctx:
+                        d_loss = hinge_d_loss(disc(x, y), disc(x, pred.detach()))
+                    (d_loss / cfg.grad_accum).backward()
+                    parts["critic"] = parts.get("critic", 0.0) + float(d_loss.detach()) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            if gan_on:
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in parts.items():
+                running.setdefault(k, []).append(v)
+            bar.update(1)
+            if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                rec = {"step": step, "lr": lr, **{k: float(np.mean(v)) for k, v in running.items()}}
+                history.append(rec)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k not in ("step", "lr")})
+                running = {}
+            if has_val and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.steps):
+                rec = val_record(step)
+                history.append(rec)
+                bar.set_postfix(
+                    {"val_psnr": f"{rec['val_psnr']:.2f}", "val_ssim": f"{rec['val_ssim']:.3f}"}, refresh=True
+                )
+            if output_dir is not None and cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                _save_state(output_dir / f"checkpoint-{step}", model, step, opt, disc, opt_d, scaler, gen, history, cfg)
+    finally:
+        bar.close()
+    model.metadata.setdefault("training", {})
+    model.metadata["training"] = {
+        "config": cfg.to_dict(),
+        "steps": step,
+        "perceptual": perceptual,
+        "history": history,
+    }
+    if output_dir is not None:
+        _save_state(output_dir / f"checkpoint-{step}", model, step, opt, disc, opt_d, scaler, gen, history, cfg)
+    if use_cl:
+        model.unet.to(memory_format=torch.contiguous_format)
+        model.vae.to(memory_format=torch.contiguous_format)
+    model.set_eval()
+    return model, history
+
+
+def _save_state(folder, model, step, opt, disc, opt_d, scaler, gen, history, cfg) -> None:
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "disc": disc.state_dict() if disc is not None else None,
+        "disc_optimizer": opt_d.state_dict() if opt_d is not None else None,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "rng": gen.get_state(),
+        "history": json.dumps(history),
+        "config": json.dumps(cfg.to_dict()),
+    }
+    save_checkpoint(folder, model, state)

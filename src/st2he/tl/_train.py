@@ -1,0 +1,318 @@
+"""``st2he.tl.train_generator``: train or fine-tune the pix2pix-turbo generator on paired SpatialData objects."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from st2he._elements import get_image, get_params
+from st2he._grid import Grid
+
+logger = logging.getLogger("st2he")
+
+
+def resample_to_grid(data, src: Grid, dst: Grid, *, order: int = 1) -> np.ndarray:
+    """Read image ``data`` (``(c, h, w)`` on grid ``src``) on grid ``dst``: ``(c, dst.height, dst.width)``.
+
+    Same pixel size and a whole-pixel offset: a plain copy (zero outside ``src``). Otherwise bilinear
+    (``order=1``) interpolation at the centres of ``dst``'s pixels, reading only the part of ``data`` it needs.
+    """
+    from scipy import ndimage
+
+    arr = data.data if hasattr(data, "dims") else data
+    c = arr.shape[0]
+    out = np.zeros((c, dst.height, dst.width), dtype=arr.dtype)
+    same_px = math.isclose(src.pixel_size, dst.pixel_size, rel_tol=1e-9)
+    dr = (dst.y0 - src.y0) / src.pixel_size
+    dc = (dst.x0 - src.x0) / src.pixel_size
+    if same_px and abs(dr - round(dr)) < 1e-6 and abs(dc - round(dc)) < 1e-6:
+        dr, dc = round(dr), round(dc)
+        a0, a1 = max(dr, 0), min(dr + dst.height, src.height)
+        b0, b1 = max(dc, 0), min(dc + dst.width, src.width)
+        if a1 > a0 and b1 > b0:
+            block = arr[:, a0:a1, b0:b1]
+            block = block.compute() if hasattr(block, "compute") else block
+            out[:, a0 - dr : a1 - dr, b0 - dc : b1 - dc] = np.asarray(block)
+        return out
+    ys, xs = dst.pixel_centers()
+    rows = (ys - src.y0) / src.pixel_size - 0.5
+    cols = (xs - src.x0) / src.pixel_size - 0.5
+    r0, r1 = max(int(np.floor(rows.min())) - 1, 0), min(int(np.ceil(rows.max())) + 2, src.height)
+    c0, c1 = max(int(np.floor(cols.min())) - 1, 0), min(int(np.ceil(cols.max())) + 2, src.width)
+    if r1 <= r0 or c1 <= c0:
+        return out
+    block = arr[:, r0:r1, c0:c1]
+    block = np.asarray(block.compute() if hasattr(block, "compute") else block, dtype=np.float32)
+    rr, cc = np.meshgrid(rows - r0, cols - c0, indexing="ij")
+    inside = (rows[:, None] >= -0.5) & (rows[:, None] <= src.height - 0.5) & (cols[None] >= -0.5)
+    inside &= cols[None] <= src.width - 0.5
+    for k in range(c):
+        vals = ndimage.map_coordinates(block[k], [rr, cc], order=order, mode="nearest")
+        if np.issubdtype(out.dtype, np.integer):
+            vals = np.clip(np.rint(vals), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
+        out[k] = np.where(inside, vals, 0).astype(out.dtype)
+    return out
+
+
+def aligned_pair(sdata, *, input_key: str = "st2he_input", target_key: str = "he_image"):
+    """Return the input picture and the real H&E of ``sdata`` on the input's grid: ``(input, target, grid)``, uint8."""
+    x, grid = get_image(sdata, input_key, parameter="input_key")
+    y, tgrid = get_image(sdata, target_key, parameter="target_key")
+    if x.shape[0] != 3 or y.shape[0] != 3:
+        msg = f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels, {target_key!r} has {y.shape[0]}."
+        raise ValueError(msg)
+    xin = np.asarray(x.data.compute() if hasattr(x.data, "compute") else x.data)
+    if xin.dtype != np.uint8:
+        msg = f"{input_key!r} must be uint8 (as st2he.pp.rasterize_transcripts writes), got {xin.dtype}."
+        raise TypeError(msg)
+    yt = resample_to_grid(y, tgrid, grid)
+    if yt.dtype != np.uint8:
+        yt = np.clip(yt, 0, 255).astype(np.uint8)
+    return xin, yt, grid
+
+
+def tissue_fraction(tiles: np.ndarray, threshold: int = 10) -> np.ndarray:
+    """Fraction of pixels of each ``(n, 3, S, S)`` input tile that are not background (black)."""
+    return (tiles.max(axis=1) > threshold).mean(axis=(1, 2))
+
+
+def grid_tiles(image: np.ndarray, tile: int, stride: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Square tiles of ``image`` ``(c, H, W)`` on a regular grid (last row / column flush with the edge)."""
+    from st2he.models._tiling import tile_starts
+
+    stride = stride or tile
+    _, H, W = image.shape
+    if H < tile or W < tile:
+        return np.zeros((0, image.shape[0], tile, tile), image.dtype), []
+    rows = tile_starts(H, tile, tile - stride)
+    cols = tile_starts(W, tile, tile - stride)
+    pos = [(int(r), int(c)) for r in rows for c in cols]
+    return np.stack([image[:, r : r + tile, c : c + tile] for r, c in pos]), pos
+
+
+def prepare_pairs(
+    sdatas,
+    *,
+    input_key: str = "st2he_input",
+    target_key: str = "he_image",
+    validation: float | Sequence | None = 0.2,
+    tile_size: int = 256,
+    min_tissue_fraction: float = 0.05,
+) -> dict[str, Any]:
+    """Training images and validation tiles from paired SpatialData objects, split by region or by sample.
+
+    ``validation`` a fraction: in each object, the right-most band of that fraction of the width is held out (a gap
+    of half a tile keeps training crops off its tiles); a list of SpatialData objects: those are held out whole;
+    ``None``: no validation. Returns a dict with ``train_inputs`` / ``train_targets`` (lists of ``(3, H, W)``
+    uint8), ``val_inputs`` / ``val_targets`` (``(n, 3, S, S)`` uint8 tiles), ``pixel_size`` and ``palette``.
+    """
+    objs = [sdatas] if not isinstance(sdatas, list | tuple) else list(sdatas)
+    if not objs:
+        msg = "Give at least one SpatialData object to train on."
+        raise ValueError(msg)
+    held = []
+    if isinstance(validation, list | tuple):
+        held = list(validation)
+        frac = 0.0
+    elif validation is None:
+        frac = 0.0
+    else:
+        frac = float(validation)
+        if not 0 <= frac < 1:
+            msg = f"validation must be a fraction in [0, 1), a list of SpatialData objects or None, got {validation}."
+            raise ValueError(msg)
+    train_x, train_y, val_x, val_y = [], [], [], []
+    pixel_sizes, palette = [], None
+    for sd in objs:
+        x, y, grid = aligned_pair(sd, input_key=input_key, target_key=target_key)
+        pixel_sizes.append(grid.pixel_size)
+        palette = palette or get_params(sd, input_key).get("palette")
+        if frac > 0:
+            W = x.shape[2]
+            cut = int(round(W * (1 - frac)))
+            gap = tile_size // 2
+            if cut - gap < tile_size or W - cut < tile_size:
+                msg = (
+                    f"An image of {W} pixels across is too narrow to hold out {frac:.0%} of it for validation with "
+                    f"{tile_size}-pixel tiles; pass validation=[held-out SpatialData objects] or a smaller tile_size."
+                )
+                raise ValueError(msg)
+            train_x.append(x[:, :, : cut - gap])
+            train_y.append(y[:, :, : cut - gap])
+            vx, _ = grid_tiles(x[:, :, cut:], tile_size)
+            vy, _ = grid_tiles(y[:, :, cut:], tile_size)
+            val_x.append(vx)
+            val_y.append(vy)
+        else:
+            train_x.append(x)
+            train_y.append(y)
+    for sd in held:
+        x, y, _ = aligned_pair(sd, input_key=input_key, target_key=target_key)
+        vx, _ = grid_tiles(x, tile_size)
+        vy, _ = grid_tiles(y, tile_size)
+        val_x.append(vx)
+        val_y.append(vy)
+    if val_x:
+        vx = np.concatenate(val_x)
+        vy = np.concatenate(val_y)
+        keep = tissue_fraction(vx) >= min_tissue_fraction
+        vx, vy = vx[keep], vy[keep]
+    else:
+        vx = vy = None
+    if len(set(np.round(pixel_sizes, 6))) > 1:
+        logger.warning("The training objects have different input pixel sizes: %s µm.", sorted(set(pixel_sizes)))
+    return {
+        "train_inputs": train_x,
+        "train_targets": train_y,
+        "val_inputs": vx,
+        "val_targets": vy,
+        "pixel_size": float(np.median(pixel_sizes)),
+        "palette": palette,
+    }
+
+
+def build_model(model, *, tissue: str | None = None, seed: int = 0):
+    """Build a :class:`~st2he.models.Pix2PixTurbo` from a config name / dict (random weights), a path or a model."""
+    from st2he.models import Pix2PixTurbo, load_model
+    from st2he.models._config import CONFIGS
+
+    if isinstance(model, Pix2PixTurbo):
+        return model
+    if isinstance(model, dict) or (isinstance(model, str) and model in CONFIGS):
+        return Pix2PixTurbo.from_config(model, seed=seed, tissue=tissue)
+    return load_model(model)
+
+
+def train_generator(
+    sdatas,
+    *,
+    input_key: str = "st2he_input",
+    target_key: str = "he_image",
+    model: Any = "small",
+    validation: float | Sequence | None = 0.2,
+    tissue: str | None = None,
+    tile_size: int = 256,
+    min_tissue_fraction: float = 0.05,
+    steps: int = 1000,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float | None = None,
+    l2_weight: float = 1.0,
+    perceptual: str | None = "auto",
+    perceptual_weight: float = 1.0,
+    gan_weight: float = 0.05,
+    val_every: int = 100,
+    ckpt_every: int = 500,
+    output_dir: str | Path | None = None,
+    resume: str | Path | bool | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    **train_kwargs,
+):
+    """Train (or fine-tune) the pix2pix-turbo generator on paired input pictures and real H&E images.
+
+    Parameters
+    ----------
+    sdatas
+        One SpatialData object or a list, each with the input picture ``input_key`` (from
+        :func:`st2he.pp.rasterize_transcripts`) and an aligned real H&E ``target_key`` (resampled onto the input's
+        grid where their pixels differ).
+    model
+        ``"small"`` / ``"tiny"`` / a config dict (trained from scratch), a :class:`~st2he.models.Pix2PixTurbo`
+        (e.g. SD-Turbo from :func:`st2he.models.from_pretrained`, fine-tuned with LoRA), or a checkpoint path.
+    validation
+        A fraction: the right-most band of that width of each object is held out (split by region, never by
+        random pixel); a list of SpatialData objects held out whole; ``None``: no validation.
+    tissue
+        Tissue name for the conditional prompt ``"This is a {tissue} H&E image"``; ``None``: ``"dapi2he"``.
+    tile_size
+        Size of the training crops and validation tiles (pixels of ``input_key``); a multiple of 8.
+    min_tissue_fraction
+        Validation tiles with less tissue (non-black input) than this are skipped.
+    steps, batch_size, grad_accum, lr
+        Optimisation: AdamW steps, crops per step (``batch_size * grad_accum``), learning rate (default 2e-4 for
+        models trained from scratch, 1e-4 for LoRA).
+    l2_weight, perceptual, perceptual_weight, gan_weight
+        Loss weights; ``perceptual`` is ``"auto"`` (LPIPS when the lpips package and its weights are on this
+        machine, else SSIM), ``"lpips"``, ``"ssim"`` or ``None``. The adversarial term uses a conditional PatchGAN
+        critic with the hinge loss.
+    val_every, ckpt_every
+        Validation PSNR / SSIM and checkpoints every so many steps.
+    output_dir
+        Checkpoints go to ``output_dir/checkpoint-<step>``, the final model to ``output_dir/model``.
+    resume
+        A checkpoint folder, or ``"latest"``: continue an interrupted run; with the same data and seed the result is
+        that of an uninterrupted run.
+    device
+        ``"auto"``: CUDA when available (bf16 autocast), else CPU.
+    seed
+        Seed of the initial weights and of every random draw (crops, flips, noise).
+    train_kwargs
+        Further fields of :class:`st2he.models._training.TrainConfig` (e.g. ``warmup_steps``, ``lr_schedule``,
+        ``stochastic_prob``, ``mixed_precision``, ``log_every``, ``gan_start``).
+
+    Returns
+    -------
+    ``(model, history)``: the trained :class:`~st2he.models.Pix2PixTurbo` (in eval mode; its ``metadata`` records
+    the palette, pixel size, tile size and training history) and a :class:`pandas.DataFrame` with one row per
+    logged step (training losses) or validation (``val_l2``, ``val_psnr``, ``val_ssim``).
+    """
+    import pandas as pd
+
+    from st2he.models import save_pretrained
+    from st2he.models._training import TrainConfig, train
+
+    if tile_size % 8:
+        msg = f"tile_size must be a multiple of 8, got {tile_size}."
+        raise ValueError(msg)
+    data = prepare_pairs(
+        sdatas,
+        input_key=input_key,
+        target_key=target_key,
+        validation=validation,
+        tile_size=tile_size,
+        min_tissue_fraction=min_tissue_fraction,
+    )
+    net = build_model(model, tissue=tissue, seed=seed)
+    if tissue is not None:
+        net.prompt = net.prompt_for(tissue)
+        net.metadata["tissue"] = tissue
+    net.metadata.update(
+        {"palette": data["palette"], "pixel_size": data["pixel_size"], "tile_size": tile_size, "input_key": input_key}
+    )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        crop_size=tile_size,
+        lr=lr,
+        l2_weight=l2_weight,
+        perceptual=perceptual,
+        perceptual_weight=perceptual_weight,
+        gan_weight=gan_weight,
+        val_every=val_every,
+        ckpt_every=ckpt_every,
+        seed=seed,
+        **train_kwargs,
+    )
+    net, history = train(
+        net,
+        data["train_inputs"],
+        data["train_targets"],
+        data["val_inputs"],
+        data["val_targets"],
+        config=cfg,
+        output_dir=output_dir,
+        resume=resume,
+        device=device,
+        progress=progress,
+    )
+    if output_dir is not None:
+        save_pretrained(net, Path(output_dir) / "model")
+    return net, pd.DataFrame(history)
