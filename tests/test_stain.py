@@ -111,7 +111,10 @@ def test_bad_input(sample):
 
 def test_real_xenium_crop(shared_data):
     """The baseline on a real Xenium crop: nuclei (bright DAPI) dark, empty glass white."""
-    sdata = st2he.io.read_xenium(shared_data / "xenium_cellline_crop")
+    # the crop's DAPI image covers exactly the 400 µm square at (1000, 1000) µm (see the data README)
+    sdata = st2he.io.read_xenium(
+        shared_data / "xenium_cellline_crop", image_pixel_size=400 / 237, image_origin=(1000.0, 1000.0)
+    )
     st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0)
     rgb = stain_he(sdata).compute().astype(float)
     grid = Grid.from_element(sdata.images["st2he_input"])
