@@ -322,6 +322,14 @@ def synthetic_tissue(
     Returns
     -------
     A :class:`spatialdata.SpatialData` object; ``sdata.attrs["st2he"]["source"]`` records how it was made.
+
+    Notes
+    -----
+    The default sample (384 µm square, about 800 cells and 80,000 molecules) takes about 3 s of one core; time
+    and memory grow with the area (a 1 mm square: about 20 s and 2.2 GB, most of it the 0.2125 µm DAPI image).
+    The H&E is ``255 exp(-OD)`` with ``OD`` the sum of haematoxylin, eosin and haemoglobin concentration maps
+    times their absorbance vectors (:mod:`st2he.datasets._stain_model`), blurred by 0.35 µm and with a little
+    camera noise; nuclei take haematoxylin from the same chromatin the DAPI image shows.
     """
     if subtype not in ("mixed", "gland", "solid"):
         msg = f"subtype must be 'mixed', 'gland' or 'solid', got {subtype!r}."
