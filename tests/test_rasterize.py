@@ -224,6 +224,20 @@ def test_nuclei_from_boundaries_when_there_is_no_stain_image():
     assert _image(sd)[0, 3, 3] == 255 and _image(sd)[0, 8, 8] == 0
 
 
+def test_nuclei_from_labels_when_there_is_no_stain_image():
+    from spatialdata.models import Labels2DModel
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[4:8, 4:8] = 3  # a nucleus covering 8..16 µm: the labels have 2 µm pixels
+    sd = _sdata([1.0], [1.0], ["A"])
+    sd.labels["nucleus_labels"] = Labels2DModel.parse(
+        labels, dims=("y", "x"), transformations={"global": Scale([2.0, 2.0], axes=("y", "x"))}
+    )
+    v = nuclear_stain_layer(sd, Grid(0.0, 0.0, 1.0, 40, 40), chunk=16).compute()
+    assert v[9:15, 9:15].min() == 1.0 and v[:6].max() == 0.0 and v[20:].max() == 0.0
+    assert v.sum() == pytest.approx(64.0)
+
+
 def test_no_stain_at_all_gives_a_black_background_and_zeros():
     sd = _sdata([1.0], [1.0], ["A"])
     assert (nuclear_stain_layer(sd, Grid(0, 0, 1.0, 5, 5)).compute() == 0).all()

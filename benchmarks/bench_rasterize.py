@@ -1,0 +1,389 @@
+"""Benchmark: st2he.pp.rasterize_transcripts on whole-slide molecule counts, against the reference way.
+
+Measures molecules per second (CPU time of one core: dask's synchronous scheduler, numba and BLAS on one
+thread) and peak memory (the child process's maximum resident set size) of
+
+* st2he: ``rasterize_transcripts`` on ``--sizes`` simulated molecules (default 10 and 100 million), every
+  pixel of the full-resolution picture computed chunk by chunk (and discarded; the pyramid and zarr writing
+  are not timed). Once with a black background (the molecules alone) and once over a lazily generated DAPI
+  image at 0.425 µm per pixel (the full picture);
+* the ST2HE reference: 512 px tiles drawn as its code does, a seaborn scatter plot of the tile's molecules
+  (hue = gene) over the stain image with matplotlib, drawn into an array; a few tiles are timed and the rate
+  is extrapolated per molecule;
+* ``spatialdata.rasterize`` with the gene as ``value_key`` (one dense channel per gene) on a subset that fits
+  in memory; its rate and memory are extrapolated per molecule.
+
+Every case runs in its own subprocess so that peak memory is its own. Simulated slide: 1.5 molecules per µm²
+(Xenium-like), 300 genes plus 1% control probes, quality values, molecules stored field of view by field of
+view in partitions of 2 million rows held in memory (reading files is not timed).
+
+Run ``python benchmarks/bench_rasterize.py`` (a few minutes on 2 cores) or ``--sizes 1e7`` for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+DENSITY = 1.5  # molecules per µm²
+N_GENES = 300
+PARTITION = 2_000_000
+PIXEL_SIZE = 0.5
+STAIN_PIXEL_SIZE = 0.425
+
+
+# ----------------------------------------------------------------------------------------------- simulation
+
+
+def _genes():
+    import numpy as np
+
+    names = [f"GENE{i:03d}" for i in range(N_GENES)] + [f"BLANK_{i:04d}" for i in range(3)]
+    weights = np.r_[np.random.default_rng(1).lognormal(0, 1, N_GENES), np.full(3, 0.0)]
+    weights[:N_GENES] *= 0.99 / weights[:N_GENES].sum()
+    weights[N_GENES:] = 0.01 / 3
+    return names, weights
+
+
+def simulated_slide(n: int, *, stain: bool, seed: int = 0):
+    """A SpatialData object with ``n`` molecules in FOV-ordered partitions (and optionally a lazy DAPI image)."""
+    import dask.array as da
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+    from spatialdata import SpatialData
+    from spatialdata.models import PointsModel
+
+    from st2he._elements import parse_image
+    from st2he._grid import Grid
+
+    names, weights = _genes()
+    rng = np.random.default_rng(seed)
+    # one partition's worth of molecules on a square "field of view", placed tile by tile over the slide
+    side = float(np.sqrt(PARTITION / DENSITY))
+    tx = rng.uniform(0, side, PARTITION)
+    ty = rng.uniform(0, side, PARTITION)
+    order = np.lexsort((np.floor(tx / 280), np.floor(ty / 280)))  # instrument order within the tile
+    tx, ty = tx[order], ty[order]
+    codes = rng.choice(len(names), PARTITION, p=weights).astype(np.int16)
+    qv = np.where(rng.random(PARTITION) < 0.05, 10.0, 40.0).astype(np.float32)
+    n_parts = int(np.ceil(n / PARTITION))
+    cols = int(np.ceil(np.sqrt(n_parts)))
+    rows = int(np.ceil(n_parts / cols))
+    categories = pd.Index(names)
+
+    def part(i: int) -> pd.DataFrame:
+        m = min(PARTITION, n - i * PARTITION)
+        r, c = divmod(i, cols)
+        return pd.DataFrame(
+            {
+                "x": (tx[:m] + c * side).astype(np.float32),
+                "y": (ty[:m] + r * side).astype(np.float32),
+                "gene": pd.Categorical.from_codes(codes[:m], categories=categories),
+                "qv": qv[:m],
+            }
+        )
+
+    meta = part(0).iloc[:0]
+    points = dd.from_map(part, list(range(n_parts)), meta=meta, enforce_metadata=False)
+    points = PointsModel.parse(points, feature_key="gene")
+    sdata = SpatialData(points={"transcripts": points})
+    if stain:
+        grid = Grid(
+            0.0, 0.0, STAIN_PIXEL_SIZE, int(rows * side / STAIN_PIXEL_SIZE), int(cols * side / STAIN_PIXEL_SIZE)
+        )
+
+        # a nucleus-like pattern, tiled: producing a chunk costs a copy, like reading an uncompressed one
+        yy, xx = np.mgrid[0:2048, 0:2048].astype(np.float32) * 0.35
+        pattern = ((np.sin(yy) * np.sin(xx) + 1.0) * 20000.0).astype(np.uint16)
+
+        def dapi(block, block_info=None):
+            (r0, r1), (c0, c1) = block_info[None]["array-location"][1:]
+            return pattern[None, : r1 - r0, : c1 - c0].copy()
+
+        template = da.zeros((1, grid.height, grid.width), dtype=np.uint16, chunks=(1, 2048, 2048))
+        image = template.map_blocks(dapi, dtype=np.uint16)
+        sdata.images["morphology_focus"] = parse_image(image, grid, c_coords=["DAPI"], scale_factors=None, chunks=2048)
+    return sdata
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
+
+
+def case_st2he(n: int, stain: bool, palette: str, chunk: int) -> dict:
+    import dask
+    import dask.array as da
+
+    import st2he
+    from st2he._grid import _scale0
+
+    dask.config.set(scheduler="synchronous")
+
+    class Discard:
+        def __setitem__(self, key, value):
+            pass
+
+    # warm-up: load the compiled kernels (numba's cache) so that they are not timed
+    t = time.perf_counter()
+    small = simulated_slide(10_000, stain=stain)
+    st2he.pp.rasterize_transcripts(small, palette=palette, pixel_size=PIXEL_SIZE, chunk=chunk)
+    da.store(_scale0(small.images["st2he_input"]).data, Discard(), lock=False)
+    warm = time.perf_counter() - t
+    del small
+    sdata = simulated_slide(n, stain=stain)
+    rss_ready = _peak_rss_mb()
+    # the cost of producing the simulated inputs, which a real run pays as reading files: st2he reads every
+    # partition twice (the extent from x and y, then everything) and computes each chunk of the stain image once
+    points = sdata.points["transcripts"]
+    cpu_src = time.process_time()
+    for part in points[["x", "y"]].to_delayed():
+        dask.compute(part)
+    for part in points.to_delayed():
+        dask.compute(part)
+    if stain:
+        da.store(_scale0(sdata.images["morphology_focus"]).data, Discard(), lock=False)
+    source = time.process_time() - cpu_src
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    st2he.pp.rasterize_transcripts(sdata, palette=palette, pixel_size=PIXEL_SIZE, chunk=chunk)
+    cpu1 = time.process_time()
+    data = _scale0(sdata.images["st2he_input"]).data
+    da.store(data, Discard(), lock=False)
+    cpu2, wall2 = time.process_time(), time.perf_counter()
+    report = st2he._elements.get_params(sdata, "st2he_input")["molecules"]
+    return {
+        "case": "st2he" + (" picture (DAPI)" if stain else " molecules"),
+        "molecules": n,
+        "kept": report["kept"],
+        "pixels": int(data.shape[1] * data.shape[2]),
+        "cpu_s": cpu2 - cpu0,
+        "cpu_pass_s": cpu1 - cpu0,
+        "cpu_draw_s": cpu2 - cpu1,
+        "wall_s": wall2 - wall0,
+        "rate": n / (cpu2 - cpu0),
+        "source_cpu_s": source,
+        "rate_rasterizer": n / max(cpu2 - cpu0 - source, 1e-9),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_ready,
+        "warmup_s": warm,
+        "extrapolated": False,
+    }
+
+
+def case_matplotlib(tiles: int) -> dict:
+    """The reference way, per 512 px tile: seaborn scatter of the tile's molecules over the stain, saved as PNG.
+
+    As the ST2HE code prepares its inputs: a data frame of the tile's molecules, ``sns.scatterplot`` with the gene
+    as ``hue`` and a global palette, over ``imshow`` of the stain tile, axes off, the figure saved as a 512 x 512
+    PNG (into memory here, not to disk) and read back into an array.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    import seaborn as sns
+    from PIL import Image
+
+    from st2he.pp._palette import hue_palette
+
+    names, weights = _genes()
+    palette = hue_palette(names)
+    rng = np.random.default_rng(0)
+    size_um = 512 * PIXEL_SIZE
+    per_tile = int(DENSITY * size_um * size_um)
+    stain = rng.random((512, 512)).astype(np.float32)
+    times = []
+    for _ in range(tiles):
+        df = pd.DataFrame(
+            {
+                "x": rng.uniform(0, size_um, per_tile),
+                "y": rng.uniform(0, size_um, per_tile),
+                "feature_name": np.asarray(names)[rng.choice(len(names), per_tile, p=weights)],
+            }
+        )
+        t0 = time.process_time()
+        fig, ax = plt.subplots(figsize=(5.12, 5.12), dpi=100)
+        fig.subplots_adjust(0, 0, 1, 1)
+        ax.imshow(stain, cmap="gray", extent=(0, size_um, size_um, 0))
+        sns.scatterplot(
+            data=df, x="x", y="y", hue="feature_name", palette=palette, s=2, linewidth=0, legend=False, ax=ax
+        )
+        ax.set_xlim(0, size_um)
+        ax.set_ylim(size_um, 0)
+        ax.axis("off")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        tile = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        times.append(time.process_time() - t0)
+        assert tile.shape == (512, 512, 3)
+    per = float(np.median(times))
+    return {
+        "case": "reference: seaborn/matplotlib 512 px tiles",
+        "molecules": per_tile * tiles,
+        "per_tile_molecules": per_tile,
+        "tiles": tiles,
+        "cpu_s": float(np.sum(times)),
+        "s_per_tile": per,
+        "rate": per_tile / per,
+        "peak_rss_mb": _peak_rss_mb(),
+        "extrapolated": True,
+    }
+
+
+def case_spatialdata(n: int) -> dict:
+    """``spatialdata.rasterize`` with the gene as ``value_key`` on a square holding ``n`` molecules."""
+    import dask
+    import numpy as np
+    import spatialdata
+
+    dask.config.set(scheduler="synchronous")
+    sdata = simulated_slide(n, stain=False)
+    points = sdata.points["transcripts"]
+    df = points.compute()
+    side = float(np.sqrt(n / DENSITY))
+    keep = (df["x"] < side) & (df["y"] < side)
+    sub = spatialdata.models.PointsModel.parse(df[keep].reset_index(drop=True), feature_key="gene")
+    m = int(keep.sum())
+    rss_ready = _peak_rss_mb()
+    t0 = time.process_time()
+    out = spatialdata.rasterize(
+        sub,
+        axes=("x", "y"),
+        min_coordinate=[0, 0],
+        max_coordinate=[side, side],
+        target_coordinate_system="global",
+        target_unit_to_pixels=1 / PIXEL_SIZE,
+        value_key="gene",
+        return_single_channel=False,
+    )
+    values = np.asarray(out.data.compute() if hasattr(out.data, "compute") else out.data)
+    cpu = time.process_time() - t0
+    return {
+        "case": "spatialdata.rasterize (value_key=gene)",
+        "molecules": m,
+        "cpu_s": cpu,
+        "rate": m / cpu,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_ready,
+        "output_shape": list(values.shape),
+        "output_bytes_per_molecule": values.nbytes / m,
+        "extrapolated": True,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _child(args: list[str]) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--case", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        msg = f"benchmark case {args} failed"
+        raise RuntimeError(msg)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every case in its own process and print a table; returns the results."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e7, 1e8], help="numbers of molecules")
+    parser.add_argument("--palette", default="coexpression", help="palette method for st2he (default coexpression)")
+    parser.add_argument("--chunk", type=int, default=1024, help="chunk edge in pixels")
+    parser.add_argument("--tiles", type=int, default=3, help="reference tiles to time")
+    parser.add_argument("--sd-molecules", type=int, default=30_000, help="molecules for spatialdata.rasterize")
+    parser.add_argument("--no-stain", action="store_true", help="skip the cases with a DAPI background")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.case:
+        kind, *rest = args.case
+        if kind == "st2he":
+            result = case_st2he(int(float(rest[0])), rest[1] == "1", rest[2], int(rest[3]))
+        elif kind == "matplotlib":
+            result = case_matplotlib(int(rest[0]))
+        else:
+            result = case_spatialdata(int(rest[0]))
+        print(json.dumps(result))
+        return [result]
+
+    results = []
+    for n in args.sizes:
+        for stain in [False] if args.no_stain else [False, True]:
+            print(f"st2he: {n:.0e} molecules{' over a DAPI image' if stain else ''} ...", flush=True)
+            results.append(_child(["st2he", str(int(n)), "1" if stain else "0", args.palette, str(args.chunk)]))
+    print(f"reference: {args.tiles} matplotlib tiles ...", flush=True)
+    reference = _child(["matplotlib", str(args.tiles)])
+    results.append(reference)
+    print(f"spatialdata.rasterize: {args.sd_molecules} molecules ...", flush=True)
+    sd = _child(["spatialdata", str(args.sd_molecules)])
+    results.append(sd)
+    _table(results, reference, sd, max(args.sizes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _table(results: list[dict], reference: dict, sd: dict, biggest: float) -> None:
+    print()
+    head = f"{'case':44s} {'molecules':>12s} {'CPU s':>8s} {'M mol/s':>9s} {'raster':>8s} {'x ref':>7s} {'x sd':>8s} {'peak GB':>8s}"
+    print(head)
+    for r in results:
+        rate = r["rate"]
+        mark = "*" if r["extrapolated"] else " "
+        own = f"{r['rate_rasterizer'] / 1e6:8.1f}" if "rate_rasterizer" in r else f"{'':8s}"
+        print(
+            f"{r['case']:44s} {r['molecules']:12,d} {r['cpu_s']:8.2f} {rate / 1e6:8.3f}{mark} {own} "
+            f"{rate / reference['rate']:7.0f} {rate / sd['rate']:8.0f} {r['peak_rss_mb'] / 1024:8.2f}"
+        )
+    print("M mol/s: molecules per CPU second on one core, including producing the simulated inputs;")
+    print("raster: the same without that (what reading them costs depends on the storage); * extrapolated")
+    print(
+        f"reference: {reference['s_per_tile']:.2f} s per 512 px tile of {reference['per_tile_molecules']:,d} "
+        f"molecules; a {biggest:.0e}-molecule slide would take {biggest / reference['rate'] / 3600:.1f} h on one core."
+    )
+    dense_gb = sd["output_bytes_per_molecule"] * biggest / 1e9
+    print(
+        f"spatialdata.rasterize: dense output {sd['output_shape']} = {sd['output_bytes_per_molecule']:,.0f} bytes per "
+        f"molecule, i.e. about {dense_gb:,.0f} GB in memory for {biggest:.0e} molecules."
+    )
+    print()
+    for r in results:
+        if r["case"].startswith("st2he"):
+            print(
+                f"{r['case']} at {r['molecules']:.0e}: {r['rate'] / 1e6:.1f} M molecules/s on one core, "
+                f"{r['rate_rasterizer'] / 1e6:.1f} M/s without producing the inputs ({r['source_cpu_s']:.2f} s); "
+                f"pass {r['cpu_pass_s']:.2f} s + drawing {r['cpu_draw_s']:.2f} s of {r['pixels'] / 1e6:.0f} M pixels, "
+                f"wall {r['wall_s']:.2f} s; peak {r['peak_rss_mb'] / 1024:.2f} GB, of which "
+                f"{r['rss_before_mb'] / 1024:.2f} GB before rasterising (Python, imports, the simulated inputs). "
+                f"Targets: >= 20 M/s {'met' if r['rate'] >= 20e6 else ('met without the inputs' if r['rate_rasterizer'] >= 20e6 else 'NOT met')}, "
+                f">= 500x reference {'met' if r['rate'] >= 500 * reference['rate'] else 'NOT met'} "
+                f"({r['rate'] / reference['rate']:.0f}x), "
+                f"< 3 GB {'met' if r['peak_rss_mb'] < 3 * 1024 else 'NOT met'}."
+            )
+
+
+if __name__ == "__main__":
+    main()
