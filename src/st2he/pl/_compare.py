@@ -50,8 +50,9 @@ def compare(
         The real H&E; left out when ``None`` or when the object has no such image.
     genes
         Genes whose molecules are drawn, one panel each, as dots in the gene's palette colour (the palette
-        recorded with ``input_key``, else yellow) on black. Default: the ``n_genes`` genes with most molecules
-        in the region (control probes left out). ``[]`` draws no gene panel.
+        recorded with ``input_key``, else yellow) on black. Default: ``n_genes`` abundant genes with distinct
+        spatial patterns in the region (markers of different cell types rather than housekeeping genes; control
+        probes left out). ``[]`` draws no gene panel.
     n_genes
         Number of genes shown when ``genes`` is None.
     points_key
@@ -103,8 +104,9 @@ def compare(
     molecules = None
     if genes is None or len(genes):
         molecules = _molecules(sdata, points_key, region, need=genes is not None)
+    palette = get_params(sdata, input_key).get("palette", {}) if input_key is not None else {}
     if genes is None:
-        genes = _top_genes(molecules, n_genes) if molecules is not None else []
+        genes = _top_genes(molecules, n_genes, region) if molecules is not None else []
     else:
         genes = [str(g) for g in genes]
         if genes:
@@ -133,7 +135,6 @@ def compare(
 
     if scale_bar_um is None:
         scale_bar_um = _nice_length(width / 5)
-    palette = get_params(sdata, input_key).get("palette", {}) if input_key is not None else {}
     titles = {input_key: "input", pred_key: "virtual H&E", true_key: "H&E"}
     for axis, (kind, key) in zip(axes, panels, strict=True):
         if kind == "image":
@@ -279,13 +280,45 @@ def _molecules(sdata, points_key, region, need: bool):
     }
 
 
-def _top_genes(molecules, n_genes: int) -> list[str]:
-    if molecules is None or len(molecules["gene"]) == 0:
+def _top_genes(molecules, n_genes: int, region) -> list[str]:
+    """Pick abundant genes with distinct spatial patterns (of different cell types, not housekeeping genes).
+
+    Among the 30 most abundant genes (control probes left out), greedily take the one whose distribution over a
+    12 x 12 grid of the region differs most from that of all molecules and from the genes already taken (L1
+    distance of the normalised distributions), weighted by the logarithm of its count.
+    """
+    if molecules is None or len(molecules["gene"]) == 0 or n_genes < 1:
         return []
-    counts = np.bincount(molecules["gene"][molecules["gene"] >= 0], minlength=len(molecules["panel"]))
+    codes = molecules["gene"]
+    ok = codes >= 0
+    counts = np.bincount(codes[ok], minlength=len(molecules["panel"]))
     counts[molecules["control"]] = -1
-    order = np.argsort(-counts, kind="stable")
-    return [molecules["panel"][i] for i in order[: max(0, int(n_genes))] if counts[i] > 0]
+    candidates = [i for i in np.argsort(-counts, kind="stable")[:30] if counts[i] > 0]
+    if len(candidates) <= n_genes:
+        return [molecules["panel"][i] for i in candidates]
+    n_bins = 12
+    x0, y0, x1, y1 = region
+    bx = np.clip(((molecules["x"] - x0) / (x1 - x0) * n_bins).astype(int), 0, n_bins - 1)
+    by = np.clip(((molecules["y"] - y0) / (y1 - y0) * n_bins).astype(int), 0, n_bins - 1)
+    cell = by * n_bins + bx
+    index = {g: k for k, g in enumerate(candidates)}
+    rows = np.array([index.get(c, -1) for c in range(len(molecules["panel"]))])[codes[ok]]
+    keep = rows >= 0
+    dist = np.zeros((len(candidates), n_bins * n_bins))
+    np.add.at(dist, (rows[keep], cell[ok][keep]), 1.0)
+    dist /= dist.sum(axis=1, keepdims=True)
+    total = np.bincount(cell[ok & ~molecules["control"][np.maximum(codes, 0)]], minlength=n_bins * n_bins)
+    total = total / max(total.sum(), 1)
+    weight = np.log1p(counts[candidates].astype(float))
+    gap = np.abs(dist - total).sum(axis=1)
+    picked: list[int] = []
+    for _ in range(n_genes):
+        score = gap * weight
+        score[picked] = -np.inf
+        best = int(np.argmax(score))
+        picked.append(best)
+        gap = np.minimum(gap, np.abs(dist - dist[best]).sum(axis=1))
+    return [molecules["panel"][candidates[k]] for k in picked]
 
 
 def _draw_gene(axis, molecules, gene, color, region, max_points, dot_size) -> int:
