@@ -37,6 +37,13 @@ def test_default_panels(sample):
     titles = [ax.get_title() for ax in axes]
     assert titles[0].startswith("input") and titles[1].startswith("virtual H&E") and titles[2].startswith("H&E")
     assert all("molecules" in t for t in titles[3:])
+    # the default genes are markers of different cell types, not housekeeping genes
+    from st2he.datasets._synthetic import PROGRAMS, STATE_PROGRAMS
+
+    program_of = {g: name for name, genes in {**PROGRAMS, **STATE_PROGRAMS}.items() for g in genes}
+    shown = [t.split(" ")[0] for t in titles[3:]]
+    assert all(g in program_of for g in shown)
+    assert len({program_of[g] for g in shown}) == len(shown)
     assert all(_has_scale_bar(ax) for ax in axes)
     # every panel shows the same region, y downwards
     x0, y0, x1, y1 = st2he._grid.Grid.from_element(sample.images["st2he_input"]).bounds
