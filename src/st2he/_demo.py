@@ -71,7 +71,7 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
     if has_truth:
         table = st2he.tl.evaluate_he(sdata, pred_key="virtual_he", true_key="he_image", key_added="he_metrics")
         metrics = dict(sdata.tables["he_metrics"].uns["overall"]) if "he_metrics" in sdata.tables else {}
-        table.to_csv(out / "metrics_per_tile.csv", index=False)
+        table.to_csv(out / "metrics_per_tile.csv", index=True)
         if method != "stain":
             st2he.tl.virtual_he(sdata, method="stain", input_key="st2he_input", key_added="virtual_he_stain")
             st2he.tl.evaluate_he(
