@@ -150,7 +150,7 @@ def _auto_nuclei(sdata) -> tuple[str, str] | None:
 def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tuple[float, float]:
     """Percentiles of the stain, computed once for the whole image (so every chunk and region agrees).
 
-    From the finest pyramid level of at most ~2 M pixels; without one, from a strided sample of at most 8 x 8
+    From the finest pyramid level of at most ~2 M pixels; without one, from a strided sample of at most 4 x 4
     of the image's chunks spread over it, so a whole slide is never read for this.
     """
     import dask.array as da
@@ -164,7 +164,7 @@ def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tu
     if not isinstance(arr, da.Array):
         arr = da.from_array(np.asarray(arr), chunks=1024)
     if arr.size > target:
-        picks = [np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int)) for n in arr.numblocks]
+        picks = [np.unique(np.linspace(0, n - 1, min(n, 4)).round().astype(int)) for n in arr.numblocks]
         blocks = [arr.blocks[int(i), int(j)] for i in picks[0] for j in picks[1]]
         per_block = max(1, target // len(blocks))
         parts = []
@@ -381,8 +381,9 @@ def nuclear_stain_layer(
         (value 1) from. ``"auto"`` takes the first shapes, then labels, element whose name contains ``nucle``.
         With neither, the layer is zeros.
     percentiles
-        Robust normalisation: these percentiles of the stain (computed once on a coarse pyramid level or a
-        strided subsample, at most ~2 M pixels) map to 0 and 1.
+        Robust normalisation: these percentiles of the stain map to 0 and 1. They are computed once for the
+        whole image, on a pyramid level of at most ~2 M pixels or, without one, on a strided sample of at most
+        4 x 4 of its chunks, so every chunk and every region is normalised alike.
     chunk
         Chunk edge in pixels.
     """
