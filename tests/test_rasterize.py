@@ -326,6 +326,8 @@ def test_bad_input():
         st2he.pp.rasterize_transcripts(sd, pixel_size=0)
     with pytest.raises(ValueError, match="dot_size"):
         st2he.pp.rasterize_transcripts(sd, dot_size=0)
+    with pytest.raises(ValueError, match="twice the chunk"):
+        st2he.pp.rasterize_transcripts(sd, dot_size=70, chunk=32)
     with pytest.raises(ValueError, match="region"):
         st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1))
 

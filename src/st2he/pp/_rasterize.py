@@ -694,6 +694,9 @@ def rasterize_transcripts(
         msg = f"dot_size must be a whole number of pixels >= 1, got {dot_size!r}."
         raise ValueError(msg)
     dot_size = int(dot_size)
+    if dot_size // 2 >= chunk:
+        msg = f"dot_size ({dot_size} px) must be less than twice the chunk ({chunk} px)."
+        raise ValueError(msg)
     need_points = style != "stain"
     source = None
     if need_points or points_key in sdata.points:
