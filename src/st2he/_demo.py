@@ -49,7 +49,7 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
     t0 = time.perf_counter()
     if data is None:
         sdata = st2he.datasets.synthetic_tissue(seed=seed)
-        source = "simulated tissue (st2he.datasets.synthetic_tissue, seed %d)" % seed
+        source = f"simulated tissue (st2he.datasets.synthetic_tissue, seed {seed})"
     else:
         platform = detect_platform(data)
         reader = {"xenium": st2he.io.read_xenium, "cosmx": st2he.io.read_cosmx, "merscope": st2he.io.read_merscope}
@@ -74,9 +74,7 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
         table.to_csv(out / "metrics_per_tile.csv", index=True)
         if method != "stain":
             st2he.tl.virtual_he(sdata, method="stain", input_key="st2he_input", key_added="virtual_he_stain")
-            st2he.tl.evaluate_he(
-                sdata, pred_key="virtual_he_stain", true_key="he_image", key_added="he_metrics_stain"
-            )
+            st2he.tl.evaluate_he(sdata, pred_key="virtual_he_stain", true_key="he_image", key_added="he_metrics_stain")
             metrics = {"virtual_he": metrics, "stain_baseline": dict(sdata.tables["he_metrics_stain"].uns["overall"])}
 
     axes = st2he.pl.compare(sdata, input_key="st2he_input", pred_key="virtual_he", true_key="he_image")
