@@ -45,6 +45,7 @@ def paint_winners(
     tiling. The pixel value is ``priority << 16 | rank``.
     """
     nk = dy.shape[0]
+    inv_chunk = 1.0 / chunk
     for i in range(offsets.shape[0]):
         v = packed[i]
         rank = rank_of[v & CODE_MASK]
@@ -52,8 +53,16 @@ def paint_winners(
             continue
         key = ((v >> CODE_BITS) << CODE_BITS) | rank
         off = offsets[i]
-        r0 = off // chunk + row0
-        c0 = off - (off // chunk) * chunk + col0
+        q = np.int64(off * inv_chunk)  # off // chunk without an integer division (fixed up below)
+        rem = off - q * chunk
+        if rem < 0:
+            q -= 1
+            rem += chunk
+        elif rem >= chunk:
+            q += 1
+            rem -= chunk
+        r0 = q + row0
+        c0 = rem + col0
         for k in range(nk):
             r = r0 + dy[k]
             c = c0 + dx[k]
@@ -209,6 +218,7 @@ def bin_partition(
     n_bins = 0
     n_kept = 0
     n_in = 0
+    inv_chunk = 1.0 / chunk
     for i in range(n):
         block[i] = -1
         xi = np.float64(x[i])
@@ -248,11 +258,26 @@ def bin_partition(
             continue
         col = np.int64(colf)
         row = np.int64(rowf)
-        bq = row // chunk
-        cq = col // chunk
+        # row // chunk and col // chunk (both >= 0) without integer divisions, fixed up where rounding errs
+        bq = np.int64(rowf * inv_chunk)
+        rr = row - bq * chunk
+        if rr < 0:
+            bq -= 1
+            rr += chunk
+        elif rr >= chunk:
+            bq += 1
+            rr -= chunk
+        cq = np.int64(colf * inv_chunk)
+        cc = col - cq * chunk
+        if cc < 0:
+            cq -= 1
+            cc += chunk
+        elif cc >= chunk:
+            cq += 1
+            cc -= chunk
         b = bq * block_cols + cq
         block[i] = b
-        offset[i] = (row - bq * chunk) * chunk + (col - cq * chunk)
+        offset[i] = rr * chunk + cc
         code_of[i] = (priority(xi, yi) << CODE_BITS) | c
         counts[b + 1] += 1
         n_in += 1
@@ -335,6 +360,20 @@ def bin_hash(key):
     """Scrambled bits of a bin key (shared by :func:`select_bins` and its re-filtering)."""
     h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
     return h ^ (h >> np.uint64(29))
+
+
+@numba.njit(cache=True, nogil=True)
+def compact_level(keys, codes, level):
+    """Move the entries of ``keys``/``codes`` kept at subsampling ``level`` to the front, in order; return how many."""
+    mask = (np.uint64(1) << np.uint64(level)) - np.uint64(1)
+    m = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if (bin_hash(k) >> np.uint64(20)) & mask == 0:
+            keys[m] = k
+            codes[m] = codes[i]
+            m += 1
+    return m
 
 
 @numba.njit(cache=True, nogil=True)

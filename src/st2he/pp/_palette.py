@@ -175,7 +175,7 @@ class BinCounts:
 
     def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
         """Add bin keys and gene codes already selected at the current level."""
-        from ._kernels import keep_level
+        from ._kernels import compact_level
 
         self.keys.append(keys)
         self.codes.append(codes)
@@ -184,9 +184,13 @@ class BinCounts:
             self.level += 1
             self.held = 0
             for i, k in enumerate(self.keys):
-                m = keep_level(k, self.level)
-                self.keys[i], self.codes[i] = k[m], self.codes[i][m]
-                self.held += len(self.keys[i])
+                c = self.codes[i]
+                if not (k.flags.writeable and c.flags.writeable):
+                    k, c = k.copy(), c.copy()
+                m = compact_level(k, c, self.level)  # in place, in order: the same as filtering with keep_level
+                # copy the survivors so that the larger buffer they came from is freed
+                self.keys[i], self.codes[i] = k[:m].copy(), c[:m].copy()
+                self.held += m
 
     def matrix(self, n_genes: int):
         """Sparse bins x genes count matrix."""
