@@ -410,3 +410,74 @@ def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
             v = ((top * (1.0 - fy) + bot * fy) - lo) * scale
             out[r, c] = 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolate_row(a, i0x, i1x, wx, line):
+    for c in range(line.shape[0]):
+        fx = wx[c]
+        # float32 operands, as resample_bilinear reads them, so that the arithmetic is the same
+        line[c] = np.float32(a[i0x[c]]) * (1.0 - fx) + np.float32(a[i1x[c]]) * fx
+
+
+@numba.njit(cache=True, nogil=True)
+def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, lut, h, w):
+    """:func:`compose_rgb` over the stain resampled on the fly as :func:`resample_bilinear` does.
+
+    The same arithmetic, so the same bytes, as composing over :func:`resample_bilinear`'s output, without the
+    float32 intermediate image; each source row is interpolated along x once (not once per output row that
+    uses it), and the stain is only finished where no molecule is drawn. ``win`` may hold the source's small
+    integers or float32 unconverted (exact either way).
+    """
+    out = np.zeros((3, h, w), dtype=np.uint8)
+    # the x-interpolated source rows in use: slot 0 and 1 hold source rows rows[0] and rows[1]
+    lines = np.empty((2, w), dtype=np.float64)
+    rows = np.array([-1, -1], dtype=np.int64)
+    grey = np.empty(w, dtype=np.uint8)
+    for r in range(h):
+        rowin = iny[r]
+        ta = 0
+        tb = 1
+        if rowin:
+            s0 = i0y[r]
+            s1 = i1y[r]
+            if rows[0] == s0:
+                ta = 0
+            elif rows[1] == s0:
+                ta = 1
+            else:
+                ta = 1 if rows[0] == s1 else 0  # keep the slot holding s1
+                _interpolate_row(win[s0], i0x, i1x, wx, lines[ta])
+                rows[ta] = s0
+            if rows[ta] == s1:
+                tb = ta
+            else:
+                tb = 1 - ta
+                if rows[tb] != s1:
+                    _interpolate_row(win[s1], i0x, i1x, wx, lines[tb])
+                    rows[tb] = s1
+        fy = wy[r]
+        gy = 1.0 - fy
+        if rowin:
+            # the grey of the whole row first: a loop without gathers or early exits, which LLVM vectorises
+            for c in range(w):
+                v = ((lines[ta, c] * gy + lines[tb, c] * fy) - lo) * scale
+                v32 = np.float32(0.0 if v < 0.0 else (1.0 if v > 1.0 else v))
+                q = np.uint8(255) if v32 >= 1.0 else np.uint8(v32 * 255.0 + 0.5)
+                grey[c] = q if inx[c] else np.uint8(0)
+        else:
+            grey[:] = 0
+        base = r * w
+        for c in range(w):
+            g = winners[base + c]
+            if g >= 0:
+                g &= CODE_MASK
+                out[0, r, c] = lut[g, 0]
+                out[1, r, c] = lut[g, 1]
+                out[2, r, c] = lut[g, 2]
+            else:
+                q = grey[c]
+                out[0, r, c] = q
+                out[1, r, c] = q
+                out[2, r, c] = q
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 from st2he._elements import ATTRS_KEY, add_image, check_key_free
 from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
 
-from ._kernels import compose_rgb, disc_footprint, paint_winners, resample_bilinear
+from ._kernels import compose_rgb, compose_rgb_resampled, disc_footprint, paint_winners, resample_bilinear
 from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source, points_extent
 from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
 
@@ -195,21 +195,33 @@ def _axis_weights(start: float, n: int, step: float, src0: float, src_ps: float,
     return i0, i1, w, inside
 
 
-def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
-    """Bilinear resampling of a source window (after a ``k`` x ``k`` mean) onto one output chunk, normalised."""
+def _pooled_window(window, k: int, raw_ok: bool = False) -> np.ndarray:
+    """The source window after a ``k`` x ``k`` mean, as float32; ``raw_ok``: integer/float32 windows as they are.
+
+    Small integer and float32 values are exact as float32, so a kernel reading them unconverted computes the same.
+    """
     win = np.asarray(window)
     if k > 1:
         hh, ww = win.shape[0] // k, win.shape[1] // k
         win = win[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3), dtype=np.float32)
-    win = np.ascontiguousarray(win, dtype=np.float32)
+    if raw_ok and win.dtype in _RAW_DTYPES:
+        return np.ascontiguousarray(win)
+    return np.ascontiguousarray(win, dtype=np.float32)
+
+
+_RAW_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.float32))
+
+
+def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
+    """Bilinear resampling of a source window (after a ``k`` x ``k`` mean) onto one output chunk, normalised."""
+    win = _pooled_window(window, k)
     return resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
 
 
-def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: float, binary: bool = False):
-    """Lazy ``(y, x)`` float32 resampling of one channel of ``element`` onto ``grid``."""
-    import dask
-    import dask.array as da
-
+def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = False):
+    """Per output chunk ``(r, c, h, w, spec)``: ``spec`` is ``None`` where the chunk misses the source, else the
+    source window (lazy) and the resampling indices ``(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k)``.
+    """
     levels = _levels(element)
     geoms = [_geom(lv) for lv in levels]
     # the coarsest level still at least as fine as the output, then a k x k mean down to about the output size
@@ -224,10 +236,8 @@ def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: f
         arr = arr > 0
     src_h, src_w = geom.height // k, geom.width // k
     psx, psy = geom.psx * k, geom.psy * k
-    rows = []
     for r in range(0, grid.height, chunk):
         h = min(chunk, grid.height - r)
-        row = []
         for c in range(0, grid.width, chunk):
             w = min(chunk, grid.width - c)
             by0 = grid.y0 + r * grid.pixel_size
@@ -235,16 +245,28 @@ def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: f
             i0y, i1y, wy, iny = _axis_weights(by0, h, grid.pixel_size, geom.y0, psy, src_h)
             i0x, i1x, wx, inx = _axis_weights(bx0, w, grid.pixel_size, geom.x0, psx, src_w)
             if src_h == 0 or src_w == 0 or not iny.any() or not inx.any():
-                row.append(da.zeros((h, w), dtype=np.float32, chunks=(h, w)))
+                yield r, c, h, w, None
                 continue
             ry0, ry1 = int(i0y.min()), int(i1y.max()) + 1
             rx0, rx1 = int(i0x.min()), int(i1x.max()) + 1
             window = arr[ry0 * k : ry1 * k, rx0 * k : rx1 * k]
-            block = dask.delayed(_resample_block, pure=True)(
-                window, i0y - ry0, i1y - ry0, wy, iny, i0x - rx0, i1x - rx0, wx, inx, k, lo, hi
-            )
-            row.append(da.from_delayed(block, shape=(h, w), dtype=np.float32))
-        rows.append(row)
+            yield r, c, h, w, (window, i0y - ry0, i1y - ry0, wy, iny, i0x - rx0, i1x - rx0, wx, inx, k)
+
+
+def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: float, binary: bool = False):
+    """Lazy ``(y, x)`` float32 resampling of one channel of ``element`` onto ``grid``."""
+    import dask
+    import dask.array as da
+
+    rows: list[list] = []
+    for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel, binary):
+        if c == 0:
+            rows.append([])
+        if spec is None:
+            rows[-1].append(da.zeros((h, w), dtype=np.float32, chunks=(h, w)))
+            continue
+        block = dask.delayed(_resample_block, pure=True)(*spec, lo, hi)
+        rows[-1].append(da.from_delayed(block, shape=(h, w), dtype=np.float32))
     return da.block(rows)
 
 
@@ -565,6 +587,22 @@ def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, lut, dy, dx, ch
     else:
         stain = np.ascontiguousarray(stain[0][0], dtype=np.float32)
         h, w = stain.shape
+    winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
+    return compose_rgb(stain, winners, lut, h, w)
+
+
+def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, lut, dy, dx):
+    """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
+    winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
+    if spec is None:
+        return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, lut, h, w)
+    window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
+    win = _pooled_window(window, k, raw_ok=True)
+    scale = np.float32(1.0 / (hi - lo))
+    return compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, lut, h, w)
+
+
+def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
     winners = np.full(h * w, -1, dtype=np.int32)
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
@@ -585,7 +623,23 @@ def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, lut, dy, dx, ch
                         dx,
                         winners,
                     )
-    return compose_rgb(stain, winners, lut, h, w)
+    return winners
+
+
+def _picture_over_image(element, grid: Grid, chunk: int, stain_range, **draw):
+    """Lazy ``(3, y, x)`` uint8 picture over a stain image: one task per chunk resamples and composes."""
+    import dask
+    import dask.array as da
+
+    lo, hi = (float(v) for v in stain_range)
+    channel = _nuclear_channel(_scale0(element))
+    rows: list[list] = []
+    for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel):
+        if c == 0:
+            rows.append([])
+        block = dask.delayed(_draw_block_resampled, pure=True)(spec, lo, hi, r // chunk, c // chunk, h, w, **draw)
+        rows[-1].append(da.from_delayed(block, shape=(3, h, w), dtype=np.uint8))
+    return da.block(rows)
 
 
 def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
@@ -768,6 +822,20 @@ def rasterize_transcripts(
     dy, dx = disc_footprint(dot_size)
     import dask.array as da
 
+    if stain_info["stain_kind"] == "images":
+        data = _picture_over_image(
+            sdata.images[stain_info["stain_key"]],
+            grid,
+            chunk,
+            stain_info["stain_range"],
+            binned=binned,
+            rank_of=rank_of,
+            lut=lut,
+            dy=dy,
+            dx=dx,
+        )
+        add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
+        return
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     data = da.map_blocks(
         _draw_block,
