@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -602,8 +603,20 @@ def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, lut, d
     return compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, lut, h, w)
 
 
+_SCRATCH = threading.local()
+
+
 def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
-    winners = np.full(h * w, -1, dtype=np.int32)
+    """Which gene wins each pixel of chunk ``(bi, bj)``: a buffer reused by the thread's next chunk.
+
+    Reused because a fresh 4 MB buffer per chunk costs a page fault per 4 kB; it is only read before the
+    thread draws its next chunk.
+    """
+    winners = getattr(_SCRATCH, "winners", None)
+    if winners is None or winners.shape[0] < h * w:
+        winners = _SCRATCH.winners = np.empty(h * w, dtype=np.int32)
+    winners = winners[: h * w]
+    winners.fill(-1)
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
         span = (-1, 0, 1) if reach > 0 else (0,)
