@@ -521,9 +521,9 @@ class _Scratch:
 
 def _spill(part: _Part, folder: str, index: int) -> _Part:
     path = os.path.join(folder, f"part{index:06d}.bin")
-    with open(path, "wb") as f:
-        f.write(np.ascontiguousarray(part.offsets, dtype=np.int32).tobytes())
-        f.write(np.ascontiguousarray(part.codes, dtype=np.int32).tobytes())
+    with open(path, "wb") as f:  # written from the arrays' own memory, no copy
+        f.write(memoryview(np.ascontiguousarray(part.offsets, dtype=np.int32)))
+        f.write(memoryview(np.ascontiguousarray(part.codes, dtype=np.int32)))
     fd = os.open(path, os.O_RDONLY)
     return _Part(part.starts, None, None, fd)
 

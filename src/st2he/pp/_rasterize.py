@@ -725,9 +725,10 @@ def rasterize_transcripts(
     pixel_size
         Output pixel edge in µm.
     dot_size
-        Diameter of a transcript's dot in pixels (1: the molecule's own pixel). Where dots of several genes meet,
-        the pixel takes the gene that covers it most often (ties: the gene first by name), so the result does not
-        depend on the order of the molecules or on the chunking.
+        Diameter of a transcript's dot in pixels (1: the molecule's own pixel). Where several molecules cover a
+        pixel (in the same pixel, or dots that meet), the one with the highest pseudo-random priority wins, a hash
+        of its exact coordinates (ties: the gene last by name), so the result does not depend on the order of the
+        molecules or on the chunking.
     color
         Colour of every transcript for ``style="single"``.
     region
