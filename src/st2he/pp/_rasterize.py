@@ -8,6 +8,7 @@ the chunk size, not on the slide.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -219,9 +220,12 @@ def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
     return resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
 
 
-def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = False):
+def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = False, bounds: bool = False):
     """Per output chunk ``(r, c, h, w, spec)``: ``spec`` is ``None`` where the chunk misses the source, else the
     source window (lazy) and the resampling indices ``(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k)``.
+
+    ``bounds=True``: ``window`` is ``(source, y0, y1, x0, x1)`` instead, the 2-D dask array of the source
+    channel and the window's pixel bounds in it.
     """
     levels = _levels(element)
     geoms = [_geom(lv) for lv in levels]
@@ -250,7 +254,10 @@ def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = 
                 continue
             ry0, ry1 = int(i0y.min()), int(i1y.max()) + 1
             rx0, rx1 = int(i0x.min()), int(i1x.max()) + 1
-            window = arr[ry0 * k : ry1 * k, rx0 * k : rx1 * k]
+            if bounds:
+                window = (arr, ry0 * k, ry1 * k, rx0 * k, rx1 * k)
+            else:
+                window = arr[ry0 * k : ry1 * k, rx0 * k : rx1 * k]
             yield r, c, h, w, (window, i0y - ry0, i1y - ry0, wy, iny, i0x - rx0, i1x - rx0, wx, inx, k)
 
 
@@ -328,8 +335,10 @@ def _fill_polygons(geoms, grid: Grid) -> np.ndarray:
     return out
 
 
-def _stain(sdata, grid: Grid, *, stain_key, boundaries_key, percentiles, chunk) -> tuple[Any, dict[str, Any]]:
-    """Return the stain layer and what it was made from."""
+def _stain(
+    sdata, grid: Grid, *, stain_key, boundaries_key, percentiles, chunk, image_layer: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """Return the stain layer and what it was made from (``image_layer=False``: no layer for a stain image)."""
     import dask.array as da
 
     info: dict[str, Any] = {"stain_key": None, "stain_kind": None}
@@ -359,7 +368,7 @@ def _stain(sdata, grid: Grid, *, stain_key, boundaries_key, percentiles, chunk) 
             info["stain_channel"] = str(data.coords["c"].values[channel])
         info["stain_range"] = [lo, hi]
         info["stain_percentiles"] = list(percentiles)
-        return _image_layer(element, grid, chunk, channel, lo, hi), info
+        return (_image_layer(element, grid, chunk, channel, lo, hi) if image_layer else None), info
     if kind == "labels":
         return _image_layer(sdata.labels[key], grid, chunk, 0, 0.0, 1.0, binary=True), info
     if kind == "shapes":
@@ -640,19 +649,62 @@ def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
 
 
 def _picture_over_image(element, grid: Grid, chunk: int, stain_range, **draw):
-    """Lazy ``(3, y, x)`` uint8 picture over a stain image: one task per chunk resamples and composes."""
-    import dask
+    """Lazy ``(3, y, x)`` uint8 picture over a stain image: one task per chunk resamples and composes.
+
+    The graph is made by hand, one layer: each task takes the source chunks its window overlaps and cuts the
+    window itself (slicing the dask array per chunk, or passing the molecules to a delayed call per chunk,
+    costs milliseconds of graph work per chunk).
+    """
     import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
 
     lo, hi = (float(v) for v in stain_range)
     channel = _nuclear_channel(_scale0(element))
-    rows: list[list] = []
-    for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel):
-        if c == 0:
-            rows.append([])
-        block = dask.delayed(_draw_block_resampled, pure=True)(spec, lo, hi, r // chunk, c // chunk, h, w, **draw)
-        rows[-1].append(da.from_delayed(block, shape=(3, h, w), dtype=np.uint8))
-    return da.block(rows)
+    draw_fn = functools.partial(_draw_block_resampled, **draw)
+    levels = [lv.data for lv in _levels(element)]
+    name = "st2he-picture-" + tokenize(draw, lo, hi, grid, chunk, channel, levels)
+    dsk: dict = {}
+    sources: dict[int, Any] = {}  # the source channel as a dask array (the same object for every chunk)
+    for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel, bounds=True):
+        bi, bj = r // chunk, c // chunk
+        if spec is None:
+            dsk[(name, 0, bi, bj)] = (draw_fn, None, lo, hi, bi, bj, h, w)
+            continue
+        (arr, y0, y1, x0, x1), rest = spec[0], list(spec[1:])
+        if id(arr) not in sources:
+            sources[id(arr)] = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr), chunks=2048)
+        keys, cuts = _window_pieces(sources[id(arr)], y0, y1, x0, x1)
+        dsk[(name, 0, bi, bj)] = (_draw_from_pieces, draw_fn, keys, cuts, rest, lo, hi, bi, bj, h, w)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(sources.values()))
+    chunks = ((3,), _split(grid.height, chunk), _split(grid.width, chunk))
+    return da.Array(graph, name, chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), dtype=np.uint8))
+
+
+def _window_pieces(arr, y0: int, y1: int, x0: int, x1: int):
+    """Keys of the chunks of 2-D ``arr`` that rows ``y0:y1`` and columns ``x0:x1`` overlap, and the cut in each."""
+    cy = np.cumsum((0, *arr.chunks[0]))
+    cx = np.cumsum((0, *arr.chunks[1]))
+    rows = range(int(np.searchsorted(cy, y0, "right")) - 1, int(np.searchsorted(cy, y1, "left")))
+    cols = range(int(np.searchsorted(cx, x0, "right")) - 1, int(np.searchsorted(cx, x1, "left")))
+    keys = [[(arr.name, i, j) for j in cols] for i in rows]
+    cuts = [
+        [int(max(y0, cy[i]) - cy[i]), int(min(y1, cy[i + 1]) - cy[i])] for i in rows
+    ], [[int(max(x0, cx[j]) - cx[j]), int(min(x1, cx[j + 1]) - cx[j])] for j in cols]
+    return keys, list(cuts)
+
+
+def _draw_from_pieces(draw_fn, pieces, cuts, rest, lo, hi, bi, bj, h, w):
+    ycuts, xcuts = cuts
+    rows = [
+        [np.asarray(p)[ya:yb, xa:xb] for p, (xa, xb) in zip(row, xcuts, strict=True)]
+        for row, (ya, yb) in zip(pieces, ycuts, strict=True)
+    ]
+    if len(rows) == 1 and len(rows[0]) == 1:
+        window = rows[0][0]
+    else:
+        window = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
+    return draw_fn((window, *rest), lo, hi, bi, bj, h, w)
 
 
 def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
@@ -778,7 +830,13 @@ def rasterize_transcripts(
         else _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, drop_controls)
     )
     stain, stain_info = _stain(
-        sdata, grid, stain_key=stain_key, boundaries_key=boundaries_key, percentiles=percentiles, chunk=chunk
+        sdata,
+        grid,
+        stain_key=stain_key,
+        boundaries_key=boundaries_key,
+        percentiles=percentiles,
+        chunk=chunk,
+        image_layer=False,  # a stain image is resampled inside the drawing tasks (_picture_over_image)
     )
     params: dict[str, Any] = {
         "points_key": points_key if source is not None else None,
