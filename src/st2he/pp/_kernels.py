@@ -192,25 +192,17 @@ def bin_partition(
     n_blocks,
     bin_size,
     bin_level,
-    block,
-    offset,
-    code_of,
-    bin_keys,
-    bin_codes,
-    out_off,
-    out_codes,
 ):
     """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by ``chunk`` blocks.
 
-    A counting sort that keeps the molecules' order. Returns ``(starts, n_in, n_kept, n_bins)``: the molecules of
-    block ``b`` are ``starts[b]:starts[b + 1]`` of ``out_off[:n_in]`` (row_in_block * chunk + col_in_block) and
-    ``out_codes[:n_in]`` (:func:`priority` << 16 | gene code), pixels as :meth:`st2he._grid.Grid.to_pixel`
-    (``floor((x - x0) / pixel_size)``). With ``bin_size > 0`` it also writes the spatial-bin keys and codes of
-    the kept molecules selected at ``bin_level`` (see :func:`select_bins`) to ``bin_keys[:n_bins]`` and
-    ``bin_codes[:n_bins]``, for co-expression statistics.
+    A counting sort that keeps the molecules' order. Returns ``(starts, offsets, packed, n_kept, bin_keys,
+    bin_codes)``: molecules of block ``b`` are ``starts[b]:starts[b + 1]``, ``offsets`` = row_in_block * chunk +
+    col_in_block, ``packed`` = :func:`priority` << 16 | gene code, pixels as :meth:`st2he._grid.Grid.to_pixel`
+    (``floor((x - x0) / pixel_size)``). With ``bin_size > 0`` it also returns the spatial-bin keys and codes of
+    the kept molecules selected at ``bin_level`` (see :func:`select_bins`) for co-expression statistics.
 
-    ``block`` ... ``out_codes`` are scratch and output buffers of at least ``len(x)`` entries (``bin_*`` may be
-    empty without bins), reused from partition to partition: fresh ones would cost a page fault per 4 kB.
+    Its arrays are allocated here, per partition (numba's ``malloc``): measured on a cold process, reusing
+    NumPy-allocated buffers across partitions cost more system time than it saved.
     """
     n = x.shape[0]
     has_genes = raw_codes.shape[0] == n and n > 0
@@ -218,8 +210,13 @@ def bin_partition(
     has_qv = qv.shape[0] == n and n > 0
     a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
     a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
+    block = np.empty(n, dtype=np.int32)
+    offset = np.empty(n, dtype=np.int32)
+    code_of = np.empty(n, dtype=np.int32)
     counts = np.zeros(n_blocks + 1, dtype=np.int64)
     do_bins = bin_size > 0
+    bin_keys = np.empty(n if do_bins else 0, dtype=np.int64)
+    bin_codes = np.empty(n if do_bins else 0, dtype=np.int32)
     bin_mask = (np.uint64(1) << np.uint64(bin_level)) - np.uint64(1)
     n_bins = 0
     n_kept = 0
@@ -292,6 +289,8 @@ def bin_partition(
     for b in range(n_blocks):
         counts[b + 1] += counts[b]
     pos = counts[:n_blocks].copy()
+    out_off = np.empty(n_in, dtype=np.int32)
+    out_codes = np.empty(n_in, dtype=np.int32)
     # molecules come in runs of one block (instruments write them field by field): keep the write position of
     # the current run in a register instead of reading and writing pos[b] for every molecule
     cur = -1
@@ -310,7 +309,7 @@ def bin_partition(
         j += 1
     if cur >= 0:
         pos[cur] = j
-    return counts, n_in, n_kept, n_bins
+    return counts, out_off, out_codes, n_kept, bin_keys[:n_bins], bin_codes[:n_bins]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -485,3 +484,4 @@ def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, 
                 out[1, r, c] = q
                 out[2, r, c] = q
     return out
+

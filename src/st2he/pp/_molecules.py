@@ -446,12 +446,10 @@ def bin_molecules(
     affine, identity = _affine(source)
     stats = np.zeros(6, dtype=np.int64)
     in_memory = 0
-    scratch = _Scratch(bins is not None)
     for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
         source, codes_book, min_qv=min_qv, drop_controls=drop_controls
     ):
-        buf = scratch.get(len(x))
-        starts, n_in, n_kept, n_bins = bin_partition(
+        starts, offsets, codes, n_kept, bin_keys, bin_codes = bin_partition(
             x,
             y,
             raw,
@@ -474,49 +472,27 @@ def bin_molecules(
             n_blocks,
             bins.bin_size if bins is not None else 0.0,
             bins.level if bins is not None else 0,
-            *buf,
         )
-        n_in, n_bins = int(n_in), int(n_bins)
         report.update(stats)
-        report.outside += int(n_kept) - n_in
+        report.outside += int(n_kept) - len(offsets)
         if bins is not None:
-            bins.add(buf[3][:n_bins].copy(), buf[4][:n_bins].copy())
-        if n_in == 0:
+            bins.add(bin_keys, bin_codes)
+        if len(offsets) == 0:
             continue
-        offsets, codes = buf[5][:n_in], buf[6][:n_in]  # views of the reused buffers: copy or spill them
+        part = _Part(starts, offsets, codes)
         nbytes = offsets.nbytes + codes.nbytes
         if in_memory + nbytes > memory_limit:
             if binned.spill_dir is None:
                 binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
                 weakref.finalize(binned, _close, binned.parts, binned.spill_dir)
-            part = _spill(_Part(starts, offsets, codes), binned.spill_dir, len(binned.parts))
+            part = _spill(part, binned.spill_dir, len(binned.parts))
         else:
-            part = _Part(starts, offsets.copy(), codes.copy())
             in_memory += nbytes
         binned.parts.append(part)
     if len(codes_book.names) > 65535:
         msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most 65535."
         raise ValueError(msg)
     return binned
-
-
-class _Scratch:
-    """Buffers for :func:`st2he.pp._kernels.bin_partition`, grown to the largest partition and then reused."""
-
-    def __init__(self, bins: bool) -> None:
-        self.bins = bins
-        self.size = -1
-        self.buffers: tuple[np.ndarray, ...] = ()
-
-    def get(self, n: int) -> tuple[np.ndarray, ...]:
-        if n > self.size:
-            i32 = [np.empty(n, dtype=np.int32) for _ in range(3)]
-            nb = n if self.bins else 0
-            self.buffers = (*i32, np.empty(nb, dtype=np.int64), np.empty(nb, dtype=np.int32), *(
-                np.empty(n, dtype=np.int32) for _ in range(2)
-            ))
-            self.size = n
-        return self.buffers
 
 
 def _spill(part: _Part, folder: str, index: int) -> _Part:
