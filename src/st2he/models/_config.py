@@ -138,7 +138,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "unet": _unet((32, 64, 128), 1, 64, 8, 16, 32),
         "text_encoder": _text(4096, 64, 128, 1, 4, 16),
         "tokenizer": _hashing_tokenizer(4096, 16),
-        "lora": {"rank_unet": 8, "rank_vae": 4, "alpha_unet": 8, "alpha_vae": 8},
+        # trained from scratch, every weight: LoRA adapters would only slow training (add them to fine-tune later)
+        "lora": {"rank_unet": 8, "rank_vae": 4, "alpha_unet": 8, "alpha_vae": 8, "enabled": False},
         "train_mode": "full",
     },
     # SD-Turbo (Stable Diffusion 2.1 shape): load its weights with from_pretrained("stabilityai/sd-turbo");

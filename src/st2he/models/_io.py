@@ -447,6 +447,7 @@ def _load_st2he_full(folder: Path, config: dict, state: dict[str, torch.Tensor])
         prompt=config.get("prompt") or default_prompt(None),
         metadata=config.get("metadata") or {},
         skip_init="default",
+        add_lora=arch.get("lora", {}).get("enabled", True),
     )
     own = model.state_dict()
     sd = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}

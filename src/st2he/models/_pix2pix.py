@@ -122,12 +122,14 @@ class Pix2PixTurbo(nn.Module):
         self._lock = threading.RLock()
         self._prompt_cache: dict[tuple, torch.Tensor] = {}
         self._r: float | None = None
+        self._compiled = None
         # the first convolution of the UNet as it was before fine-tuning, blended in by the stochastic mode
         self.conv_in_pretrained = copy.deepcopy(unet.conv_in).requires_grad_(False)
         self.unet.conv_in.register_forward_hook(self._blend_conv_in)
         self._attach_skip_convs(skip_init)
         if add_lora:
             self.add_lora()
+        self.config["lora"]["enabled"] = bool(add_lora)
         # keep the config's record of the architecture in step with the parts
         self.config["vae"] = _plain_config(vae.config)
         self.config["unet"] = _plain_config(unet.config)
@@ -143,6 +145,7 @@ class Pix2PixTurbo(nn.Module):
         seed: int = 0,
         prompt: str | None = None,
         tissue: str | None = None,
+        lora: bool | None = None,
         **metadata,
     ) -> Pix2PixTurbo:
         """Build a randomly initialised model of config ``"tiny"``, ``"small"``, ``"sd-turbo"`` or a config dict."""
@@ -161,6 +164,7 @@ class Pix2PixTurbo(nn.Module):
                 prompt=prompt or default_prompt(tissue),
                 metadata={"tissue": tissue, **metadata},
                 skip_init=skip_init,
+                add_lora=config["lora"].get("enabled", True) if lora is None else lora,
             )
         return model
 
@@ -228,6 +232,31 @@ class Pix2PixTurbo(nn.Module):
         self.vae.add_adapter(vae_cfg, adapter_name="vae_skip")
         self.unet.add_adapter(unet_cfg, adapter_name="default")
 
+    def _lora_layers(self) -> list:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in [*self.unet.modules(), *self.vae.modules()] if isinstance(m, BaseTunerLayer)]
+
+    def merge_lora(self) -> Pix2PixTurbo:
+        """Fold the LoRA weights into the layers they adapt (faster deterministic inference; undone by training)."""
+        with torch.no_grad():
+            for m in self._lora_layers():
+                if not m.merged:
+                    m.merge()
+        return self
+
+    def unmerge_lora(self) -> Pix2PixTurbo:
+        """Undo :meth:`merge_lora`."""
+        with torch.no_grad():
+            for m in self._lora_layers():
+                while m.merged:
+                    m.unmerge()
+        return self
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(m.merged for m in self._lora_layers())
+
     @property
     def has_lora(self) -> bool:
         return bool(getattr(self.unet, "_hf_peft_config_loaded", False)) and bool(
@@ -246,6 +275,7 @@ class Pix2PixTurbo(nn.Module):
         if mode not in ("lora", "full"):
             msg = f"train mode must be 'lora' or 'full', got {mode!r}."
             raise ValueError(msg)
+        self.unmerge_lora()
         self.unet.train()
         self.vae.train()
         self.text_encoder.eval().requires_grad_(False)
@@ -336,9 +366,12 @@ class Pix2PixTurbo(nn.Module):
             skips.append(h)
             h = block(h)
         h = enc.mid_block(h)
-        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))
-        if getattr(self.vae, "quant_conv", None) is not None:
-            h = self.vae.quant_conv(h)
+        h = enc.conv_act(enc.conv_norm_out(h))
+        # the latent is amplified ~15x by the one-step x0 prediction: compute it in float32 even under autocast
+        with _full_precision(h):
+            h = enc.conv_out(h.float())
+            if getattr(self.vae, "quant_conv", None) is not None:
+                h = self.vae.quant_conv(h)
         return h, skips
 
     def _decode(self, z: torch.Tensor, skips: list[torch.Tensor], gamma: float) -> torch.Tensor:
@@ -358,8 +391,7 @@ class Pix2PixTurbo(nn.Module):
 
     def _predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         cfg = self.scheduler.config
-        t = min(T_ONE_STEP, cfg.num_train_timesteps - 1)
-        a = float(self.scheduler.alphas_cumprod[t])
+        a = self._alpha_one_step()
         if cfg.prediction_type == "epsilon":
             x0 = (sample - (1 - a) ** 0.5 * model_output) / a**0.5
         elif cfg.prediction_type == "v_prediction":
@@ -372,6 +404,15 @@ class Pix2PixTurbo(nn.Module):
         if getattr(cfg, "clip_sample", False):
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         return x0
+
+    def _alpha_one_step(self) -> float:
+        """``alphas_cumprod`` of the scheduler at t = 999, as a Python float (cached)."""
+        key = id(self.scheduler)
+        if getattr(self, "_alpha_key", None) != key:
+            t = min(T_ONE_STEP, self.scheduler.config.num_train_timesteps - 1)
+            self._alpha = float(self.scheduler.alphas_cumprod[t])
+            self._alpha_key = key
+        return self._alpha
 
     def _blend_conv_in(self, module, inputs, output):
         if self._r is None:
@@ -393,6 +434,27 @@ class Pix2PixTurbo(nn.Module):
             for m in layers:
                 for name in m.active_adapters:
                     m.set_scale(name, 1.0)
+
+    def _deterministic(self, x: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Deterministic one-step translation with the posterior mean (the path :meth:`compile` speeds up)."""
+        moments, skips = self._encode(x)
+        z = moments[:, : self.vae.config.latent_channels] * self.vae.config.scaling_factor
+        timestep = torch.full((x.shape[0],), T_ONE_STEP, device=x.device, dtype=torch.long)
+        eps = self.unet(z, timestep, encoder_hidden_states=prompt_embeds).sample
+        x0 = self._predict_x0(eps.float(), z.float())
+        return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, 1.0))
+
+    def compile(self, **kwargs) -> Pix2PixTurbo:
+        """Compile the deterministic inference path with ``torch.compile`` (GPU; the first call then takes a while).
+
+        Keyword arguments go to :func:`torch.compile`. LoRA weights are merged first, as :meth:`predict` does.
+        """
+        if self.has_lora:
+            self.merge_lora()
+        self._alpha_one_step()
+        _keep_fp32(self.unet.conv_out)
+        self._compiled = torch.compile(self._deterministic, **kwargs)
+        return self
 
     def latent_shape(self, height: int, width: int, batch: int = 1) -> tuple[int, int, int, int]:
         f = self.downscale
@@ -424,11 +486,16 @@ class Pix2PixTurbo(nn.Module):
             Draw the latent from the VAE posterior (as in training) instead of taking its mean.
         """
         self.check_input(x)
+        _keep_fp32(self.unet.conv_out)
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, batch_size=x.shape[0])
         elif prompt_embeds.shape[0] != x.shape[0]:
             prompt_embeds = prompt_embeds.expand(x.shape[0], -1, -1)
         prompt_embeds = prompt_embeds.to(x.device)
+        stochastic = r is not None and r < 1
+        if not stochastic and not sample_posterior:
+            core = self._compiled if self._compiled is not None and not self.training else self._deterministic
+            return core(x, prompt_embeds)
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         moments, skips = self._encode(x)
@@ -436,7 +503,6 @@ class Pix2PixTurbo(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         z = z * self.vae.config.scaling_factor
         timestep = torch.full((x.shape[0],), T_ONE_STEP, device=x.device, dtype=torch.long)
-        stochastic = r is not None and r < 1
         if not stochastic:
             unet_in = z
             eps = self.unet(unet_in, timestep, encoder_hidden_states=prompt_embeds).sample
@@ -450,6 +516,8 @@ class Pix2PixTurbo(nn.Module):
                     z.shape, generator=generator, device=z.device if generator is None else generator.device
                 )
             noise = noise.to(device=z.device, dtype=z.dtype)
+            if self.lora_merged:  # the LoRA weights are scaled by r: they must stand apart
+                self.unmerge_lora()
             unet_in = z * r + noise * (1 - r)
             with self._lock, self._lora_scale(r):
                 self._r = r
@@ -458,10 +526,15 @@ class Pix2PixTurbo(nn.Module):
                 finally:
                     self._r = None
                 gamma = r
-                x0 = self._predict_x0(eps, unet_in).to(eps.dtype)
-                return self._decode(x0 / self.vae.config.scaling_factor, skips, gamma).clamp(-1, 1)
-        x0 = self._predict_x0(eps, unet_in).to(eps.dtype)
-        return self._decode(x0 / self.vae.config.scaling_factor, skips, gamma).clamp(-1, 1)
+                x0 = self._predict_x0(eps.float(), unet_in.float())
+                return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, gamma))
+        x0 = self._predict_x0(eps.float(), unet_in.float())
+        return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, gamma))
+
+    def _clamp(self, y: torch.Tensor) -> torch.Tensor:
+        # pix2pix-turbo clamps to [-1, 1]; in training the clamp would stop the gradient of every saturated pixel
+        # (a model trained from scratch can get stuck there), so it is applied in eval mode only
+        return y if self.training else y.clamp(-1, 1)
 
     # ------------------------------------------------------------------ numpy inference
     @torch.no_grad()
@@ -475,11 +548,14 @@ class Pix2PixTurbo(nn.Module):
         seeds: list[int] | None = None,
         autocast: bool | str = "auto",
         channels_last: bool | str = "auto",
+        merge_lora: bool = True,
     ) -> np.ndarray:
         """Run the model over uint8 tiles ``(n, 3, H, W)`` and return uint8 H&E tiles of the same shape.
 
         ``seeds`` (one per tile) make the stochastic noise of every tile reproducible whatever the batching.
-        On a GPU, ``autocast`` (bf16 where supported, else fp16) and channels-last memory are used by default.
+        ``merge_lora`` folds the LoRA weights into their layers for deterministic runs (fewer kernels; training or
+        the stochastic mode undo it).
+        On a GPU ``autocast`` (bf16 where supported, else fp16) is used by default; channels-last memory on GPU and CPU.
         """
         tiles = np.asarray(tiles)
         if tiles.ndim != 4:
@@ -488,12 +564,14 @@ class Pix2PixTurbo(nn.Module):
         device = self.device
         on_gpu = device.type == "cuda"
         use_autocast = on_gpu if autocast == "auto" else bool(autocast)
-        use_cl = on_gpu if channels_last == "auto" else bool(channels_last)
+        use_cl = device.type in ("cuda", "cpu") if channels_last == "auto" else bool(channels_last)
         amp_dtype = torch.bfloat16 if (on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
         out = np.empty_like(tiles, dtype=np.uint8)
         emb = self.encode_prompt(prompt)
         stochastic = r is not None and r < 1
         with self._lock:
+            if merge_lora and not stochastic and self.has_lora:
+                self.merge_lora()
             if use_cl:
                 self.unet.to(memory_format=torch.channels_last)
                 self.vae.to(memory_format=torch.channels_last)
@@ -528,6 +606,42 @@ class Pix2PixTurbo(nn.Module):
             f"vae={self.num_parameters('vae') / 1e6:.2f} M, unet={self.num_parameters('unet') / 1e6:.2f} M, "
             f"text_encoder={self.num_parameters('text_encoder') / 1e6:.2f} M parameters)"
         )
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _full_precision(t: torch.Tensor):
+    """Suspend autocast (if on) for the enclosed operations."""
+    if _autocast_on(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _keep_fp32(module: nn.Module) -> None:
+    """Run ``module`` in float32 even under autocast (once per module; the state dict is unchanged).
+
+    At t = 999 the clean latent is ``(z - 0.998 eps) / 0.069``: bf16 rounding of the UNet's output ``eps`` (0.4 %)
+    would come out amplified ~15x, enough to wreck training and blur inference. The UNet's last convolution (and
+    the VAE encoder's, in :meth:`Pix2PixTurbo._encode`) therefore computes in float32; everything else keeps the
+    speed of autocast.
+    """
+    if getattr(module, "_st2he_fp32", False):
+        return
+    inner = module.forward
+
+    def forward(x, *args, **kwargs):
+        if _autocast_on(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return inner(x.float(), *args, **kwargs)
+        return inner(x, *args, **kwargs)
+
+    module.forward = forward
+    module._st2he_fp32 = True
 
 
 def _text_config(config) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class TrainConfig:
     log_every: int = 10
     val_batch_size: int = 8
     seed: int = 0
+    time_budget: float | None = None  # seconds: after calibration_steps, lower `steps` to end within the budget
+    calibration_steps: int = 50
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +276,9 @@ def train(
     prompt
         Prompt to train with (default: the model's).
     """
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
+    import dataclasses
+
+    cfg = dataclasses.replace(config) if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 0:
         msg = "steps must be >= 0, and batch_size and grad_accum >= 1."
         raise ValueError(msg)
@@ -353,8 +357,25 @@ def train(
         history.append(val_record(0))
     bar = tqdm(total=cfg.steps, initial=step, desc="train generator", unit="step", disable=not progress)
     running: dict[str, list[float]] = {}
+    import time
+
+    t_start, step_start = time.perf_counter(), step
+    t_cal = t_start
+    settle = 10  # steps before timing (kernel selection, caches)
     try:
         while step < cfg.steps:
+            if cfg.time_budget and step - step_start == settle:
+                t_cal = time.perf_counter()
+            if cfg.time_budget and step - step_start == settle + cfg.calibration_steps:
+                per_step = (time.perf_counter() - t_cal) / cfg.calibration_steps
+                fit = step + int((cfg.time_budget - (time.perf_counter() - t_start)) / per_step)
+                if fit < cfg.steps:
+                    logger.info(
+                        "time_budget: %.3f s per step, training %d steps instead of %d", per_step, fit, cfg.steps
+                    )
+                    cfg.steps = max(fit, step + 1)
+                    bar.total = cfg.steps
+
             lr = _lr_at(step, cfg, base_lr)
             for g in opt.param_groups:
                 g["lr"] = lr

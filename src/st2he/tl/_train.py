@@ -60,20 +60,34 @@ def resample_to_grid(data, src: Grid, dst: Grid, *, order: int = 1) -> np.ndarra
 
 
 def aligned_pair(sdata, *, input_key: str = "st2he_input", target_key: str = "he_image"):
-    """Return the input picture and the real H&E of ``sdata`` on the input's grid: ``(input, target, grid)``, uint8."""
+    """Return the input picture and the real H&E of ``sdata`` on the input's grid: ``(input, target, grid)``, uint8.
+
+    Both are cut to the part of the input grid that the H&E covers; ``grid`` is that part.
+    """
     x, grid = get_image(sdata, input_key, parameter="input_key")
     y, tgrid = get_image(sdata, target_key, parameter="target_key")
     if x.shape[0] != 3 or y.shape[0] != 3:
         msg = f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels, {target_key!r} has {y.shape[0]}."
         raise ValueError(msg)
-    xin = np.asarray(x.data.compute() if hasattr(x.data, "compute") else x.data)
+    # keep the input pixels whose centres the H&E covers
+    ys, xs = grid.pixel_centers()
+    tx0, ty0, tx1, ty1 = tgrid.bounds
+    rows = np.flatnonzero((ys >= ty0) & (ys < ty1))
+    cols = np.flatnonzero((xs >= tx0) & (xs < tx1))
+    if not len(rows) or not len(cols):
+        msg = f"{input_key!r} and {target_key!r} do not overlap in the global coordinate system."
+        raise ValueError(msg)
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    sub = grid.crop(r0, r1, c0, c1)
+    block = x.data[:, r0:r1, c0:c1]
+    xin = np.asarray(block.compute() if hasattr(block, "compute") else block)
     if xin.dtype != np.uint8:
         msg = f"{input_key!r} must be uint8 (as st2he.pp.rasterize_transcripts writes), got {xin.dtype}."
         raise TypeError(msg)
-    yt = resample_to_grid(y, tgrid, grid)
+    yt = resample_to_grid(y, tgrid, sub)
     if yt.dtype != np.uint8:
         yt = np.clip(yt, 0, 255).astype(np.uint8)
-    return xin, yt, grid
+    return xin, yt, sub
 
 
 def tissue_fraction(tiles: np.ndarray, threshold: int = 10) -> np.ndarray:

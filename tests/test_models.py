@@ -1,0 +1,243 @@
+"""st2he.models: the pix2pix-turbo generator, its config family and checkpoint formats (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import st2he.models as M
+from st2he.models._io import canonical_key
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.Pix2PixTurbo.from_config("tiny", seed=0).set_eval()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny SD-shaped base model written in diffusers format."""
+    return M.save_base(tmp_path_factory.mktemp("base") / "tiny-sd", "tiny", seed=0)
+
+
+def _perturb(model, seed=1):
+    """Give the trainable parts (LoRA B, skip convolutions, conv_in) non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "skip_conv" in name or name.startswith("unet.conv_in"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model._prompt_cache.clear()
+    return model
+
+
+def _x(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def test_shapes_and_ranges(tiny):
+    x = _x()
+    with torch.no_grad():
+        y = tiny(x)
+    assert y.shape == x.shape
+    assert y.min() >= -1 and y.max() <= 1
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 3, 40, 48), dtype=np.uint8)
+    out = tiny.predict(tiles, batch_size=2)
+    assert out.shape == tiles.shape and out.dtype == np.uint8
+    assert tiny.downscale == 8
+    # the architecture is SD-shaped: skip convs from every encoder block into the decoder, LoRA where pix2pix-turbo has it
+    assert all(hasattr(tiny.vae.decoder, f"skip_conv_{i}") for i in (1, 2, 3, 4))
+    names = [n for n, _ in tiny.named_parameters()]
+    assert any(re.search(r"unet\..*attn1\.to_q\.lora_A\.default", n) for n in names)
+    assert any("vae.decoder.skip_conv_1.lora_A.vae_skip" in n for n in names)
+
+
+def test_determinism_and_stochastic_mode(tiny):
+    x = _x()
+    with torch.no_grad():
+        a = tiny(x)
+        b = tiny(x)
+        assert torch.equal(a, b)
+        # r = 1 is the deterministic mode
+        assert torch.allclose(tiny(x, r=1.0), a)
+        n1 = torch.randn(tiny.latent_shape(32, 32, 2), generator=torch.Generator().manual_seed(3))
+        s1 = tiny(x, r=0.5, noise=n1)
+        s2 = tiny(x, r=0.5, noise=n1.clone())
+        s3 = tiny(x, r=0.5, noise=torch.randn(n1.shape, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(s1, s2)
+    assert not torch.equal(s1, s3)
+    # seeds per tile make predict reproducible whatever the batching
+    tiles = np.random.default_rng(1).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    p1 = tiny.predict(tiles, batch_size=1, r=0.5, seeds=[7, 8, 9])
+    p3 = tiny.predict(tiles, batch_size=3, r=0.5, seeds=[7, 8, 9])
+    assert np.array_equal(p1, p3)
+    # same seed, same model
+    other = M.Pix2PixTurbo.from_config("tiny", seed=0).set_eval()
+    again = M.Pix2PixTurbo.from_config("tiny", seed=0).set_eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), again(x))
+        assert torch.allclose(other(x), a, atol=1e-5)  # ``tiny`` now runs channels-last: rounding differs
+
+
+def test_clear_errors(tiny):
+    with pytest.raises(ValueError, match="3-channel"):
+        tiny(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tiny(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="Unknown model config"):
+        M.get_config("huge")
+
+
+def test_tokenizer_is_deterministic():
+    tok = M.HashingWordTokenizer(4096, 16)
+    a = tok("This is a lung H&E image").input_ids
+    b = tok(["This is a lung H&E image"]).input_ids
+    assert torch.equal(a, b) and a.shape == (1, 16)
+    assert a[0, 0] == tok.bos_token_id
+    assert not torch.equal(a, tok("This is a breast H&E image").input_ids)
+    assert M.default_prompt("lung") == "This is a lung H&E image"
+    assert M.default_prompt(None) == "dapi2he"
+
+
+def test_diffusers_base_round_trip(base):
+    """A tiny SD-shaped model saved in diffusers format loads back through from_pretrained."""
+    model = M.from_pretrained(base)
+    fresh = M.Pix2PixTurbo(*M._pix2pix.build_components("tiny", seed=0), "tiny").set_eval()
+    for part in ("vae", "unet", "text_encoder"):
+        ours = {k: v for k, v in getattr(model, part).state_dict().items() if "lora" not in k and "skip" not in k}
+        ref = {k: v for k, v in getattr(fresh, part).state_dict().items() if "lora" not in k and "skip" not in k}
+        assert ours.keys() == ref.keys()
+        assert all(torch.equal(ours[k], ref[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.allclose(model(_x()), fresh(_x()))
+    assert model.metadata["base"] == str(base)
+
+
+def test_published_checkpoint_round_trip(base, tmp_path):
+    model = _perturb(M.from_pretrained(base))
+    with torch.no_grad():
+        expected = model(_x())
+    path = M.save_published(model, tmp_path / "CondGen.pkl")
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) >= {"rank_unet", "rank_vae", "unet_lora_target_modules", "vae_lora_target_modules"}
+    assert any("skip_conv" in k for k in raw["state_dict_vae"]) and "conv_in.weight" in raw["state_dict_unet"]
+    loaded = M.from_pretrained(base, path)
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), expected)
+
+
+def test_published_keys_of_older_releases(base, tmp_path):
+    """Keys without adapter names or base_layer (older peft) load by module path and LoRA role; others are reported."""
+    model = _perturb(M.from_pretrained(base), seed=2)
+    with torch.no_grad():
+        expected = model(_x())
+    path = M.save_published(model, tmp_path / "new.pkl")
+    sd = torch.load(path, weights_only=True)
+    sd["state_dict_unet"] = {re.sub(r"\.default\.", ".", k): v for k, v in sd["state_dict_unet"].items()}
+    sd["state_dict_vae"] = {
+        k.replace(".base_layer", "").replace(".vae_skip.", "."): v for k, v in sd["state_dict_vae"].items()
+    }
+    sd["state_dict_vae"]["decoder.not_a_module.weight"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "old.pkl")
+    with pytest.warns(UserWarning, match="decoder.not_a_module.weight"):
+        loaded = M.from_pretrained(base, tmp_path / "old.pkl")
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), expected)
+    assert canonical_key("a.to_q.lora_A.default.weight") == canonical_key("a.to_q.lora_A.weight")
+    assert canonical_key("a.conv1.base_layer.weight") == "a.conv1.weight"
+
+
+def test_st2he_format_round_trips(base, tmp_path):
+    # full weights (models trained from scratch)
+    tiny = M.Pix2PixTurbo.from_config("tiny", seed=5).set_eval()
+    M.save_pretrained(tiny, tmp_path / "full")
+    again = M.from_pretrained(tmp_path / "full")
+    with torch.no_grad():
+        assert torch.equal(again(_x()), tiny(_x()))
+    # only what fine-tuning changes (models with a base), loaded with or without naming the base
+    tuned = _perturb(M.from_pretrained(base), seed=3)
+    tuned.metadata.update({"palette": {"EPCAM": "#ff0000"}, "pixel_size": 0.5, "tile_size": 64})
+    M.save_pretrained(tuned, tmp_path / "delta")
+    with torch.no_grad():
+        expected = tuned(_x())
+        assert torch.equal(M.from_pretrained(base, tmp_path / "delta")(_x()), expected)
+        loaded = M.from_pretrained(tmp_path / "delta")
+        assert torch.equal(loaded(_x()), expected)
+    assert loaded.metadata["palette"] == {"EPCAM": "#ff0000"} and loaded.metadata["tile_size"] == 64
+    # a model without LoRA adapters round-trips too
+    plain = M.Pix2PixTurbo.from_config("tiny", lora=False).set_eval()
+    M.save_pretrained(plain, tmp_path / "plain")
+    assert not M.from_pretrained(tmp_path / "plain").has_lora
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_loading_fails_clearly(base, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="CondGen.pkl"):
+        M.from_pretrained(base, tmp_path / "missing.pkl")
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"\x80\x04 not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        M.from_pretrained(base, corrupt)
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"rank_unet": _Evil()}))
+    with pytest.raises(ValueError, match="never executes code"):
+        M.from_pretrained(base, evil)
+    wrong = tmp_path / "wrong.pkl"
+    torch.save({"state_dict": {}}, wrong)
+    with pytest.raises(ValueError, match="not a pix2pix-turbo checkpoint"):
+        M.from_pretrained(base, wrong)
+    # a hub id that is not in the (empty) local cache fails at once, without touching the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("ST2HE_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        M.from_pretrained("stabilityai/sd-turbo")
+    with pytest.raises(FileNotFoundError, match="diffusers-format"):
+        M.from_pretrained(tmp_path / "no" / "such" / "folder")
+    st2he_dir = tmp_path / "ckpt"
+    M.save_pretrained(M.Pix2PixTurbo.from_config("tiny", lora=False), st2he_dir)
+    (st2he_dir / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        M.from_pretrained(st2he_dir)
+
+
+def test_lora_merge_matches_unmerged(base):
+    model = _perturb(M.from_pretrained(base), seed=4)
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    a = model.predict(tiles, merge_lora=False)
+    b = model.predict(tiles, merge_lora=True)
+    assert model.lora_merged
+    assert np.abs(a.astype(int) - b).max() <= 1
+    model.set_train("lora")
+    assert not model.lora_merged
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n or "skip_conv" in n or n.startswith("unet.conv_in") for n in trainable)
+
+
+def test_shipped_model_loads():
+    """The small model shipped in the package loads (and is within the size limit)."""
+    from st2he.models._io import SHIPPED
+
+    folder = SHIPPED["small"]
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("shipped weights not present")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size < 25e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = M.load_model()
+    assert model.metadata["palette"] and model.metadata["tile_size"] == 256
+    out = model.predict(np.zeros((1, 3, 64, 64), dtype=np.uint8))
+    assert out.shape == (1, 3, 64, 64)
