@@ -22,7 +22,6 @@ This module imports neither spatialdata nor anything else from st2he outside :mo
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from typing import Any
 
@@ -124,7 +123,7 @@ class Pix2PixTurbo(nn.Module):
         self._r: float | None = None
         self._compiled = None
         # the first convolution of the UNet as it was before fine-tuning, blended in by the stochastic mode
-        self.conv_in_pretrained = copy.deepcopy(unet.conv_in).requires_grad_(False)
+        self.conv_in_pretrained = _copy_conv(unet.conv_in).requires_grad_(False)
         self.unet.conv_in.register_forward_hook(self._blend_conv_in)
         self._attach_skip_convs(skip_init)
         if add_lora:
@@ -606,6 +605,27 @@ class Pix2PixTurbo(nn.Module):
             f"vae={self.num_parameters('vae') / 1e6:.2f} M, unet={self.num_parameters('unet') / 1e6:.2f} M, "
             f"text_encoder={self.num_parameters('text_encoder') / 1e6:.2f} M parameters)"
         )
+
+
+def _copy_conv(conv: nn.Module) -> nn.Conv2d:
+    """A detached copy of a convolution (of its base layer when peft wraps it)."""
+    conv = getattr(conv, "base_layer", conv)
+    new = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -323,7 +323,6 @@ def train(
         perceptual = "lpips" if lpips_net is not None else "ssim"
         if lpips_net is not None:
             lpips_net.to(device)
-    emb = model.encode_prompt(prompt).detach()
     history: list[dict[str, Any]] = []
     step = 0
     if resume_from is not None:
@@ -340,6 +339,9 @@ def train(
         step = int(state["step"])
         history = json.loads(state["history"])
         logger.info("Resuming training from %s at step %d.", resume_from, step)
+    # after loading: the checkpoint's text encoder gives the prompt embedding
+    model._prompt_cache.clear()
+    emb = model.encode_prompt(prompt).detach()
 
     from tqdm.auto import tqdm
 

@@ -257,7 +257,20 @@ def _lazy(arr, predict, shape, chunk, tile, kwargs):
 
     x = da.asarray(arr)
     # a fourth (empty) channel, so that the blocks carry the uncertainty out along with r, g, b
-    x = da.concatenate([x, da.zeros_like(x[:1])], axis=0).rechunk((4, chunk, chunk))
+    # blocks of at least a tile (dask's overlap needs blocks no thinner than its depth): a thin last block joins
+    # the one before it
+    chunk = max(chunk, tile)
+
+    def sizes(n):
+        out = [chunk] * (n // chunk)
+        rest = n - sum(out)
+        if rest and out and rest < tile:
+            out[-1] += rest
+        elif rest:
+            out.append(rest)
+        return tuple(out) or (n,)
+
+    x = da.concatenate([x, da.zeros_like(x[:1])], axis=0).rechunk(((4,), sizes(shape[0]), sizes(shape[1])))
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks[1:]]
     n_samples = kwargs["n_samples"]
 

@@ -1,0 +1,170 @@
+"""st2he.tl.virtual_he: whole-image generation in blended tiles, chunked; errors; the stain baseline."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import spatialdata as sd_mod
+from scipy import ndimage
+
+import st2he
+from st2he._elements import add_image, record_params
+from st2he._grid import Grid, _scale0
+from st2he.models import Pix2PixTurbo
+from st2he.models._tiling import border_gradient_ratio, reader_from_array, render_region, tile_starts
+
+
+def _picture(h=150, w=170, seed=0):
+    rng = np.random.default_rng(seed)
+    img = ndimage.gaussian_filter(rng.random((3, h, w)), sigma=(0, 3, 3))
+    img = (img - img.min()) / (img.max() - img.min()) * 255
+    return img.astype(np.uint8)
+
+
+def _sdata(img=None, *, palette=None, pixel_size=0.5):
+    img = _picture() if img is None else img
+    sdata = sd_mod.SpatialData()
+    grid = Grid(100.0, 50.0, pixel_size, img.shape[1], img.shape[2])
+    add_image(sdata, "st2he_input", img, grid)
+    if palette is not None:
+        record_params(sdata, "st2he_input", {"palette": palette})
+    return sdata, grid
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = Pix2PixTurbo.from_config("tiny", seed=0)
+    m.metadata["tile_size"] = 64
+    return m.set_eval()
+
+
+class _Identity(Pix2PixTurbo):
+    """A model whose tiles come back unchanged (to test the tiler and the element plumbing)."""
+
+    def predict(self, tiles, **kwargs):
+        return np.asarray(tiles).copy()
+
+
+class _Offset(Pix2PixTurbo):
+    """Each tile shifted by its own random colour: a worst case for seams."""
+
+    def predict(self, tiles, seeds=None, **kwargs):
+        out = []
+        for t, s in zip(tiles, seeds, strict=True):
+            shift = np.random.default_rng(s).normal(0, 25, size=(3, 1, 1))
+            out.append(np.clip(t.astype(float) + shift, 0, 255))
+        return np.stack(out)
+
+
+def _make(cls):
+    base = Pix2PixTurbo.from_config("tiny", seed=0)
+    m = cls(base.vae, base.unet, base.text_encoder, base.tokenizer, base.scheduler, base.config, add_lora=False)
+    m.metadata["tile_size"] = 64
+    return m.set_eval()
+
+
+def _image(sdata, key):
+    return np.asarray(_scale0(sdata.images[key]).values)
+
+
+def test_identity_model_gives_back_the_input_exactly():
+    sdata, grid = _sdata()
+    st2he.tl.virtual_he(sdata, model=_make(_Identity), tile_size=64, overlap=16, chunk=48, progress=False)
+    out = _image(sdata, "virtual_he")
+    assert out.dtype == np.uint8
+    assert np.array_equal(out, _image(sdata, "st2he_input"))
+    # the output carries the input's transformation
+    assert Grid.from_element(sdata.images["virtual_he"]) == grid
+    assert list(_scale0(sdata.images["virtual_he"]).coords["c"].values) == ["r", "g", "b"]
+
+
+def test_blending_is_seamless_and_chunk_independent():
+    img = _picture(192, 192, seed=3)
+    read = reader_from_array(img)
+    model = _make(_Offset)
+    pred = model.predict
+    smooth, _ = render_region(pred, read, (192, 192), (0, 192, 0, 192), tile=64, overlap=24)
+    hard, _ = render_region(pred, read, (192, 192), (0, 192, 0, 192), tile=64, overlap=0)
+    boxed, _ = render_region(pred, read, (192, 192), (0, 192, 0, 192), tile=64, overlap=24, window="box")
+    r_smooth = border_gradient_ratio(smooth, 64, 24)
+    r_hard = border_gradient_ratio(hard, 64, 0)
+    r_box = border_gradient_ratio(boxed, 64, 24)
+    assert r_smooth < 1.5 < r_hard and r_smooth < r_box
+    # blocks computed on their own equal the whole-image result (tiles lie on one global grid)
+    sdata, _ = _sdata(img)
+    st2he.tl.virtual_he(sdata, model=model, tile_size=64, overlap=24, chunk=40, key_added="a", progress=False)
+    st2he.tl.virtual_he(sdata, model=model, tile_size=64, overlap=24, chunk=200, key_added="b", progress=False)
+    st2he.tl.virtual_he(sdata, model=model, tile_size=64, overlap=24, chunk=80, key_added="c", lazy=True)
+    a, b, c = (_image(sdata, k) for k in "abc")
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert np.array_equal(a, smooth)
+
+
+def test_tiles_cover_small_and_odd_images():
+    assert list(tile_starts(40, 64, 16)) == [0]
+    starts = tile_starts(150, 64, 16)
+    assert starts[0] == 0 and starts[-1] == 150 - 64 and np.all(np.diff(starts) <= 48)
+    img = _picture(40, 50)
+    sdata, _ = _sdata(img)
+    st2he.tl.virtual_he(sdata, model=_make(_Identity), tile_size=64, overlap=16, progress=False)
+    assert np.array_equal(_image(sdata, "virtual_he"), img)
+
+
+def test_tiny_model_end_to_end_with_uncertainty(tiny):
+    sdata, grid = _sdata(_picture(96, 80))
+    st2he.tl.virtual_he(sdata, model=tiny, tile_size=64, overlap=16, progress=False)
+    out = _image(sdata, "virtual_he")
+    assert out.shape == (3, 96, 80) and out.dtype == np.uint8
+    st2he.tl.virtual_he(sdata, model=tiny, n_samples=3, r=0.5, key_added="vs", progress=False)
+    spread = _image(sdata, "vs_uncertainty")
+    assert spread.shape == (1, 96, 80) and spread.dtype == np.float32
+    assert spread.max() > 0 and spread.min() >= 0
+    assert Grid.from_element(sdata.images["vs_uncertainty"]) == grid
+    # the same seed gives the same samples
+    st2he.tl.virtual_he(sdata, model=tiny, n_samples=3, r=0.5, key_added="vs2", progress=False)
+    assert np.array_equal(_image(sdata, "vs2"), _image(sdata, "vs"))
+    params = sdata.attrs["st2he"]["vs"]
+    assert params["method"] == "diffusion" and params["n_samples"] == 3
+
+
+def test_clear_errors(tiny):
+    sdata, grid = _sdata()
+    with pytest.raises(KeyError, match="input_key='nope'"):
+        st2he.tl.virtual_he(sdata, model=tiny, input_key="nope")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        st2he.tl.virtual_he(sdata, model=tiny, tile_size=60)
+    add_image(sdata, "four", np.zeros((4, 150, 170), np.uint8), grid, c_coords=["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="4 channels"):
+        st2he.tl.virtual_he(sdata, model=tiny, input_key="four")
+    st2he.tl.virtual_he(sdata, model=_make(_Identity), progress=False)
+    with pytest.raises(KeyError, match="already exists"):
+        st2he.tl.virtual_he(sdata, model=tiny)
+    st2he.tl.virtual_he(sdata, model=tiny, overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        st2he.tl.virtual_he(sdata, method="gan", key_added="x")
+
+
+def test_palette_and_pixel_size_warnings(tiny):
+    sdata, _ = _sdata(palette={"EPCAM": "#ff0000", "CD3E": "#00ff00"}, pixel_size=1.0)
+    tiny.metadata["palette"] = {"EPCAM": "#0000ff", "CD3E": "#00ff00"}
+    tiny.metadata["pixel_size"] = 0.5
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            st2he.tl.virtual_he(sdata, model=tiny, progress=False)
+        messages = [str(w.message) for w in rec]
+        assert any("EPCAM" in m and "#ff0000" in m for m in messages)
+        assert any("0.5 µm pixels" in m for m in messages)
+    finally:
+        del tiny.metadata["palette"], tiny.metadata["pixel_size"]
+
+
+def test_stain_method():
+    sdata = st2he.datasets.synthetic_tissue(0, size_um=64)
+    st2he.pp.rasterize_transcripts(sdata)
+    st2he.tl.virtual_he(sdata, method="stain")
+    out = _image(sdata, "virtual_he")
+    assert out.dtype == np.uint8 and out.shape[0] == 3
+    assert Grid.from_element(sdata.images["virtual_he"]) == Grid.from_element(sdata.images["st2he_input"])
