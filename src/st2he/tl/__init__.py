@@ -1,7 +1,18 @@
-"""st2he.tl."""
+"""Tools: virtual H&E, generator training, evaluation and zero-shot subtyping."""
 
 from ._evaluate import evaluate_he
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._train import train_generator
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot
+
+__all__ = [
+    "PROMPTS",
+    "TEMPLATES",
+    "evaluate_he",
+    "evaluate_zero_shot",
+    "get_prompts",
+    "train_generator",
+    "virtual_he",
+    "zero_shot",
+]
