@@ -1,25 +1,31 @@
 """Train, store and check the ``small`` generator shipped in ``src/st2he/models/weights/small``.
 
-The shipped weights were made in three steps, so that the training could run on a lent GPU machine that has
-torch, transformers and peft but neither spatialdata nor diffusers' dependencies beyond a carried wheel:
+Three steps, split so that step 2 can also run on a machine without spatialdata (e.g. a bare GPU machine with
+torch, transformers, peft and a diffusers wheel):
 
-1. ``prepare`` (CPU, needs spatialdata): simulate samples with :func:`st2he.datasets.synthetic_tissue`, draw their
-   input pictures with :func:`st2he.pp.rasterize_transcripts` (one palette for all: that of the first sample) and
-   cut aligned (input picture, H&E) pairs with :func:`st2he.tl._train.prepare_pairs` -- exactly what
-   :func:`st2he.tl.train_generator` does -- into ``pairs.npz`` + ``meta.json``.
-2. ``train`` (GPU or CPU, no spatialdata): the training core :func:`st2he.models._training.train` with the
-   configuration below -- exactly what :func:`st2he.tl.train_generator` calls -- then the model is stored in
-   float16 (safetensors + JSON config).
-3. ``evaluate`` (CPU, needs spatialdata): on held-out simulated samples (seeds never trained on), the diffusion
-   model and ``method="stain"`` through :func:`st2he.tl.virtual_he`, scored with :func:`st2he.tl.evaluate_he`.
+1. ``prepare`` (needs spatialdata): simulate samples with :func:`st2he.datasets.synthetic_tissue` (seeds 1-18 to
+   train, 50-51 to validate; seed 0, the demo's sample, and seeds 100-103, the test samples, are never used), draw
+   their input pictures with :func:`st2he.pp.rasterize_transcripts` (one palette for all: the co-expression palette
+   of the first training sample, stored with the model) and cut aligned (input picture, H&E) pairs with
+   :func:`st2he.tl._train.prepare_pairs` -- what :func:`st2he.tl.train_generator` does -- into ``pairs.npz``.
+2. ``train`` (no spatialdata): the training core :func:`st2he.models._training.train`, which
+   :func:`st2he.tl.train_generator` calls, with :data:`TRAIN_CONFIG`; the model is stored in float16
+   (safetensors + JSON config with palette, pixel size, tile size, prompt and training history).
+3. ``evaluate`` (needs spatialdata): on the held-out samples, ``virtual_he(method="diffusion")`` with the model and
+   ``method="stain"``, both scored against the simulated real H&E with :func:`st2he.tl.evaluate_he`.
 
-``all`` runs the three in one process through :func:`st2he.tl.train_generator` itself.
+``all`` does the same in one process through :func:`st2he.tl.train_generator` itself.
 
-Reproduce the shipped model (the GPU run took ~8 minutes on one H100)::
+Reproduce the shipped model (CPU, about an hour on 2 cores)::
 
     python benchmarks/train_small.py prepare --out .devdata/small
-    python benchmarks/train_small.py train --data .devdata/small --out .devdata/small/run --device cuda
+    python benchmarks/train_small.py train --data .devdata/small --out .devdata/small/run --device cpu
     python benchmarks/train_small.py evaluate --model .devdata/small/run/model
+
+``--recipe gpu`` trains larger crops and batches with bf16 autocast within a 5-minute budget. Note: a first GPU
+attempt of that recipe (before the UNet's last convolution and the x0 prediction were kept in float32 under
+autocast, and while outputs were clamped during training) did not learn (validation PSNR stuck near 11 dB); the
+fix has not been re-run on a GPU, so the shipped weights come from the CPU recipe.
 """
 
 from __future__ import annotations
@@ -41,25 +47,38 @@ TEST_SEEDS = [100, 101, 102, 103]  # held out: the figures reported for the ship
 SUBTYPES = ["mixed", "mixed", "gland", "solid"]
 TILE = 256
 
+#: The recipe of the shipped weights (a CPU run: ~1 hour on 2 busy cores). Losses: L2 + 0.5 (1 - SSIM); the
+#: adversarial term is off (it did not pay for its cost at this size), a fifth of the batches train the stochastic
+#: mode (r in [0.4, 1]) so that n_samples > 1 gives a meaningful spread.
 TRAIN_CONFIG = {
-    "steps": 6000,
-    "time_budget": 300,  # seconds: the run stops earlier (schedule shortened) on slower machines
-    "batch_size": 16,
-    "crop_size": TILE,
+    "steps": 1500,
+    "time_budget": None,
+    "batch_size": 4,
+    "crop_size": 128,
     "lr": 4e-4,
     "warmup_steps": 150,
     "lr_schedule": "cosine",
     "l2_weight": 1.0,
     "perceptual": "ssim",
     "perceptual_weight": 0.5,
-    "gan_weight": 0.005,
+    "gan_weight": 0.0,
     "gan_start": 1200,
     "stochastic_prob": 0.2,
     "r_range": (0.4, 1.0),
-    "val_every": 250,
-    "ckpt_every": 0,
+    "val_every": 500,
+    "ckpt_every": 500,
     "log_every": 100,
     "seed": 0,
+}
+#: A GPU variant (bf16 autocast, larger crops and batches, stops within a time budget); see the report in the
+#: module docstring before relying on it.
+GPU_CONFIG = {
+    **TRAIN_CONFIG,
+    "steps": 6000,
+    "time_budget": 300,
+    "batch_size": 16,
+    "crop_size": 256,
+    "gan_weight": 0.005,
 }
 
 
@@ -121,7 +140,9 @@ def _import_models():
     )
 
 
-def train(data: Path, out: Path, device: str, steps: int | None, batch_size: int | None, **overrides) -> None:
+def train(
+    data: Path, out: Path, device: str, steps: int | None, batch_size: int | None, recipe: str = "cpu", **overrides
+) -> None:
     import torch
 
     pix2pix, training, io = _import_models()
@@ -130,7 +151,7 @@ def train(data: Path, out: Path, device: str, steps: int | None, batch_size: int
     n = len([k for k in npz.files if k.startswith("train_input_")])
     xs = [npz[f"train_input_{i}"] for i in range(n)]
     ys = [npz[f"train_target_{i}"] for i in range(n)]
-    cfg = dict(TRAIN_CONFIG)
+    cfg = dict(GPU_CONFIG if recipe == "gpu" else TRAIN_CONFIG)
     if steps is not None:
         cfg["steps"] = steps
     if batch_size is not None:
@@ -227,11 +248,11 @@ def run_all(out: Path, device: str) -> None:
     train = [first] + [_sample(s, palette) for s in TRAIN_SEEDS[1:]]
     val = [_sample(s, palette) for s in VAL_SEEDS]
     cfg = dict(TRAIN_CONFIG)
-    cfg.pop("crop_size")
+    crop = cfg.pop("crop_size")
     model, history = st2he.tl.train_generator(
-        train, model="small", validation=val, tile_size=TILE, device=device, output_dir=out, **cfg
+        train, model="small", validation=val, tile_size=crop, device=device, output_dir=out, **cfg
     )
-    model.metadata["r_sampling"] = 0.5
+    model.metadata.update({"r_sampling": 0.5, "tile_size": TILE})
     save_pretrained(model.to("cpu"), out / "model", dtype=torch.float16)
     print(history[history["val_psnr"].notna()].to_string(index=False))
     evaluate(str(out / "model"), TEST_SEEDS)
@@ -248,7 +269,8 @@ def main() -> None:
     a.add_argument("--device", default="auto")
     a.add_argument("--steps", type=int, default=None)
     a.add_argument("--batch-size", type=int, default=None)
-    a.add_argument("--crop", type=int, default=None, help="training crop size (default: the tile size, 256)")
+    a.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="cpu: the shipped weights' recipe")
+    a.add_argument("--crop", type=int, default=None, help="training crop size (default 128)")
     a.add_argument("--time-budget", type=float, default=None, help="seconds (default 300)")
     a.add_argument("--lr", type=float, default=None)
     a.add_argument("--gan-weight", type=float, default=None)
@@ -271,6 +293,7 @@ def main() -> None:
             args.device,
             args.steps,
             args.batch_size,
+            recipe=args.recipe,
             crop_size=args.crop,
             time_budget=args.time_budget,
             lr=args.lr,
