@@ -9,12 +9,14 @@ from ._config import CONFIGS, get_config
 from ._io import from_pretrained, load_model, read_published, save_base, save_pretrained, save_published
 from ._pix2pix import Pix2PixTurbo, default_prompt
 from ._tokenizer import HashingWordTokenizer
+from ._training import TrainConfig
 
 __all__ = [
     "CONFIGS",
     "ClipModel",
     "HashingWordTokenizer",
     "Pix2PixTurbo",
+    "TrainConfig",
     "default_prompt",
     "from_pretrained",
     "get_config",
