@@ -130,7 +130,7 @@ def generate_he(
         msg = f"overlap must be at least 0 and smaller than tile_size ({tile_size}), got {overlap}."
         raise ValueError(msg)
     if batch_size is None:
-        batch_size = 8 if dev.type == "cuda" else 2
+        batch_size = 8 if dev.type == "cuda" else 1
     if r is None:
         r = 1.0 if n_samples == 1 else float(meta.get("r_sampling", 0.5))
     if not 0 <= r <= 1:

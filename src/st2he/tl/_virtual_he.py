@@ -56,7 +56,7 @@ def virtual_he(
     overlap
         Pixels shared by neighbouring tiles, blended with a smooth window. Default: a quarter of ``tile_size``.
     batch_size
-        Tiles per model call. Default: 8 on a GPU, 2 on the CPU.
+        Tiles per model call. Default: 8 on a GPU, 1 on the CPU (batching does not pay on the CPU).
     device
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
     n_samples
