@@ -35,6 +35,21 @@ def detect_platform(path: Path) -> str:
     raise ValueError(msg)
 
 
+def model_palette(sdata, model) -> dict | str:
+    """The generator's training palette when it names every gene drawn here, else ``"coexpression"``."""
+    palette = (model.metadata.get("palette") if model is not None else None) or {}
+    points = sdata.points["transcripts"]
+    gene_key = points.attrs["spatialdata_attrs"]["feature_key"]
+    genes = points[gene_key].cat.as_known().cat.categories if hasattr(points[gene_key], "cat") else []
+    controls = set(points.loc[points["is_control"], gene_key].unique().compute()) if "is_control" in points else set()
+    panel = {str(g) for g in genes} - {str(g) for g in controls}
+    if palette and panel and panel <= set(palette):
+        return {gene: palette[gene] for gene in sorted(panel)}
+    if palette:
+        logger.info("the generator's palette does not cover this panel: drawing with a co-expression palette")
+    return "coexpression"
+
+
 def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 0, pixel_size: float = 0.5) -> dict:
     """Run the whole pipeline and write the store, the figure and the metrics into ``out``."""
     import matplotlib
@@ -58,12 +73,15 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
     timings["read_or_simulate_s"] = time.perf_counter() - t0
     logger.info("sample: %s", source)
 
+    # colours mean genes: draw with the palette the generator was trained with when it covers this panel
+    model = st2he.models.load_model() if method == "diffusion" else None
+    palette = model_palette(sdata, model)
     t0 = time.perf_counter()
-    st2he.pp.rasterize_transcripts(sdata, pixel_size=pixel_size, key_added="st2he_input")
+    st2he.pp.rasterize_transcripts(sdata, pixel_size=pixel_size, palette=palette, key_added="st2he_input")
     timings["rasterize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    st2he.tl.virtual_he(sdata, method=method, input_key="st2he_input", key_added="virtual_he")
+    st2he.tl.virtual_he(sdata, method=method, model=model, input_key="st2he_input", key_added="virtual_he")
     timings["virtual_he_s"] = time.perf_counter() - t0
 
     metrics: dict = {}
