@@ -155,6 +155,59 @@ def bench_gpu(batch: int, tile: int, n_ref: int, n_fast: int, config: str = "sd-
     return res
 
 
+def _whole_slide_child(size: int, chunk: int, picture: str) -> None:
+    """Run virtual_he over a ``size`` x ``size`` picture (``picture`` tiled, lazily) and print time and peak RSS."""
+    import dask.array as da
+    import spatialdata
+
+    import st2he
+    from st2he._elements import add_image
+    from st2he._grid import Grid
+    from st2he.models import load_model
+
+    model = load_model()
+    x = np.load(picture)
+    reps = -(-size // x.shape[1])
+    big = da.tile(da.from_array(x, chunks=x.shape), (1, reps, reps))[:, :size, :size]
+    slide = spatialdata.SpatialData()
+    add_image(slide, "st2he_input", big, Grid(0.0, 0.0, 0.5, size, size), scale_factors=None)
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    st2he.tl.virtual_he(slide, model=model, chunk=chunk, progress=False)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"size": size, "chunk": chunk, "seconds": dt, "peak_rss_mb": _rss_mb(), "rss_before_mb": rss0}))
+
+
+def bench_whole_slide(size: int, chunks: list[int]) -> list[dict]:
+    """virtual_he over a large picture with several chunk sizes, each in its own process (peak RSS per run)."""
+    import subprocess
+    import tempfile
+
+    import st2he
+    from st2he.models import load_model
+
+    sd = st2he.datasets.synthetic_tissue(0)
+    st2he.pp.rasterize_transcripts(sd, palette=load_model().metadata["palette"])
+    picture = Path(tempfile.mkdtemp()) / "input.npy"
+    np.save(picture, np.asarray(sd.images["st2he_input"]["scale0"].image.data.compute())[:, :768, :768])
+    out = []
+    for chunk in chunks:
+        res = subprocess.run(
+            [sys.executable, __file__, "--whole-slide-child", str(size), str(chunk), str(picture)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rec = json.loads(res.stdout.strip().splitlines()[-1])
+        out.append(rec)
+        print(
+            f"virtual_he {size} x {size} px, chunk {chunk}: {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_mb']:.0f} MB "
+            f"(before the call {rec['rss_before_mb']:.0f} MB)",
+            flush=True,
+        )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-tiles", type=int, default=8)
@@ -169,7 +222,14 @@ def main() -> None:
     p.add_argument("--n-fast", type=int, default=128)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--whole-slide", type=int, default=0, help="also run virtual_he over a picture of this many pixels")
+    p.add_argument("--chunks", type=int, nargs="+", default=[384, 1536])
+    p.add_argument("--whole-slide-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.whole_slide_child:
+        size, chunk, picture = args.whole_slide_child
+        _whole_slide_child(int(size), int(chunk), picture)
+        return
     import torch
 
     out = {}
@@ -180,6 +240,8 @@ def main() -> None:
             out["gpu"] = bench_gpu(args.batch, args.tile, args.n_ref, args.n_fast, args.gpu_config, not args.no_compile)
         else:
             print("No CUDA device: GPU part skipped.")
+    if args.whole_slide:
+        out["whole_slide"] = bench_whole_slide(args.whole_slide, args.chunks)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 
