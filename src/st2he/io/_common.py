@@ -499,6 +499,13 @@ def to_microns(element, unit_to_um) -> None:
     set_transformation(element, {COORDINATE_SYSTEM: simplify(matrix)}, set_all=True)
 
 
+def all_to_microns(elements, unit_to_um) -> dict:
+    """Apply :func:`to_microns` to every element of a mapping; return the elements as a plain dict."""
+    for element in elements.values():
+        to_microns(element, unit_to_um)
+    return dict(elements)
+
+
 def simplify(matrix: np.ndarray):
     """Return the simplest spatialdata transformation equal to a 3x3 (x, y) affine matrix."""
     from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation

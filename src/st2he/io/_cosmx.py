@@ -12,6 +12,7 @@ from ._common import (
     CELL_BOUNDARIES_KEY,
     TABLE_KEY,
     TRANSCRIPTS_KEY,
+    all_to_microns,
     build_transcripts,
     check_folder,
     control_mask,
@@ -24,7 +25,6 @@ from ._common import (
     set_source,
     shapes_element,
     table_element,
-    to_microns,
 )
 
 #: µm per pixel of current CosMx instruments (early runs: 0.18).
@@ -264,13 +264,8 @@ def _read_full(folder: Path, dataset_id: str, pixel_size: float):
     with quiet_spatialdata_io():
         sdata_io = cosmx(folder, dataset_id=dataset_id, transcripts=False)
     to_um = scale_matrix(pixel_size)  # spatialdata-io's "global" is CosMx global pixels
-    images, labels = {}, {}
-    for key, element in sdata_io.images.items():
-        to_microns(element, to_um)
-        images[key] = element
-    for key, element in sdata_io.labels.items():
-        to_microns(element, to_um)
-        labels[key] = element
+    images = all_to_microns(sdata_io.images, to_um)
+    labels = all_to_microns(sdata_io.labels, to_um)
     table = sdata_io.tables.get(TABLE_KEY)
     if table is not None:
         table.var["is_control"] = control_mask(table.var_names, "cosmx")

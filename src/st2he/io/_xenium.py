@@ -15,6 +15,7 @@ from ._common import (
     NUCLEUS_BOUNDARIES_KEY,
     TABLE_KEY,
     TRANSCRIPTS_KEY,
+    all_to_microns,
     annotate,
     build_transcripts,
     check_folder,
@@ -32,7 +33,6 @@ from ._common import (
     set_source,
     shapes_element,
     table_element,
-    to_microns,
     warn_assumption,
 )
 
@@ -224,16 +224,10 @@ def _read_full(folder: Path, pixel_size: float, *, labels: bool, aligned_images:
             cells_table=True,
         )
     to_um = scale_matrix(pixel_size)  # spatialdata-io's "global" is the morphology image's pixels
-    images, label_elements, shapes, tables = {}, {}, {}, {}
-    for key, element in sdata_io.images.items():
-        to_microns(element, to_um)
-        images[key] = element
-    for key, element in sdata_io.labels.items():
-        to_microns(element, to_um)
-        label_elements[key] = element
-    for key, element in sdata_io.shapes.items():
-        to_microns(element, to_um)
-        shapes[key] = element
+    images = all_to_microns(sdata_io.images, to_um)
+    label_elements = all_to_microns(sdata_io.labels, to_um)
+    shapes = all_to_microns(sdata_io.shapes, to_um)
+    tables = {}
     table = sdata_io.tables.get(TABLE_KEY)
     if table is not None:
         table.var["is_control"] = control_mask(table.var_names, "xenium")
