@@ -188,42 +188,57 @@ def bin_partition(
     height,
     width,
     chunk,
-    block_cols,
-    n_blocks,
     bin_size,
     bin_level,
+    extent,
+    scratch_rows,
+    scratch_cols,
+    scratch_offsets,
+    scratch_codes,
+    out_offsets,
+    out_codes,
+    bin_keys,
+    bin_codes,
+    max_blocks,
 ):
     """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by ``chunk`` blocks.
 
-    A counting sort that keeps the molecules' order. Returns ``(starts, offsets, packed, n_kept, bin_keys,
-    bin_codes)``: molecules of block ``b`` are ``starts[b]:starts[b + 1]``, ``offsets`` = row_in_block * chunk +
-    col_in_block, ``packed`` = :func:`priority` << 16 | gene code, pixels as :meth:`st2he._grid.Grid.to_pixel`
-    (``floor((x - x0) / pixel_size)``). With ``bin_size > 0`` it also returns the spatial-bin keys and codes of
-    the kept molecules selected at ``bin_level`` (see :func:`select_bins`) for co-expression statistics.
+    Pixels are counted from the lattice origin ``(x0, y0)`` as :meth:`st2he._grid.Grid.to_pixel` does
+    (``floor((x - x0) / pixel_size)``); block ``(I, J)`` holds pixel rows ``I * chunk ..`` and columns
+    ``J * chunk ..`` (negative indices lie before the origin). With ``height > 0`` only the molecules in the
+    ``height`` x ``width`` pixels from the origin are bucketed (the others are counted as outside); with
+    ``height <= 0`` every kept molecule is, and the blocks are those the partition touches.
 
-    Its arrays are allocated here, per partition (numba's ``malloc``): measured on a cold process, reusing
-    NumPy-allocated buffers across partitions cost more system time than it saved.
+    A counting sort that keeps the molecules' order, into caller-owned buffers of at least ``len(x)`` entries
+    (reused across partitions: in a virtual machine, memory touched for the first time costs far more than the
+    work done in it). Writes the bucketed molecules to ``out_offsets[:n_in]`` (row_in_block * chunk +
+    col_in_block) and ``out_codes[:n_in]`` (:func:`priority` << 16 | gene code), grows ``extent`` =
+    [x_min, y_min, x_max, y_max] by the kept molecules and adds to ``stats``. With ``bin_size > 0`` it also
+    writes the spatial-bin keys and codes of the kept molecules selected at ``bin_level`` (see
+    :func:`select_bins`) for co-expression statistics to ``bin_keys``/``bin_codes``.
+
+    Returns ``(block_row0, block_col0, block_rows, block_cols, starts, n_in, n_kept, n_bins)``: the molecules of
+    block ``(block_row0 + a, block_col0 + b)`` are ``starts[a * block_cols + b]:starts[a * block_cols + b + 1]``.
+    ``block_rows`` is -1 when the partition spans more than ``max_blocks`` blocks (nothing is sorted then).
     """
     n = x.shape[0]
     has_genes = raw_codes.shape[0] == n and n > 0
     has_ctrl = control_col.shape[0] == n and n > 0
     has_qv = qv.shape[0] == n and n > 0
+    clamp = height > 0
     a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
     a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
-    block = np.empty(n, dtype=np.int32)
-    offset = np.empty(n, dtype=np.int32)
-    code_of = np.empty(n, dtype=np.int32)
-    counts = np.zeros(n_blocks + 1, dtype=np.int64)
     do_bins = bin_size > 0
-    bin_keys = np.empty(n if do_bins else 0, dtype=np.int64)
-    bin_codes = np.empty(n if do_bins else 0, dtype=np.int32)
+    inv_bin = 1.0 / bin_size if do_bins else 0.0
     bin_mask = (np.uint64(1) << np.uint64(bin_level)) - np.uint64(1)
+    ex0, ey0, ex1, ey1 = extent[0], extent[1], extent[2], extent[3]
+    rmin = cmin = np.int64(2**62)
+    rmax = cmax = -np.int64(2**62)
     n_bins = 0
     n_kept = 0
     n_in = 0
     inv_chunk = 1.0 / chunk
     for i in range(n):
-        block[i] = -1
         xi = np.float64(x[i])
         yi = np.float64(y[i])
         if not identity:
@@ -234,6 +249,7 @@ def bin_partition(
         if has_genes:
             r = raw_codes[i]
             c = lut[r] if r >= 0 else -1
+        # the filter, written out here and in filter_partition: calling a helper with arrays costs reference counting
         if not (np.isfinite(xi) and np.isfinite(yi)):
             stats[1] += 1
             continue
@@ -247,9 +263,13 @@ def bin_partition(
             stats[4] += 1
             continue
         n_kept += 1
+        ex0 = min(ex0, xi)
+        ey0 = min(ey0, yi)
+        ex1 = max(ex1, xi)
+        ey1 = max(ey1, yi)
         if do_bins:
-            key = (np.int64(np.floor(xi / bin_size)) + (1 << 30)) * (1 << 31) + (
-                np.int64(np.floor(yi / bin_size)) + (1 << 30)
+            key = (np.int64(np.floor(xi * inv_bin)) + (1 << 30)) * (1 << 31) + (
+                np.int64(np.floor(yi * inv_bin)) + (1 << 30)
             )
             if bin_level == 0 or (bin_hash(key) >> np.uint64(20)) & bin_mask == 0:
                 bin_keys[n_bins] = key
@@ -257,12 +277,12 @@ def bin_partition(
                 n_bins += 1
         colf = np.floor((xi - x0) / pixel_size)
         rowf = np.floor((yi - y0) / pixel_size)
-        if colf < 0 or rowf < 0 or colf >= width or rowf >= height:
+        if clamp and (colf < 0 or rowf < 0 or colf >= width or rowf >= height):
             continue
         col = np.int64(colf)
         row = np.int64(rowf)
-        # row // chunk and col // chunk (both >= 0) without integer divisions, fixed up where rounding errs
-        bq = np.int64(rowf * inv_chunk)
+        # row // chunk and col // chunk (floor, also below 0) without integer divisions, fixed up where rounding errs
+        bq = np.int64(np.floor(rowf * inv_chunk))
         rr = row - bq * chunk
         if rr < 0:
             bq -= 1
@@ -270,7 +290,7 @@ def bin_partition(
         elif rr >= chunk:
             bq += 1
             rr -= chunk
-        cq = np.int64(colf * inv_chunk)
+        cq = np.int64(np.floor(colf * inv_chunk))
         cc = col - cq * chunk
         if cc < 0:
             cq -= 1
@@ -278,38 +298,54 @@ def bin_partition(
         elif cc >= chunk:
             cq += 1
             cc -= chunk
-        b = bq * block_cols + cq
-        block[i] = b
-        offset[i] = rr * chunk + cc
-        code_of[i] = (priority(xi, yi) << CODE_BITS) | c
-        counts[b + 1] += 1
+        rmin = min(rmin, bq)
+        rmax = max(rmax, bq)
+        cmin = min(cmin, cq)
+        cmax = max(cmax, cq)
+        scratch_rows[n_in] = bq
+        scratch_cols[n_in] = cq
+        scratch_offsets[n_in] = rr * chunk + cc
+        scratch_codes[n_in] = (priority(xi, yi) << CODE_BITS) | c
         n_in += 1
     stats[0] += n
     stats[5] += n_kept
-    for b in range(n_blocks):
-        counts[b + 1] += counts[b]
-    pos = counts[:n_blocks].copy()
-    out_off = np.empty(n_in, dtype=np.int32)
-    out_codes = np.empty(n_in, dtype=np.int32)
-    # molecules come in runs of one block (instruments write them field by field): keep the write position of
-    # the current run in a register instead of reading and writing pos[b] for every molecule
+    extent[0], extent[1], extent[2], extent[3] = ex0, ey0, ex1, ey1
+    if n_in == 0:
+        return 0, 0, 0, 0, np.zeros(1, dtype=np.int64), 0, n_kept, n_bins
+    nbr = rmax - rmin + 1
+    nbc = cmax - cmin + 1
+    if nbr * nbc > max_blocks:
+        return rmin, cmin, -1, nbc, np.zeros(1, dtype=np.int64), n_in, n_kept, n_bins
+    counts = np.zeros(nbr * nbc + 1, dtype=np.int64)
+    # molecules come in runs of one block (instruments write them field by field): count runs, not molecules
     cur = -1
-    j = 0
-    for i in range(n):
-        b = block[i]
-        if b < 0:
-            continue
+    run = 0
+    for j in range(n_in):
+        b = (scratch_rows[j] - rmin) * nbc + (scratch_cols[j] - cmin)
         if b != cur:
             if cur >= 0:
-                pos[cur] = j
+                counts[cur + 1] += run
             cur = b
-            j = pos[b]
-        out_off[j] = offset[i]
-        out_codes[j] = code_of[i]
-        j += 1
-    if cur >= 0:
-        pos[cur] = j
-    return counts, out_off, out_codes, n_kept, bin_keys[:n_bins], bin_codes[:n_bins]
+            run = 0
+        run += 1
+    counts[cur + 1] += run
+    for b in range(nbr * nbc):
+        counts[b + 1] += counts[b]
+    pos = counts[: nbr * nbc].copy()
+    # keep the write position of the current run in a register instead of reading and writing pos[b] each time
+    cur = -1
+    k = 0
+    for j in range(n_in):
+        b = (scratch_rows[j] - rmin) * nbc + (scratch_cols[j] - cmin)
+        if b != cur:
+            if cur >= 0:
+                pos[cur] = k
+            cur = b
+            k = pos[b]
+        out_offsets[k] = scratch_offsets[j]
+        out_codes[k] = scratch_codes[j]
+        k += 1
+    return rmin, cmin, nbr, nbc, counts, n_in, n_kept, n_bins
 
 
 @numba.njit(cache=True, nogil=True)
@@ -485,3 +521,28 @@ def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, 
                 out[2, r, c] = q
     return out
 
+
+
+@numba.njit(cache=True, nogil=True)
+def count_molecules(offsets, packed, channel_of, chunk, row0, col0, out):
+    """Add one bucket of molecules to the per-pixel counts ``out`` (``channels x h x w``).
+
+    Bucket layout as in :func:`paint_winners` (its block starts at ``(row0, col0)`` relative to ``out``; molecules
+    outside are skipped). ``channel_of[gene code]`` is the channel (``-1``: not counted); an empty ``channel_of``
+    counts every molecule in channel 0.
+    """
+    h = out.shape[1]
+    w = out.shape[2]
+    by_channel = channel_of.shape[0] > 0
+    for i in range(offsets.shape[0]):
+        ch = 0
+        if by_channel:
+            ch = channel_of[packed[i] & CODE_MASK]
+            if ch < 0:
+                continue
+        off = offsets[i]
+        r = off // chunk + row0
+        c = off % chunk + col0
+        if r < 0 or r >= h or c < 0 or c >= w:
+            continue
+        out[ch, r, c] += 1

@@ -346,9 +346,12 @@ def points_extent(source: MoleculeSource) -> tuple[float, float, float, float] |
 
 @dataclass
 class _Part:
-    """The bucketed molecules of one partition, in memory or spilled to a file."""
+    """The bucketed molecules of one partition, in memory or spilled to a file.
 
-    starts: np.ndarray  # int64, n_blocks + 1: molecules of block b are [starts[b], starts[b+1])
+    Molecules are sorted by block; :attr:`BinnedMolecules.index` says where each block's run lies.
+    """
+
+    n: int  # molecules
     offsets: np.ndarray | None  # int32 pixel offset within the block: row_in_block * chunk + col_in_block
     codes: np.ndarray | None  # int32 priority << 16 | gene code
     fd: int | None = None  # spilled: offsets then codes, raw int32, read back with pread
@@ -357,7 +360,7 @@ class _Part:
         if self.fd is None:
             return self.offsets[s:e], self.codes[s:e]
         # positional reads: thread-safe, and nothing stays mapped, so resident memory does not grow
-        n = int(self.starts[-1])
+        n = self.n
         offsets = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * s), dtype=np.int32)
         codes = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * (n + s)), dtype=np.int32)
         return offsets, codes
@@ -365,45 +368,78 @@ class _Part:
 
 @dataclass
 class BinnedMolecules:
-    """Kept molecules bucketed by the ``chunk`` x ``chunk`` blocks of ``grid``."""
+    """Kept molecules bucketed by ``chunk`` x ``chunk`` blocks of a pixel lattice.
 
-    grid: Grid
+    The lattice has ``pixel_size`` µm pixels counted from ``(x0, y0)`` (global µm): block ``(I, J)`` holds
+    pixel rows ``I * chunk ..`` and columns ``J * chunk ..``. ``grid`` is the output grid the blocks are read
+    for (see :meth:`place`); when it starts at the lattice origin its chunks are the blocks themselves.
+    """
+
+    x0: float
+    y0: float
+    pixel_size: float
     chunk: int
     genes: list[str]
     report: FilterReport
+    grid: Grid | None = None
+    extent: tuple[float, float, float, float] | None = None  # of the kept molecules, global µm
     parts: list[_Part] = field(default_factory=list)
+    index: dict[tuple[int, int], list[tuple[int, int, int]]] = field(default_factory=dict)  # block -> (part, s, e)
     spill_dir: str | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    shift: tuple[int, int] = (0, 0)  # the grid's first pixel in lattice pixels (row, col)
 
     @property
     def block_rows(self) -> int:
-        """Number of block rows."""
+        """Number of chunk rows of ``grid``."""
         return max(1, math.ceil(self.grid.height / self.chunk))
 
     @property
     def block_cols(self) -> int:
-        """Number of block columns."""
+        """Number of chunk columns of ``grid``."""
         return max(1, math.ceil(self.grid.width / self.chunk))
 
     def __dask_tokenize__(self):
-        return ("st2he-binned-molecules", self.token)
+        return ("st2he-binned-molecules", self.token, self.shift)
+
+    def place(self, grid: Grid) -> None:
+        """Read the blocks for ``grid``, a grid of the same pixel size on the lattice (``x0``, ``y0`` + whole pixels)."""
+        if not math.isclose(grid.pixel_size, self.pixel_size, rel_tol=1e-9):
+            msg = f"The grid's pixels ({grid.pixel_size} µm) differ from the molecules' ({self.pixel_size} µm)."
+            raise ValueError(msg)
+        row = (grid.y0 - self.y0) / self.pixel_size
+        col = (grid.x0 - self.x0) / self.pixel_size
+        if abs(row - round(row)) > 1e-6 or abs(col - round(col)) > 1e-6:
+            msg = f"The grid's origin ({grid.x0}, {grid.y0}) µm is not on the molecules' pixel lattice."
+            raise ValueError(msg)
+        self.grid = grid
+        self.shift = (int(round(row)), int(round(col)))
 
     def buckets(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(offsets, packed)`` of block ``(bi, bj)``, one pair per stored part (nothing is copied).
+        """``(offsets, packed)`` of lattice block ``(bi, bj)``, one pair per stored part (nothing is copied).
 
         ``offsets`` = row_in_block * chunk + col_in_block; ``packed`` = priority << 16 | gene code (see
         :func:`st2he.pp._kernels.priority`).
         """
-        if not (0 <= bi < self.block_rows and 0 <= bj < self.block_cols):
-            return
-        b = bi * self.block_cols + bj
-        for part in self.parts:
-            s, e = int(part.starts[b]), int(part.starts[b + 1])
-            if e > s:
-                yield part.slice(s, e)
+        for p, s, e in self.index.get((bi, bj), ()):
+            yield self.parts[p].slice(s, e)
+
+    def pieces(self, row: int, col: int, h: int, w: int, reach: int = 0):
+        """Buckets that can draw into rows ``row:row + h`` and columns ``col:col + w`` of ``grid``.
+
+        Yields ``(offsets, packed, row0, col0)``: the bucket's block starts ``(row0, col0)`` pixels from the
+        window's first pixel (molecules outside the window are the caller's to skip). ``reach``: pixels a
+        molecule draws beyond its own (dots).
+        """
+        c = self.chunk
+        r0, c0 = self.shift[0] + row, self.shift[1] + col
+        for bi in range((r0 - reach) // c, (r0 + h - 1 + reach) // c + 1):
+            for bj in range((c0 - reach) // c, (c0 + w - 1 + reach) // c + 1):
+                for offsets, packed in self.buckets(bi, bj):
+                    yield offsets, packed, bi * c - r0, bj * c - c0
 
     def block(self, bi: int, bj: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(offsets, gene codes)`` of the molecules in block ``(bi, bj)``, concatenated."""
+        """``(offsets, gene codes)`` of the molecules in lattice block ``(bi, bj)``, concatenated."""
         from ._kernels import CODE_MASK
 
         pairs = list(self.buckets(bi, bj))
@@ -414,10 +450,37 @@ class BinnedMolecules:
         return offsets, codes
 
 
+#: Most blocks one partition may span (beyond, its molecules lie absurdly far apart for the pixel size).
+MAX_BLOCKS = 1 << 22
+
+
+class _Buffers:
+    """Work arrays for :func:`bin_molecules`, reused across partitions and grown when one is larger."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def fit(self, n: int, bins: bool) -> None:
+        if n <= self.size and (not bins or len(self.bin_keys) >= n):
+            return
+        size = max(n, self.size)
+        self.size = size
+        self.rows = np.empty(size, np.int32)
+        self.cols = np.empty(size, np.int32)
+        self.offsets = np.empty(size, np.int32)
+        self.codes = np.empty(size, np.int32)
+        self.out_offsets = np.empty(size, np.int32)
+        self.out_codes = np.empty(size, np.int32)
+        self.bin_keys = np.empty(size if bins else 0, np.int64)
+        self.bin_codes = np.empty(size if bins else 0, np.int32)
+
+
 def bin_molecules(
     source: MoleculeSource,
-    grid: Grid,
+    grid: Grid | None = None,
     *,
+    pixel_size: float | None = None,
+    origin: tuple[float, float] | None = None,
     chunk: int = 1024,
     min_qv: float | None = 20.0,
     drop_controls: bool = True,
@@ -426,7 +489,13 @@ def bin_molecules(
     spill_dir: str | None = None,
     bins=None,
 ) -> BinnedMolecules:
-    """One streaming pass over ``source``: filter, map to pixels of ``grid``, bucket by ``chunk`` blocks.
+    """One streaming pass over ``source``: filter, map to pixels, bucket by ``chunk`` blocks.
+
+    With ``grid``, the molecules are bucketed by its chunks and those outside it are counted as outside. Without
+    one, every kept molecule is bucketed on the lattice of ``pixel_size`` µm pixels through ``origin`` (default:
+    the lattice anchored at 0 µm, through the first molecules' pixel) and the extent of the kept molecules is
+    recorded (``binned.extent``), so that the output grid can be chosen after this single reading; then call
+    :meth:`BinnedMolecules.place`.
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
@@ -434,22 +503,40 @@ def bin_molecules(
     folder (under ``spill_dir``, default the system's) that is removed when the returned object is
     garbage-collected.
     """
-    from ._kernels import bin_partition
+    from ._kernels import bin_partition, extent_of
 
     if chunk < 1 or chunk > 46340:
         msg = f"chunk must be between 1 and 46340 pixels, got {chunk}."
         raise ValueError(msg)
+    if grid is not None:
+        pixel_size, origin = grid.pixel_size, (grid.x0, grid.y0)
+    elif pixel_size is None:
+        msg = "bin_molecules needs a grid or a pixel_size."
+        raise ValueError(msg)
     codes_book = GeneCodes(genes)
     report = FilterReport()
-    binned = BinnedMolecules(grid, chunk, codes_book.names, report)
-    n_blocks = binned.block_rows * binned.block_cols
+    binned = None
     affine, identity = _affine(source)
     stats = np.zeros(6, dtype=np.int64)
+    extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
+    buffers = _Buffers()
     in_memory = 0
     for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
         source, codes_book, min_qv=min_qv, drop_controls=drop_controls
     ):
-        starts, offsets, codes, n_kept, bin_keys, bin_codes = bin_partition(
+        if origin is None:
+            box = np.array([np.inf, np.inf, -np.inf, -np.inf])
+            extent_of(x, y, affine, identity, box)
+            if not np.isfinite(box[0]):
+                box[:] = 0.0
+            origin = (
+                math.floor(box[0] / pixel_size + 1e-9) * pixel_size,
+                math.floor(box[1] / pixel_size + 1e-9) * pixel_size,
+            )
+        if binned is None:
+            binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
+        buffers.fit(len(x), bins is not None)
+        row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
             x,
             y,
             raw,
@@ -462,46 +549,75 @@ def bin_molecules(
             bool(drop_controls),
             float(min_qv) if min_qv is not None else -np.inf,
             stats,
-            grid.x0,
-            grid.y0,
-            grid.pixel_size,
-            grid.height,
-            grid.width,
+            origin[0],
+            origin[1],
+            pixel_size,
+            grid.height if grid is not None else 0,
+            grid.width if grid is not None else 0,
             chunk,
-            binned.block_cols,
-            n_blocks,
             bins.bin_size if bins is not None else 0.0,
             bins.level if bins is not None else 0,
+            extent,
+            buffers.rows,
+            buffers.cols,
+            buffers.offsets,
+            buffers.codes,
+            buffers.out_offsets,
+            buffers.out_codes,
+            buffers.bin_keys,
+            buffers.bin_codes,
+            MAX_BLOCKS,
         )
         report.update(stats)
-        report.outside += int(n_kept) - len(offsets)
-        if bins is not None:
-            bins.add(bin_keys, bin_codes)
-        if len(offsets) == 0:
+        report.outside += int(n_kept) - int(n_in)
+        if nbr < 0:
+            msg = (
+                f"The molecules of {source.key!r} span more than {MAX_BLOCKS} chunks of {chunk} x {chunk} pixels of "
+                f"{pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
+                f"{extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm). Give region=(x_min, y_min, x_max, "
+                f"y_max) in µm, a larger pixel_size or a larger chunk."
+            )
+            raise ValueError(msg)
+        if bins is not None and n_bins:
+            bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
+        if n_in == 0:
             continue
-        part = _Part(starts, offsets, codes)
+        offsets, codes = buffers.out_offsets[:n_in], buffers.out_codes[:n_in]
         nbytes = offsets.nbytes + codes.nbytes
+        index = len(binned.parts)
         if in_memory + nbytes > memory_limit:
             if binned.spill_dir is None:
                 binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
                 weakref.finalize(binned, _close, binned.parts, binned.spill_dir)
-            part = _spill(part, binned.spill_dir, len(binned.parts))
+            part = _Part(int(n_in), None, None, _spill(offsets, codes, binned.spill_dir, index))
         else:
             in_memory += nbytes
+            part = _Part(int(n_in), offsets.copy(), codes.copy())
         binned.parts.append(part)
+        occupied = np.flatnonzero(np.diff(starts))
+        for k in occupied.tolist():
+            a, b = divmod(k, nbc)
+            binned.index.setdefault((row0 + a, col0 + b), []).append((index, int(starts[k]), int(starts[k + 1])))
+    if binned is None:  # no partition with molecules
+        origin = origin if origin is not None else (0.0, 0.0)
+        binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
     if len(codes_book.names) > 65535:
         msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most 65535."
         raise ValueError(msg)
+    if np.all(np.isfinite(extent)):
+        binned.extent = (float(extent[0]), float(extent[1]), float(extent[2]), float(extent[3]))
+    if grid is not None:
+        binned.place(grid)
     return binned
 
 
-def _spill(part: _Part, folder: str, index: int) -> _Part:
+def _spill(offsets: np.ndarray, codes: np.ndarray, folder: str, index: int) -> int:
+    """Write one part's buckets to a file (from the arrays' own memory, no copy); return a descriptor to read it."""
     path = os.path.join(folder, f"part{index:06d}.bin")
-    with open(path, "wb") as f:  # written from the arrays' own memory, no copy
-        f.write(memoryview(np.ascontiguousarray(part.offsets, dtype=np.int32)))
-        f.write(memoryview(np.ascontiguousarray(part.codes, dtype=np.int32)))
-    fd = os.open(path, os.O_RDONLY)
-    return _Part(part.starts, None, None, fd)
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(offsets, dtype=np.int32)))
+        f.write(memoryview(np.ascontiguousarray(codes, dtype=np.int32)))
+    return os.open(path, os.O_RDONLY)
 
 
 def _close(parts: list[_Part], folder: str) -> None:

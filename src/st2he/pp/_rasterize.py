@@ -22,8 +22,15 @@ import numpy as np
 from st2he._elements import ATTRS_KEY, add_image, check_key_free
 from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
 
-from ._kernels import compose_rgb, compose_rgb_resampled, disc_footprint, paint_winners, resample_bilinear
-from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source, points_extent
+from ._kernels import (
+    compose_rgb,
+    compose_rgb_resampled,
+    count_molecules,
+    disc_footprint,
+    paint_winners,
+    resample_bilinear,
+)
+from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source
 from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
 
 logger = logging.getLogger("st2he")
@@ -428,17 +435,28 @@ def nuclear_stain_layer(
 # ----------------------------------------------------------------------------------------------- molecules
 
 
-def _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, drop_controls) -> Grid:
-    """Grid over the kept molecules and the stain image, on the lattice of ``pixel_size`` anchored at 0 µm.
+def _stain_bounds(sdata, stain_key) -> tuple[float, float, float, float] | None:
+    """Global bounds in µm of the stain image ``stain_key`` resolves to (``None``: no stain image)."""
+    key = _auto_stain_image(sdata) if stain_key == "auto" else stain_key
+    if key is None or key not in sdata.images:
+        return None
+    return _geom(_scale0(sdata.images[key])).bounds
+
+
+def _lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
+    """The pixel-lattice point (anchored at 0 µm) at or before the top-left corner of ``bounds``."""
+    return (
+        math.floor(bounds[0] / pixel_size + 1e-9) * pixel_size,
+        math.floor(bounds[1] / pixel_size + 1e-9) * pixel_size,
+    )
+
+
+def _default_grid(mol, img, pixel_size) -> Grid:
+    """Grid over the kept molecules' extent ``mol`` and the stain image's bounds ``img``, on the lattice of
+    ``pixel_size`` anchored at 0 µm.
 
     A molecule exactly on the far edge still gets a pixel; the stain image's far edge is exclusive.
     """
-    del boundaries_key
-    mol = None
-    if source is not None:
-        mol = points_extent(source)
-    key = _auto_stain_image(sdata) if stain_key == "auto" else stain_key
-    img = _geom(_scale0(sdata.images[key])).bounds if key is not None and key in sdata.images else None
     boxes = [b for b in (mol, img) if b is not None]
     if not boxes:
         msg = (
@@ -446,8 +464,7 @@ def _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, 
             "region=(x_min, y_min, x_max, y_max) in µm for a blank picture."
         )
         raise ValueError(msg)
-    x0 = math.floor(min(b[0] for b in boxes) / pixel_size + 1e-9) * pixel_size
-    y0 = math.floor(min(b[1] for b in boxes) / pixel_size + 1e-9) * pixel_size
+    x0, y0 = _lattice_origin((min(b[0] for b in boxes), min(b[1] for b in boxes)), pixel_size)
     width = height = 1
     if mol is not None:
         width = max(width, math.floor((mol[2] - x0) / pixel_size) + 1)
@@ -456,6 +473,23 @@ def _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, 
         width = max(width, math.ceil((img[2] - x0) / pixel_size - 1e-6))
         height = max(height, math.ceil((img[3] - y0) / pixel_size - 1e-6))
     return Grid(float(x0), float(y0), pixel_size, int(height), int(width))
+
+
+def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[BinnedMolecules, Grid]:
+    """Read the molecules once, bucketed by chunk, and choose the output grid (``region``, or their extent and
+    the stain image's bounds ``img``).
+
+    Without a region the molecules are bucketed on the lattice through the stain image's corner (or, without
+    one, through the first molecules' pixel); the grid then usually starts there, so its chunks are the buckets.
+    """
+    if region is not None:
+        grid = _region_grid(region, pixel_size)
+        return bin_molecules(source, grid, chunk=chunk, **options), grid
+    origin = _lattice_origin(img, pixel_size) if img is not None else None
+    binned = bin_molecules(source, pixel_size=pixel_size, origin=origin, chunk=chunk, **options)
+    grid = _default_grid(binned.extent, img, pixel_size)
+    binned.place(grid)
+    return binned, grid
 
 
 def _region_grid(region, pixel_size) -> Grid:
@@ -513,14 +547,10 @@ def _density_block(binned: BinnedMolecules, channel_of: np.ndarray, n_channels: 
     chunk = binned.chunk
     h = min(chunk, binned.grid.height - bi * chunk)
     w = min(chunk, binned.grid.width - bj * chunk)
-    off, codes = binned.block(bi, bj)
-    npix = chunk * chunk
-    if len(off) == 0:
-        return np.zeros((n_channels, h, w), dtype=dtype)
-    ch = channel_of[codes] if len(channel_of) else np.zeros(len(codes), dtype=np.int64)
-    ok = ch >= 0
-    counts = np.bincount(ch[ok].astype(np.int64) * npix + off[ok], minlength=n_channels * npix)
-    return counts.reshape(n_channels, chunk, chunk)[:, :h, :w].astype(dtype)
+    counts = np.zeros((n_channels, h, w), dtype=np.int64)
+    for offsets, packed, row0, col0 in binned.pieces(bi * chunk, bj * chunk, h, w):
+        count_molecules(offsets, packed, channel_of, chunk, row0, col0, counts)
+    return counts.astype(dtype)
 
 
 def _density(binned: BinnedMolecules, channels: list[str], groups: dict[str, list[str]], dtype=np.float32):
@@ -628,23 +658,9 @@ def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
     winners.fill(-1)
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
-        span = (-1, 0, 1) if reach > 0 else (0,)
-        for di in span:
-            for dj in span:
-                for offsets, packed in binned.buckets(bi + di, bj + dj):
-                    paint_winners(
-                        offsets,
-                        packed,
-                        rank_of,
-                        binned.chunk,
-                        di * binned.chunk,
-                        dj * binned.chunk,
-                        h,
-                        w,
-                        dy,
-                        dx,
-                        winners,
-                    )
+        c = binned.chunk
+        for offsets, packed, row0, col0 in binned.pieces(bi * c, bj * c, h, w, reach):
+            paint_winners(offsets, packed, rank_of, c, row0, col0, h, w, dy, dx, winners)
     return winners
 
 
@@ -824,11 +840,25 @@ def rasterize_transcripts(
     if isinstance(palette, str) and palette not in METHODS:
         msg = f"palette must be one of {METHODS} or a mapping gene -> colour, got {palette!r}."
         raise ValueError(msg)
-    grid = (
-        _region_grid(region, pixel_size)
-        if region is not None
-        else _default_grid(sdata, source, stain_key, boundaries_key, pixel_size, min_qv, drop_controls)
-    )
+    img = _stain_bounds(sdata, stain_key) if region is None else None
+    binned = None
+    bins = None
+    if source is not None:
+        # style="stain" reads the molecules too, so that its picture has the same grid as the others
+        bins = BinCounts() if style == "multicolor" and palette == "coexpression" else None
+        binned, grid = _bin_and_place(
+            source,
+            region,
+            img,
+            pixel_size,
+            chunk,
+            min_qv=min_qv,
+            drop_controls=drop_controls,
+            genes=source.panel or (),
+            bins=bins,
+        )
+    else:
+        grid = _region_grid(region, pixel_size) if region is not None else _default_grid(None, img, pixel_size)
     stain, stain_info = _stain(
         sdata,
         grid,
@@ -850,21 +880,11 @@ def rasterize_transcripts(
         "region": list(grid.bounds),
         "chunk": chunk,
     }
-    binned = None
     lut = np.zeros((1, 3), dtype=np.uint8)
     rank_of = np.zeros(0, dtype=np.int32)
+    if not need_points:
+        binned = None
     if need_points:
-        use_bins = style == "multicolor" and palette == "coexpression"
-        bins = BinCounts() if use_bins else None
-        binned = bin_molecules(
-            source,
-            grid,
-            chunk=chunk,
-            min_qv=min_qv,
-            drop_controls=drop_controls,
-            genes=source.panel or (),
-            bins=bins,
-        )
         binned.report.log("rasterize_transcripts", min_qv=min_qv if source.qv_column else None)
         panel = _panel(source, binned, drop_controls) if source.gene_column is not None else []
         drawn = panel
@@ -954,13 +974,8 @@ def transcript_density(
         msg = f"dtype must be 'float32' or 'uint16', got {dtype!r}."
         raise ValueError(msg)
     source = molecule_source(sdata, points_key, need_genes=genes is not None)
-    grid = (
-        _region_grid(region, pixel_size)
-        if region is not None
-        else _default_grid(sdata, source, None, None, pixel_size, min_qv, drop_controls)
-    )
-    binned = bin_molecules(
-        source, grid, chunk=chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
+    binned, grid = _bin_and_place(
+        source, region, None, pixel_size, chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
     )
     binned.report.log("transcript_density", min_qv=min_qv if source.qv_column else None)
     channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
