@@ -133,6 +133,15 @@ def test_same_pixels_across_calls_chunks_regions_and_molecule_order():
         shuffled, pixel_size=0.5, region=(0, 0, 60, 60), chunk=64, dot_size=3, palette=get_params(sd, "a")["palette"]
     )
     np.testing.assert_array_equal(_image(shuffled), a)
+    # nor does the order of the gene categories (the genes' codes): priorities come from the genes' names
+    df = pts.assign(gene=pd.Categorical(pts["gene"].astype(str), categories=["C", "B", "A"]))
+    recoded = SpatialData(
+        points={"transcripts": PointsModel.parse(dd.from_pandas(df, npartitions=2), feature_key="gene")}
+    )
+    st2he.pp.rasterize_transcripts(
+        recoded, pixel_size=0.5, region=(0, 0, 60, 60), chunk=64, dot_size=3, palette=get_params(sd, "a")["palette"]
+    )
+    np.testing.assert_array_equal(_image(recoded), a)
 
 
 def test_spilled_buckets_read_back_the_same():
@@ -144,10 +153,21 @@ def test_spilled_buckets_read_back_the_same():
     in_memory = bin_molecules(source, grid, chunk=40)
     spilled = bin_molecules(source, grid, chunk=40, memory_limit=0)
     assert in_memory.spill_dir is None and spilled.spill_dir is not None
-    for bi in range(in_memory.block_rows):
-        for bj in range(in_memory.block_cols):
-            for a, b in zip(in_memory.block(bi, bj), spilled.block(bi, bj), strict=True):
-                np.testing.assert_array_equal(a, b)
+    assert len(spilled.parts) == 4 and all(p.fd is not None for p in spilled.parts)
+    assert sorted(in_memory.index) == sorted(spilled.index) == [(0, 0)]  # 120 x 120 pixels: one 256 px block
+    offsets, codes = spilled.block(0, 0)
+    assert len(offsets) == in_memory.report.kept == spilled.report.kept
+    for a, b in zip(in_memory.block(0, 0), (offsets, codes), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the offsets are the molecules' pixels, the codes their genes
+    kept = source.points.compute()
+    kept = kept[kept["qv"] >= 20] if "qv" in kept else kept
+    rows, cols = grid.to_pixel(kept["x"].to_numpy(), kept["y"].to_numpy())
+    assert sorted((rows * 256 + cols).tolist()) == sorted(offsets.tolist())
+    names = np.asarray(spilled.genes)[codes]
+    assert sorted(zip((rows * 256 + cols).tolist(), kept[source.gene_column].astype(str), strict=True)) == sorted(
+        zip(offsets.tolist(), names.tolist(), strict=True)
+    )
     folder = spilled.spill_dir
     del spilled
     gc.collect()

@@ -5,30 +5,49 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-#: Gene codes and ranks take the low 16 bits of a packed int32; the next 15 bits hold a molecule's priority.
+#: Ranks take the low 16 bits of a pixel's packed int32 value; the next 15 bits hold the winning molecule's priority.
 CODE_BITS = 16
 CODE_MASK = (1 << CODE_BITS) - 1
+#: Molecules are bucketed by blocks of ``BUCKET x BUCKET`` pixels, so a molecule's place in its bucket takes 16 bits
+#: and, with its gene code, it is stored in one uint32: ``code << 16 | row_in_bucket << 8 | col_in_bucket``.
+BUCKET_BITS = 8
+BUCKET = 1 << BUCKET_BITS
+MAX_GENES = 1 << 16
 
 
 @numba.njit(cache=True, nogil=True)
-def priority(x: float, y: float) -> int:
-    """Return a 15-bit pseudo-random priority from a molecule's coordinates (to 1/4096 µm; the same in every pass)."""
-    h = np.uint64(np.int64(np.floor(x * 4096.0))) * np.uint64(0x9E3779B97F4A7C15)
-    h ^= np.uint64(np.int64(np.floor(y * 4096.0))) + np.uint64(0x632BE59BD9B4E019) + (h << np.uint64(6))
+def priority(row: int, col: int, gene: int) -> int:
+    """Return a 15-bit pseudo-random priority of a molecule from its pixel and its gene.
+
+    ``row`` and ``col`` are on the pixel lattice anchored at 0 µm; ``gene`` is a hash of the gene's name
+    (:func:`gene_keys`). Where molecules meet, the one with the highest priority wins; being a function of what is drawn where, not
+    of the order of the molecules, it makes the picture independent of that order and of the chunking.
+    """
+    h = np.uint64(row) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= np.uint64(col) + np.uint64(0x632BE59BD9B4E019) + (h << np.uint64(6))
+    h ^= np.uint64(gene) * np.uint64(0xD6E8FEB86659FD93)
     h ^= h >> np.uint64(31)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(29)
     return np.int64(h >> np.uint64(49))
 
 
+def gene_keys(names) -> np.ndarray:
+    """Hashes of gene names for :func:`priority`: the same gene gets the same key in every panel and run."""
+    import zlib
+
+    return np.array([zlib.crc32(str(n).encode()) for n in names], dtype=np.int64).reshape(-1)
+
+
 @numba.njit(cache=True, nogil=True)
 def paint_winners(
-    offsets: np.ndarray,
     packed: np.ndarray,
     rank_of: np.ndarray,
-    chunk: int,
+    gene_key: np.ndarray,
     row0: int,
     col0: int,
+    grow0: int,
+    gcol0: int,
     height: int,
     width: int,
     dy: np.ndarray,
@@ -37,65 +56,78 @@ def paint_winners(
 ) -> None:
     """Draw one bucket of molecules into ``out`` (``height * width`` int32, ``-1`` where nothing is drawn).
 
-    A molecule at ``offsets[i]`` (``row * chunk + col`` within its bucket, whose origin lies at ``(row0, col0)``
-    relative to the output chunk) with ``packed[i]`` = priority << 16 | gene code covers the pixels
+    A molecule ``packed[i]`` = gene code << 16 | row << 8 | col, in a bucket whose first pixel lies at
+    ``(row0, col0)`` relative to ``out`` and at ``(grow0, gcol0)`` on the global pixel lattice, covers the pixels
     ``(row + dy[k], col + dx[k])``. Its gene's rank is ``rank_of[code]`` (``-1``: not drawn). Where molecules
-    meet, the one with the highest priority wins (ties: the highest rank); the priority is a hash of the
-    molecule's exact coordinates, so the picture does not depend on the order of the molecules or on the
-    tiling. The pixel value is ``priority << 16 | rank``.
+    meet, the one with the highest :func:`priority` (of its pixel and ``gene_key[code]``) wins (ties: the highest
+    rank). The pixel value is ``priority << 16 | rank``.
     """
     nk = dy.shape[0]
-    inv_chunk = 1.0 / chunk
-    for i in range(offsets.shape[0]):
-        v = packed[i]
-        rank = rank_of[v & CODE_MASK]
+    for i in range(packed.shape[0]):
+        v = np.int64(packed[i])
+        code = v >> 16
+        rank = rank_of[code]
         if rank < 0:
             continue
-        key = ((v >> CODE_BITS) << CODE_BITS) | rank
-        off = offsets[i]
-        q = np.int64(off * inv_chunk)  # off // chunk without an integer division (fixed up below)
-        rem = off - q * chunk
-        if rem < 0:
-            q -= 1
-            rem += chunk
-        elif rem >= chunk:
-            q += 1
-            rem -= chunk
-        r0 = q + row0
-        c0 = rem + col0
+        r = (v >> BUCKET_BITS) & (BUCKET - 1)
+        c = v & (BUCKET - 1)
+        key = (priority(grow0 + r, gcol0 + c, gene_key[code]) << CODE_BITS) | rank
+        r0 = r + row0
+        c0 = c + col0
         for k in range(nk):
-            r = r0 + dy[k]
-            c = c0 + dx[k]
-            if r < 0 or r >= height or c < 0 or c >= width:
+            rr = r0 + dy[k]
+            cc = c0 + dx[k]
+            if rr < 0 or rr >= height or cc < 0 or cc >= width:
                 continue
-            p = r * width + c
+            p = rr * width + cc
             if key > out[p]:
                 out[p] = key
 
 
 @numba.njit(cache=True, nogil=True)
-def compose_rgb(grey: np.ndarray, winners: np.ndarray, lut: np.ndarray, h: int, w: int) -> np.ndarray:
+def _compose_row(winners, base, q, l0, l1, l2, black, o0, o1, o2):
+    """One output row: the gene's colour where one is drawn, else ``q`` (the grey, int32 in 0..255).
+
+    Branch-free (a mask from the sign of ``winners``, a black LUT entry ``black``): which pixels hold molecules is
+    as good as random, so a branch would be mispredicted often.
+    """
+    for c in range(o0.shape[0]):
+        g = winners[base + c]
+        mask = np.int32(g >> 31)  # -1 where nothing is drawn, else 0
+        idx = (g & CODE_MASK & ~mask) | (mask & black)
+        qc = q[c] & mask
+        o0[c] = np.uint8(np.int32(l0[idx]) | qc)
+        o1[c] = np.uint8(np.int32(l1[idx]) | qc)
+        o2[c] = np.uint8(np.int32(l2[idx]) | qc)
+
+
+def lut_planes(lut: np.ndarray) -> np.ndarray:
+    """The ``(n, 3)`` colours as the ``(3, n + 1)`` planes the compose kernels read, with a black entry last."""
+    lut = np.asarray(lut, dtype=np.uint8).reshape(-1, 3)
+    planes = np.zeros((3, lut.shape[0] + 1), dtype=np.uint8)
+    planes[:, :-1] = lut.T
+    return planes
+
+
+@numba.njit(cache=True, nogil=True)
+def compose_rgb(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, h: int, w: int) -> np.ndarray:
     """Compose one ``(3, h, w)`` uint8 chunk: the gene's colour where one is drawn, else the grey stain.
 
-    ``grey`` is ``(h, w)`` float in [0, 1], or empty for a black background. ``winners`` holds :func:`paint_winners`' values (``-1`` or priority << 16 | rank); ``lut[rank]`` is the colour.
+    ``grey`` is ``(h, w)`` float in [0, 1], or empty for a black background. ``winners`` holds
+    :func:`paint_winners`' values (``-1`` or priority << 16 | rank); ``planes[:, rank]`` is the colour (see
+    :func:`lut_planes`).
     """
-    out = np.zeros((3, h, w), dtype=np.uint8)
+    out = np.empty((3, h, w), dtype=np.uint8)
     has_grey = grey.shape[0] == h and grey.shape[1] == w and h * w > 0
+    black = planes.shape[1] - 1
+    q = np.zeros(w, dtype=np.int32)
     for r in range(h):
-        for c in range(w):
-            g = winners[r * w + c]
-            if g >= 0:
-                g &= CODE_MASK
-                out[0, r, c] = lut[g, 0]
-                out[1, r, c] = lut[g, 1]
-                out[2, r, c] = lut[g, 2]
-            elif has_grey:
-                v = grey[r, c]
-                if v > 0.0:
-                    b = np.uint8(255) if v >= 1.0 else np.uint8(v * 255.0 + 0.5)
-                    out[0, r, c] = b
-                    out[1, r, c] = b
-                    out[2, r, c] = b
+        if has_grey:
+            row = grey[r]
+            for c in range(w):
+                v = row[c]
+                q[c] = 255 if v >= 1.0 else (np.int32(v * 255.0 + 0.5) if v > 0.0 else 0)
+        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
     return out
 
 
@@ -187,32 +219,29 @@ def bin_partition(
     pixel_size,
     height,
     width,
-    chunk,
     bin_size,
     bin_level,
     extent,
     scratch_rows,
     scratch_cols,
-    scratch_offsets,
-    scratch_codes,
-    out_offsets,
-    out_codes,
+    scratch_packed,
+    out_packed,
     bin_keys,
     bin_codes,
     max_blocks,
 ):
-    """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by ``chunk`` blocks.
+    """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by blocks of pixels.
 
     Pixels are counted from the lattice origin ``(x0, y0)`` as :meth:`st2he._grid.Grid.to_pixel` does
-    (``floor((x - x0) / pixel_size)``); block ``(I, J)`` holds pixel rows ``I * chunk ..`` and columns
-    ``J * chunk ..`` (negative indices lie before the origin). With ``height > 0`` only the molecules in the
+    (``floor((x - x0) / pixel_size)``); block ``(I, J)`` holds pixel rows ``I * BUCKET ..`` and columns
+    ``J * BUCKET ..`` (negative indices lie before the origin). With ``height > 0`` only the molecules in the
     ``height`` x ``width`` pixels from the origin are bucketed (the others are counted as outside); with
     ``height <= 0`` every kept molecule is, and the blocks are those the partition touches.
 
     A counting sort that keeps the molecules' order, into caller-owned buffers of at least ``len(x)`` entries
-    (reused across partitions: in a virtual machine, memory touched for the first time costs far more than the
-    work done in it). Writes the bucketed molecules to ``out_offsets[:n_in]`` (row_in_block * chunk +
-    col_in_block) and ``out_codes[:n_in]`` (:func:`priority` << 16 | gene code), grows ``extent`` =
+    (reused across partitions: memory touched for the first time costs more than the work done in it, most of
+    all in virtual machines). Writes the bucketed molecules to ``out_packed[:n_in]`` (gene code << 16 |
+    row_in_block << 8 | col_in_block), grows ``extent`` =
     [x_min, y_min, x_max, y_max] by the kept molecules and adds to ``stats``. With ``bin_size > 0`` it also
     writes the spatial-bin keys and codes of the kept molecules selected at ``bin_level`` (see
     :func:`select_bins`) for co-expression statistics to ``bin_keys``/``bin_codes``.
@@ -237,7 +266,6 @@ def bin_partition(
     n_bins = 0
     n_kept = 0
     n_in = 0
-    inv_chunk = 1.0 / chunk
     for i in range(n):
         xi = np.float64(x[i])
         yi = np.float64(y[i])
@@ -281,31 +309,15 @@ def bin_partition(
             continue
         col = np.int64(colf)
         row = np.int64(rowf)
-        # row // chunk and col // chunk (floor, also below 0) without integer divisions, fixed up where rounding errs
-        bq = np.int64(np.floor(rowf * inv_chunk))
-        rr = row - bq * chunk
-        if rr < 0:
-            bq -= 1
-            rr += chunk
-        elif rr >= chunk:
-            bq += 1
-            rr -= chunk
-        cq = np.int64(np.floor(colf * inv_chunk))
-        cc = col - cq * chunk
-        if cc < 0:
-            cq -= 1
-            cc += chunk
-        elif cc >= chunk:
-            cq += 1
-            cc -= chunk
+        bq = row >> BUCKET_BITS  # floor division, also below 0
+        cq = col >> BUCKET_BITS
         rmin = min(rmin, bq)
         rmax = max(rmax, bq)
         cmin = min(cmin, cq)
         cmax = max(cmax, cq)
         scratch_rows[n_in] = bq
         scratch_cols[n_in] = cq
-        scratch_offsets[n_in] = rr * chunk + cc
-        scratch_codes[n_in] = (priority(xi, yi) << CODE_BITS) | c
+        scratch_packed[n_in] = (c << 16) | ((row & (BUCKET - 1)) << BUCKET_BITS) | (col & (BUCKET - 1))
         n_in += 1
     stats[0] += n
     stats[5] += n_kept
@@ -342,8 +354,7 @@ def bin_partition(
                 pos[cur] = k
             cur = b
             k = pos[b]
-        out_offsets[k] = scratch_offsets[j]
-        out_codes[k] = scratch_codes[j]
+        out_packed[k] = scratch_packed[j]
         k += 1
     return rmin, cmin, nbr, nbc, counts, n_in, n_kept, n_bins
 
@@ -460,19 +471,19 @@ def _interpolate_row(a, i0x, i1x, wx, line):
 
 
 @numba.njit(cache=True, nogil=True)
-def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, lut, h, w):
+def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
     """:func:`compose_rgb` over the stain resampled on the fly as :func:`resample_bilinear` does.
 
     The same arithmetic, so the same bytes, as composing over :func:`resample_bilinear`'s output, without the
     float32 intermediate image; each source row is interpolated along x once (not once per output row that
-    uses it), and the stain is only finished where no molecule is drawn. ``win`` may hold the source's small
-    integers or float32 unconverted (exact either way).
+    uses it). ``win`` may hold the source's small integers or float32 unconverted (exact either way).
     """
-    out = np.zeros((3, h, w), dtype=np.uint8)
+    out = np.empty((3, h, w), dtype=np.uint8)
+    black = planes.shape[1] - 1
     # the x-interpolated source rows in use: slot 0 and 1 hold source rows rows[0] and rows[1]
     lines = np.empty((2, w), dtype=np.float64)
     rows = np.array([-1, -1], dtype=np.int64)
-    grey = np.empty(w, dtype=np.uint8)
+    grey = np.empty(w, dtype=np.int32)
     for r in range(h):
         rowin = iny[r]
         ta = 0
@@ -503,46 +514,33 @@ def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, 
                 v = ((lines[ta, c] * gy + lines[tb, c] * fy) - lo) * scale
                 v32 = np.float32(0.0 if v < 0.0 else (1.0 if v > 1.0 else v))
                 q = np.uint8(255) if v32 >= 1.0 else np.uint8(v32 * 255.0 + 0.5)
-                grey[c] = q if inx[c] else np.uint8(0)
+                grey[c] = np.int32(q) if inx[c] else 0
         else:
             grey[:] = 0
-        base = r * w
-        for c in range(w):
-            g = winners[base + c]
-            if g >= 0:
-                g &= CODE_MASK
-                out[0, r, c] = lut[g, 0]
-                out[1, r, c] = lut[g, 1]
-                out[2, r, c] = lut[g, 2]
-            else:
-                q = grey[c]
-                out[0, r, c] = q
-                out[1, r, c] = q
-                out[2, r, c] = q
+        _compose_row(winners, r * w, grey, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
     return out
 
 
-
 @numba.njit(cache=True, nogil=True)
-def count_molecules(offsets, packed, channel_of, chunk, row0, col0, out):
+def count_molecules(packed, channel_of, row0, col0, out):
     """Add one bucket of molecules to the per-pixel counts ``out`` (``channels x h x w``).
 
-    Bucket layout as in :func:`paint_winners` (its block starts at ``(row0, col0)`` relative to ``out``; molecules
+    Bucket layout as in :func:`paint_winners` (its first pixel at ``(row0, col0)`` relative to ``out``; molecules
     outside are skipped). ``channel_of[gene code]`` is the channel (``-1``: not counted); an empty ``channel_of``
     counts every molecule in channel 0.
     """
     h = out.shape[1]
     w = out.shape[2]
     by_channel = channel_of.shape[0] > 0
-    for i in range(offsets.shape[0]):
+    for i in range(packed.shape[0]):
+        v = np.int64(packed[i])
         ch = 0
         if by_channel:
-            ch = channel_of[packed[i] & CODE_MASK]
+            ch = channel_of[v >> 16]
             if ch < 0:
                 continue
-        off = offsets[i]
-        r = off // chunk + row0
-        c = off % chunk + col0
+        r = ((v >> BUCKET_BITS) & (BUCKET - 1)) + row0
+        c = (v & (BUCKET - 1)) + col0
         if r < 0 or r >= h or c < 0 or c >= w:
             continue
         out[ch, r, c] += 1

@@ -1,17 +1,20 @@
-"""Molecules of a points element, filtered and binned into the chunks of a pixel grid in one streaming pass.
+"""Molecules of a points element, filtered and bucketed by blocks of pixels in one streaming pass.
 
 Whole slides hold hundreds of millions of molecules, so nothing here holds the slide in memory: the points are
-read one partition at a time, filtered (controls, low quality, non-finite coordinates), mapped to pixels of the
-output grid and bucketed by output chunk in compact form (``int32`` pixel offset within the chunk plus
-``int32`` gene code). Buckets are kept in memory up to ``memory_limit`` bytes and spilled to files in a
-temporary folder beyond that, which are read back per chunk with positional reads. Each chunk of the output image
-then touches only its own molecules.
+read once, one partition at a time, filtered (controls, low quality, non-finite coordinates), mapped to pixels of
+a lattice of the output pixel size and bucketed by 256 x 256 pixel blocks in compact form (one ``uint32`` a
+molecule: gene code and place in the block). The extent of the kept molecules is gathered in the same pass, so
+the output grid can be chosen afterwards without reading the molecules again. Buckets are kept in memory up to
+``memory_limit`` bytes and spilled to files in a temporary folder beyond that, which are read back per block with
+positional reads. Each chunk of the output image then touches only the molecules of the blocks it overlaps.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -26,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from st2he._grid import COORDINATE_SYSTEM, Grid
+
+from ._kernels import BUCKET, BUCKET_BITS, MAX_GENES
 
 logger = logging.getLogger("st2he")
 
@@ -352,27 +357,23 @@ class _Part:
     """
 
     n: int  # molecules
-    offsets: np.ndarray | None  # int32 pixel offset within the block: row_in_block * chunk + col_in_block
-    codes: np.ndarray | None  # int32 priority << 16 | gene code
-    fd: int | None = None  # spilled: offsets then codes, raw int32, read back with pread
+    packed: np.ndarray | None  # uint32 gene code << 16 | row_in_block << 8 | col_in_block
+    fd: int | None = None  # spilled: the packed values, read back with pread
 
-    def slice(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    def slice(self, s: int, e: int) -> np.ndarray:
         if self.fd is None:
-            return self.offsets[s:e], self.codes[s:e]
+            return self.packed[s:e]
         # positional reads: thread-safe, and nothing stays mapped, so resident memory does not grow
-        n = self.n
-        offsets = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * s), dtype=np.int32)
-        codes = np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * (n + s)), dtype=np.int32)
-        return offsets, codes
+        return np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * s), dtype=np.uint32)
 
 
 @dataclass
 class BinnedMolecules:
-    """Kept molecules bucketed by ``chunk`` x ``chunk`` blocks of a pixel lattice.
+    """Kept molecules bucketed by blocks of ``BUCKET x BUCKET`` pixels (:data:`st2he.pp._kernels.BUCKET`).
 
     The lattice has ``pixel_size`` µm pixels counted from ``(x0, y0)`` (global µm): block ``(I, J)`` holds
-    pixel rows ``I * chunk ..`` and columns ``J * chunk ..``. ``grid`` is the output grid the blocks are read
-    for (see :meth:`place`); when it starts at the lattice origin its chunks are the blocks themselves.
+    pixel rows ``I * BUCKET ..`` and columns ``J * BUCKET ..``. ``grid`` is the output grid, read in chunks of
+    ``chunk`` pixels (see :meth:`place` and :meth:`pieces`).
     """
 
     x0: float
@@ -399,6 +400,18 @@ class BinnedMolecules:
         """Number of chunk columns of ``grid``."""
         return max(1, math.ceil(self.grid.width / self.chunk))
 
+    @functools.cached_property
+    def gene_keys(self) -> np.ndarray:
+        """Hashes of the gene names by code, for :func:`st2he.pp._kernels.priority`."""
+        from ._kernels import gene_keys
+
+        return gene_keys(self.genes) if self.genes else np.zeros(1, dtype=np.int64)
+
+    @property
+    def origin_pixel(self) -> tuple[int, int]:
+        """The lattice origin's pixel ``(row, col)`` on the lattice of ``pixel_size`` anchored at 0 µm."""
+        return round(self.y0 / self.pixel_size), round(self.x0 / self.pixel_size)
+
     def __dask_tokenize__(self):
         return ("st2he-binned-molecules", self.token, self.shift)
 
@@ -415,11 +428,10 @@ class BinnedMolecules:
         self.grid = grid
         self.shift = (int(round(row)), int(round(col)))
 
-    def buckets(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(offsets, packed)`` of lattice block ``(bi, bj)``, one pair per stored part (nothing is copied).
+    def buckets(self, bi: int, bj: int) -> Iterator[np.ndarray]:
+        """The packed molecules of lattice block ``(bi, bj)``, one array per stored part (nothing is copied).
 
-        ``offsets`` = row_in_block * chunk + col_in_block; ``packed`` = priority << 16 | gene code (see
-        :func:`st2he.pp._kernels.priority`).
+        ``packed`` = gene code << 16 | row_in_block << 8 | col_in_block.
         """
         for p, s, e in self.index.get((bi, bj), ()):
             yield self.parts[p].slice(s, e)
@@ -427,31 +439,65 @@ class BinnedMolecules:
     def pieces(self, row: int, col: int, h: int, w: int, reach: int = 0):
         """Buckets that can draw into rows ``row:row + h`` and columns ``col:col + w`` of ``grid``.
 
-        Yields ``(offsets, packed, row0, col0)``: the bucket's block starts ``(row0, col0)`` pixels from the
-        window's first pixel (molecules outside the window are the caller's to skip). ``reach``: pixels a
-        molecule draws beyond its own (dots).
+        Yields ``(packed, row0, col0, grow0, gcol0)``: the bucket's first pixel lies ``(row0, col0)`` pixels from
+        the window's first pixel and at ``(grow0, gcol0)`` on the lattice anchored at 0 µm (for
+        :func:`st2he.pp._kernels.priority`); molecules outside the window are the caller's to skip. ``reach``:
+        pixels a molecule draws beyond its own (dots).
         """
-        c = self.chunk
         r0, c0 = self.shift[0] + row, self.shift[1] + col
-        for bi in range((r0 - reach) // c, (r0 + h - 1 + reach) // c + 1):
-            for bj in range((c0 - reach) // c, (c0 + w - 1 + reach) // c + 1):
-                for offsets, packed in self.buckets(bi, bj):
-                    yield offsets, packed, bi * c - r0, bj * c - c0
+        gr, gc = self.origin_pixel
+        for bi in range((r0 - reach) >> BUCKET_BITS, ((r0 + h - 1 + reach) >> BUCKET_BITS) + 1):
+            for bj in range((c0 - reach) >> BUCKET_BITS, ((c0 + w - 1 + reach) >> BUCKET_BITS) + 1):
+                for packed in self.buckets(bi, bj):
+                    yield packed, bi * BUCKET - r0, bj * BUCKET - c0, gr + bi * BUCKET, gc + bj * BUCKET
 
     def block(self, bi: int, bj: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(offsets, gene codes)`` of the molecules in lattice block ``(bi, bj)``, concatenated."""
-        from ._kernels import CODE_MASK
-
-        pairs = list(self.buckets(bi, bj))
-        if not pairs:
+        """``(pixel offsets row * BUCKET + col, gene codes)`` of the molecules in lattice block ``(bi, bj)``."""
+        arrays = list(self.buckets(bi, bj))
+        if not arrays:
             return np.empty(0, np.int32), np.empty(0, np.int32)
-        offsets = np.concatenate([o for o, _ in pairs])
-        codes = np.concatenate([c for _, c in pairs]) & CODE_MASK
-        return offsets, codes
+        packed = np.concatenate(arrays).astype(np.int64)
+        return (packed & 0xFFFF).astype(np.int32), (packed >> 16).astype(np.int32)
 
 
 #: Most blocks one partition may span (beyond, its molecules lie absurdly far apart for the pixel size).
 MAX_BLOCKS = 1 << 22
+
+
+class _Arena:
+    """Memory for the buckets kept in memory, taken from the system in slabs that are populated at once.
+
+    A page of memory touched for the first time costs a fault; a whole slab mapped with ``MAP_POPULATE`` (Linux)
+    costs far less than its pages faulted one by one, most of all in virtual machines. Elsewhere the slabs are
+    plain anonymous mappings.
+    """
+
+    def __init__(self, slab: int = 64 * 2**20) -> None:
+        self.slab = slab
+        self.next = 2**20  # slabs double from 1 MB up to ``slab``, so small jobs stay small
+        self.current = np.empty(0, np.uint32)
+        self.used = 0
+
+    @property
+    def free(self) -> np.ndarray:
+        """The unused end of the current slab (``uint32``)."""
+        return self.current[self.used :]
+
+    def reserve(self, n: int) -> np.ndarray:
+        """At least ``n`` free ``uint32`` values, in a new slab if the current one has too few."""
+        if len(self.current) - self.used < n:
+            nbytes = max(min(self.next, self.slab), 4 * n)
+            self.next *= 2
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+            self.current = np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=np.uint32)
+            self.used = 0
+        return self.free
+
+    def take(self, n: int) -> np.ndarray:
+        """Keep the first ``n`` values of :attr:`free`; return them."""
+        out = self.current[self.used : self.used + n]
+        self.used += n
+        return out
 
 
 class _Buffers:
@@ -467,10 +513,8 @@ class _Buffers:
         self.size = size
         self.rows = np.empty(size, np.int32)
         self.cols = np.empty(size, np.int32)
-        self.offsets = np.empty(size, np.int32)
-        self.codes = np.empty(size, np.int32)
-        self.out_offsets = np.empty(size, np.int32)
-        self.out_codes = np.empty(size, np.int32)
+        self.packed = np.empty(size, np.uint32)
+        self.out = np.empty(size, np.uint32)
         self.bin_keys = np.empty(size if bins else 0, np.int64)
         self.bin_codes = np.empty(size if bins else 0, np.int32)
 
@@ -485,17 +529,17 @@ def bin_molecules(
     min_qv: float | None = 20.0,
     drop_controls: bool = True,
     genes: Sequence[str] = (),
-    memory_limit: int = 256 * 2**20,
+    memory_limit: int = 512 * 2**20,
     spill_dir: str | None = None,
     bins=None,
 ) -> BinnedMolecules:
-    """One streaming pass over ``source``: filter, map to pixels, bucket by ``chunk`` blocks.
+    """One streaming pass over ``source``: filter, map to pixels, bucket by blocks of pixels (4 bytes a molecule).
 
-    With ``grid``, the molecules are bucketed by its chunks and those outside it are counted as outside. Without
+    With ``grid``, the molecules are bucketed on its lattice and those outside it are counted as outside. Without
     one, every kept molecule is bucketed on the lattice of ``pixel_size`` µm pixels through ``origin`` (default:
     the lattice anchored at 0 µm, through the first molecules' pixel) and the extent of the kept molecules is
     recorded (``binned.extent``), so that the output grid can be chosen after this single reading; then call
-    :meth:`BinnedMolecules.place`.
+    :meth:`BinnedMolecules.place`. ``chunk`` is the output grid's chunk edge in pixels.
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
@@ -520,6 +564,7 @@ def bin_molecules(
     stats = np.zeros(6, dtype=np.int64)
     extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
     buffers = _Buffers()
+    arena = _Arena()
     in_memory = 0
     for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
         source, codes_book, min_qv=min_qv, drop_controls=drop_controls
@@ -535,7 +580,13 @@ def bin_molecules(
             )
         if binned is None:
             binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
+        if len(codes_book.names) > MAX_GENES:
+            msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
+            raise ValueError(msg)
         buffers.fit(len(x), bins is not None)
+        # write straight into memory that is kept when this part is likely to stay in memory
+        keep_in_memory = in_memory + 4 * len(x) <= memory_limit
+        out = arena.reserve(len(x)) if keep_in_memory else buffers.out
         row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
             x,
             y,
@@ -554,16 +605,13 @@ def bin_molecules(
             pixel_size,
             grid.height if grid is not None else 0,
             grid.width if grid is not None else 0,
-            chunk,
             bins.bin_size if bins is not None else 0.0,
             bins.level if bins is not None else 0,
             extent,
             buffers.rows,
             buffers.cols,
-            buffers.offsets,
-            buffers.codes,
-            buffers.out_offsets,
-            buffers.out_codes,
+            buffers.packed,
+            out,
             buffers.bin_keys,
             buffers.bin_codes,
             MAX_BLOCKS,
@@ -572,27 +620,25 @@ def bin_molecules(
         report.outside += int(n_kept) - int(n_in)
         if nbr < 0:
             msg = (
-                f"The molecules of {source.key!r} span more than {MAX_BLOCKS} chunks of {chunk} x {chunk} pixels of "
+                f"The molecules of {source.key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
                 f"{pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
                 f"{extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm). Give region=(x_min, y_min, x_max, "
-                f"y_max) in µm, a larger pixel_size or a larger chunk."
+                f"y_max) in µm or a larger pixel_size."
             )
             raise ValueError(msg)
         if bins is not None and n_bins:
             bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
         if n_in == 0:
             continue
-        offsets, codes = buffers.out_offsets[:n_in], buffers.out_codes[:n_in]
-        nbytes = offsets.nbytes + codes.nbytes
         index = len(binned.parts)
-        if in_memory + nbytes > memory_limit:
+        if keep_in_memory:
+            in_memory += 4 * n_in
+            part = _Part(int(n_in), arena.take(n_in))
+        else:
             if binned.spill_dir is None:
                 binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
                 weakref.finalize(binned, _close, binned.parts, binned.spill_dir)
-            part = _Part(int(n_in), None, None, _spill(offsets, codes, binned.spill_dir, index))
-        else:
-            in_memory += nbytes
-            part = _Part(int(n_in), offsets.copy(), codes.copy())
+            part = _Part(int(n_in), None, _spill(out[:n_in], binned.spill_dir, index))
         binned.parts.append(part)
         occupied = np.flatnonzero(np.diff(starts))
         for k in occupied.tolist():
@@ -601,8 +647,8 @@ def bin_molecules(
     if binned is None:  # no partition with molecules
         origin = origin if origin is not None else (0.0, 0.0)
         binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
-    if len(codes_book.names) > 65535:
-        msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most 65535."
+    if len(codes_book.names) > MAX_GENES:
+        msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
         raise ValueError(msg)
     if np.all(np.isfinite(extent)):
         binned.extent = (float(extent[0]), float(extent[1]), float(extent[2]), float(extent[3]))
@@ -611,12 +657,11 @@ def bin_molecules(
     return binned
 
 
-def _spill(offsets: np.ndarray, codes: np.ndarray, folder: str, index: int) -> int:
-    """Write one part's buckets to a file (from the arrays' own memory, no copy); return a descriptor to read it."""
+def _spill(packed: np.ndarray, folder: str, index: int) -> int:
+    """Write one part's buckets to a file (from the array's own memory, no copy); return a descriptor to read it."""
     path = os.path.join(folder, f"part{index:06d}.bin")
     with open(path, "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(offsets, dtype=np.int32)))
-        f.write(memoryview(np.ascontiguousarray(codes, dtype=np.int32)))
+        f.write(memoryview(np.ascontiguousarray(packed, dtype=np.uint32)))
     return os.open(path, os.O_RDONLY)
 
 

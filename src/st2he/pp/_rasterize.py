@@ -27,6 +27,7 @@ from ._kernels import (
     compose_rgb_resampled,
     count_molecules,
     disc_footprint,
+    lut_planes,
     paint_winners,
     resample_bilinear,
 )
@@ -228,8 +229,10 @@ def _resample_block(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k, lo, hi):
 
 
 def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = False, bounds: bool = False):
-    """Per output chunk ``(r, c, h, w, spec)``: ``spec`` is ``None`` where the chunk misses the source, else the
-    source window (lazy) and the resampling indices ``(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k)``.
+    """Per output chunk ``(r, c, h, w, spec)``: where it reads the source, and how it resamples it.
+
+    ``spec`` is ``None`` where the chunk misses the source, else the source window (lazy) and the resampling
+    indices ``(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k)``.
 
     ``bounds=True``: ``window`` is ``(source, y0, y1, x0, x1)`` instead, the 2-D dask array of the source
     channel and the window's pixel bounds in it.
@@ -274,7 +277,7 @@ def _image_layer(element, grid: Grid, chunk: int, channel: int, lo: float, hi: f
     import dask.array as da
 
     rows: list[list] = []
-    for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel, binary):
+    for _, c, h, w, spec in _image_blocks(element, grid, chunk, channel, binary):
         if c == 0:
             rows.append([])
         if spec is None:
@@ -452,10 +455,9 @@ def _lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
 
 
 def _default_grid(mol, img, pixel_size) -> Grid:
-    """Grid over the kept molecules' extent ``mol`` and the stain image's bounds ``img``, on the lattice of
-    ``pixel_size`` anchored at 0 µm.
+    """Grid over the kept molecules' extent ``mol`` and the stain image's bounds ``img``.
 
-    A molecule exactly on the far edge still gets a pixel; the stain image's far edge is exclusive.
+    The grid lies on the lattice of ``pixel_size`` anchored at 0 µm. A molecule exactly on the far edge still gets a pixel; the stain image's far edge is exclusive.
     """
     boxes = [b for b in (mol, img) if b is not None]
     if not boxes:
@@ -476,10 +478,9 @@ def _default_grid(mol, img, pixel_size) -> Grid:
 
 
 def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[BinnedMolecules, Grid]:
-    """Read the molecules once, bucketed by chunk, and choose the output grid (``region``, or their extent and
-    the stain image's bounds ``img``).
+    """Read the molecules once, bucketed, and choose the output grid.
 
-    Without a region the molecules are bucketed on the lattice through the stain image's corner (or, without
+    The grid is ``region``, or else covers the kept molecules and the stain image's bounds ``img``. Without a region the molecules are bucketed on the lattice through the stain image's corner (or, without
     one, through the first molecules' pixel); the grid then usually starts there, so its chunks are the buckets.
     """
     if region is not None:
@@ -548,8 +549,8 @@ def _density_block(binned: BinnedMolecules, channel_of: np.ndarray, n_channels: 
     h = min(chunk, binned.grid.height - bi * chunk)
     w = min(chunk, binned.grid.width - bj * chunk)
     counts = np.zeros((n_channels, h, w), dtype=np.int64)
-    for offsets, packed, row0, col0 in binned.pieces(bi * chunk, bj * chunk, h, w):
-        count_molecules(offsets, packed, channel_of, chunk, row0, col0, counts)
+    for packed, row0, col0, _, _ in binned.pieces(bi * chunk, bj * chunk, h, w):
+        count_molecules(packed, channel_of, row0, col0, counts)
     return counts.astype(dtype)
 
 
@@ -618,7 +619,7 @@ def density_layer(
 # ----------------------------------------------------------------------------------------------- the picture
 
 
-def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, lut, dy, dx, chunk=1024, grid=None, block_id=None):
+def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, planes, dy, dx, chunk=1024, grid=None, block_id=None):
     bi, bj = block_id[1], block_id[2]
     if not stain:  # no stain: a black background
         h = min(chunk, grid.height - bi * chunk)
@@ -628,18 +629,20 @@ def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, lut, dy, dx, ch
         stain = np.ascontiguousarray(stain[0][0], dtype=np.float32)
         h, w = stain.shape
     winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
-    return compose_rgb(stain, winners, lut, h, w)
+    return compose_rgb(stain, winners, planes, h, w)
 
 
-def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, lut, dy, dx):
+def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, planes, dy, dx):
     """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
     winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
     if spec is None:
-        return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, lut, h, w)
+        return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, planes, h, w)
     window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
     win = _pooled_window(window, k, raw_ok=True)
     scale = np.float32(1.0 / (hi - lo))
-    return compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, lut, h, w)
+    return compose_rgb_resampled(
+        win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, planes, h, w
+    )
 
 
 _SCRATCH = threading.local()
@@ -659,8 +662,9 @@ def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
         c = binned.chunk
-        for offsets, packed, row0, col0 in binned.pieces(bi * c, bj * c, h, w, reach):
-            paint_winners(offsets, packed, rank_of, c, row0, col0, h, w, dy, dx, winners)
+        keys = binned.gene_keys
+        for packed, row0, col0, grow0, gcol0 in binned.pieces(bi * c, bj * c, h, w, reach):
+            paint_winners(packed, rank_of, keys, row0, col0, grow0, gcol0, h, w, dy, dx, winners)
     return winners
 
 
@@ -704,9 +708,10 @@ def _window_pieces(arr, y0: int, y1: int, x0: int, x1: int):
     rows = range(int(np.searchsorted(cy, y0, "right")) - 1, int(np.searchsorted(cy, y1, "left")))
     cols = range(int(np.searchsorted(cx, x0, "right")) - 1, int(np.searchsorted(cx, x1, "left")))
     keys = [[(arr.name, i, j) for j in cols] for i in rows]
-    cuts = [
-        [int(max(y0, cy[i]) - cy[i]), int(min(y1, cy[i + 1]) - cy[i])] for i in rows
-    ], [[int(max(x0, cx[j]) - cx[j]), int(min(x1, cx[j + 1]) - cx[j])] for j in cols]
+    cuts = (
+        [[int(max(y0, cy[i]) - cy[i]), int(min(y1, cy[i + 1]) - cy[i])] for i in rows],
+        [[int(max(x0, cx[j]) - cx[j]), int(min(x1, cx[j + 1]) - cx[j])] for j in cols],
+    )
     return keys, list(cuts)
 
 
@@ -795,8 +800,8 @@ def rasterize_transcripts(
     dot_size
         Diameter of a transcript's dot in pixels (1: the molecule's own pixel). Where several molecules cover a
         pixel (in the same pixel, or dots that meet), the one with the highest pseudo-random priority wins, a hash
-        of its exact coordinates (ties: the gene last by name), so the result does not depend on the order of the
-        molecules or on the chunking.
+        of its pixel (on the lattice of ``pixel_size`` anchored at 0 µm) and its gene (ties: the gene last by
+        name), so the result does not depend on the order of the molecules or on the chunking.
     color
         Colour of every transcript for ``style="single"``.
     region
@@ -922,7 +927,7 @@ def rasterize_transcripts(
             stain_info["stain_range"],
             binned=binned,
             rank_of=rank_of,
-            lut=lut,
+            planes=lut_planes(lut),
             dy=dy,
             dx=dx,
         )
@@ -934,7 +939,7 @@ def rasterize_transcripts(
         *stain_input,
         binned=binned,
         rank_of=rank_of,
-        lut=lut,
+        planes=lut_planes(lut),
         dy=dy,
         dx=dx,
         chunk=chunk,
