@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -172,6 +173,15 @@ class BinCounts:
         if keep is None:
             keep = np.ones(len(x), dtype=bool)
         self.add(*select_bins(x, y, codes, keep, self.bin_size, self.level))
+
+    def expect(self, n: int) -> None:
+        """Start at the level that keeps about ``n`` molecules within the budget (before any is added).
+
+        Saves raising the level step by step, each step filtering everything held so far; the result is the same
+        (a bin kept at a level is kept at every lower level).
+        """
+        if not self.keys and n > self.budget:
+            self.level = max(self.level, math.ceil(math.log2(n / self.budget)))
 
     def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
         """Add bin keys and gene codes already selected at the current level."""

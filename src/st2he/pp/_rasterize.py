@@ -576,11 +576,7 @@ def _density(binned: BinnedMolecules, channels: list[str], groups: dict[str, lis
         channel_of = np.zeros(0, dtype=np.int64)
     chunks = ((len(channels),), _split(grid.height, chunk), _split(grid.width, chunk))
     return da.map_blocks(
-        _density_block,
-        binned,
-        channel_of,
-        len(channels),
-        dtype,
+        functools.partial(_density_block, binned, channel_of, len(channels), dtype),
         chunks=chunks,
         dtype=dtype,
         meta=np.empty((0, 0, 0), dtype),
@@ -934,16 +930,13 @@ def rasterize_transcripts(
         add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
         return
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
+    # the options go in a partial: dask would otherwise walk through the molecules' index looking for collections
+    draw = functools.partial(
+        _draw_block, binned=binned, rank_of=rank_of, planes=lut_planes(lut), dy=dy, dx=dx, chunk=chunk, grid=grid
+    )
     data = da.map_blocks(
-        _draw_block,
+        draw,
         *stain_input,
-        binned=binned,
-        rank_of=rank_of,
-        planes=lut_planes(lut),
-        dy=dy,
-        dx=dx,
-        chunk=chunk,
-        grid=grid,
         chunks=((3,), _split(grid.height, chunk), _split(grid.width, chunk)),
         dtype=np.uint8,
         meta=np.empty((0, 0, 0), dtype=np.uint8),
