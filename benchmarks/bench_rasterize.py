@@ -35,7 +35,7 @@ import time
 DENSITY = 1.5  # molecules per µm²
 N_GENES = 300
 PARTITION = 2_000_000
-PIXEL_SIZE = 0.5
+PIXEL_SIZE = float(os.environ.get("ST2HE_BENCH_PIXEL_SIZE", 0.5))  # µm, for st2he and the reference alike
 STAIN_PIXEL_SIZE = 0.425
 
 
@@ -335,7 +335,14 @@ def case_spatialdata(n: int) -> dict:
 
 
 def _child(args: list[str]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        ST2HE_BENCH_PIXEL_SIZE=str(PIXEL_SIZE),
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        NUMBA_NUM_THREADS="1",
+    )
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--case", *args],
         capture_output=True,
@@ -352,10 +359,18 @@ def _child(args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every case in its own process and print a table; returns the results."""
+    global PIXEL_SIZE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e7, 1e8], help="numbers of molecules")
     parser.add_argument("--palette", default="coexpression", help="palette method for st2he (default coexpression)")
     parser.add_argument("--chunk", type=int, default=1024, help="chunk edge in pixels")
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=PIXEL_SIZE,
+        help="output pixel size in µm, for st2he and the reference alike (default 0.5, st2he's; the reference's "
+        "own is 1.0)",
+    )
     parser.add_argument("--tiles", type=int, default=3, help="reference tiles to time")
     parser.add_argument("--table", type=int, default=10_000_000, help="slide table the reference selects tiles from")
     parser.add_argument("--sd-molecules", type=int, default=30_000, help="molecules for spatialdata.rasterize")
@@ -364,6 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    PIXEL_SIZE = args.pixel_size
     if args.case:
         kind, *rest = args.case
         if kind == "st2he":

@@ -494,3 +494,26 @@ def test_real_merscope_crop(shared_data):
 def test_real_cosmx_crop(shared_data):
     sd = st2he.io.read_cosmx(shared_data / "cosmx_mouse_brain_quarter")
     _check_crop(sd, min_controls=1)  # NegPrb*
+
+
+def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled_stain():
+    from st2he.pp._kernels import compose_rgb, compose_rgb_resampled, lut_planes, resample_bilinear
+    from st2he.pp._rasterize import _axis_weights
+
+    rng = np.random.default_rng(5)
+    win = rng.integers(0, 4000, (70, 90)).astype(np.uint16)  # a DAPI window of 0.425 µm pixels
+    h, w = 50, 64  # an output chunk of 0.5 µm pixels, partly outside the window
+    i0y, i1y, wy, iny = _axis_weights(2.0, h, 0.5, 0.0, 0.425, 70)
+    i0x, i1x, wx, inx = _axis_weights(-3.0, w, 0.5, 0.0, 0.425, 90)
+    lo, scale = np.float32(100.0), np.float32(1.0 / 3000.0)
+    winners = np.where(rng.random(h * w) < 0.3, rng.integers(0, 5, h * w), -1).astype(np.int32)
+    planes = lut_planes(rng.integers(0, 256, (5, 3)))
+    grey = resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale)
+    assert grey.min() == 0.0 and grey.max() == 1.0 and (grey[:, : int(np.argmax(inx))] == 0).all()
+    expected = compose_rgb(grey, winners, planes, h, w)
+    got = compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w)
+    np.testing.assert_array_equal(got, expected)
+    # drawn pixels take the gene's colour, the others the stain's grey in all three channels
+    drawn = (winners >= 0).reshape(h, w)
+    assert (got[:, drawn] == planes[:, winners[winners >= 0]]).all()
+    assert (got[0][~drawn] == np.round(np.clip(grey[~drawn], 0, 1) * 255)).mean() > 0.99

@@ -101,6 +101,16 @@ def _compose_row(winners, base, q, l0, l1, l2, black, o0, o1, o2):
         o2[c] = np.uint8(np.int32(l2[idx]) | qc)
 
 
+@numba.njit(cache=True, nogil=True)
+def _quantize_row(grey, q):
+    """Grey values in [0, 1] (clipped) to integers 0..255, rounded to nearest."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for c in range(q.shape[0]):
+        v = min(max(np.float32(grey[c]), zero), one)
+        q[c] = np.int32(v * np.float32(255.0) + np.float32(0.5))
+
+
 def lut_planes(lut: np.ndarray) -> np.ndarray:
     """The ``(n, 3)`` colours as the ``(3, n + 1)`` planes the compose kernels read, with a black entry last."""
     lut = np.asarray(lut, dtype=np.uint8).reshape(-1, 3)
@@ -123,10 +133,7 @@ def compose_rgb(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, h: in
     q = np.zeros(w, dtype=np.int32)
     for r in range(h):
         if has_grey:
-            row = grey[r]
-            for c in range(w):
-                v = row[c]
-                q[c] = 255 if v >= 1.0 else (np.int32(v * 255.0 + 0.5) if v > 0.0 else 0)
+            _quantize_row(grey[r], q)
         _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
     return out
 
@@ -437,37 +444,112 @@ def keep_level(keys, level):
 
 
 @numba.njit(cache=True, nogil=True)
-def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
-    """Separable bilinear resampling of ``win`` at the given indices/weights, then ``(v - lo) * scale`` in [0, 1].
+def pool_mean(win, k):
+    """Mean of each ``k x k`` block of ``win`` (incomplete blocks at the far edges dropped), as float32.
 
-    Output pixels outside the source (``iny``/``inx`` false) are 0.
+    Sums in float32, the ``k`` rows first (a loop LLVM vectorises), then ``k`` columns; sums of integers below
+    2**24 are exact, so the mean is the correctly rounded one whatever the order.
     """
-    h = i0y.shape[0]
-    w = i0x.shape[0]
-    out = np.zeros((h, w), dtype=np.float32)
-    for r in range(h):
-        if not iny[r]:
-            continue
-        a = win[i0y[r]]
-        b = win[i1y[r]]
-        fy = wy[r]
-        for c in range(w):
-            if not inx[c]:
-                continue
-            fx = wx[c]
-            top = a[i0x[c]] * (1.0 - fx) + a[i1x[c]] * fx
-            bot = b[i0x[c]] * (1.0 - fx) + b[i1x[c]] * fx
-            v = ((top * (1.0 - fy) + bot * fy) - lo) * scale
-            out[r, c] = 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
+    hh = win.shape[0] // k
+    ww = win.shape[1] // k
+    out = np.empty((hh, ww), dtype=np.float32)
+    rows = np.empty(ww * k, dtype=np.float32)
+    n = np.float32(k * k)
+    for i in range(hh):
+        rows[:] = 0.0
+        for di in range(k):
+            src = win[i * k + di]
+            for x in range(ww * k):
+                rows[x] += np.float32(src[x])
+        o = out[i]
+        for j in range(ww):
+            acc = np.float32(0.0)
+            for dj in range(k):
+                acc += rows[j * k + dj]
+            o[j] = acc / n
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _interpolate_row(a, i0x, i1x, wx, line):
-    for c in range(line.shape[0]):
+def _inside(mask) -> tuple[int, int]:
+    """First and last + 1 index where ``mask`` (true on one contiguous run, or nowhere) is true."""
+    n = mask.shape[0]
+    lo = 0
+    while lo < n and not mask[lo]:
+        lo += 1
+    hi = n
+    while hi > lo and not mask[hi - 1]:
+        hi -= 1
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolate_row(a, i0x, i1x, wx, c0, c1, line):
+    """One source row interpolated at the output columns ``c0:c1`` (float32)."""
+    one = np.float32(1.0)
+    for c in range(c0, c1):
         fx = wx[c]
-        # float32 operands, as resample_bilinear reads them, so that the arithmetic is the same
-        line[c] = np.float32(a[i0x[c]]) * (1.0 - fx) + np.float32(a[i1x[c]]) * fx
+        line[c] = np.float32(a[i0x[c]]) * (one - fx) + np.float32(a[i1x[c]]) * fx
+
+
+@numba.njit(cache=True, nogil=True)
+def _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, out):
+    """Output row ``r`` of the separable bilinear resampling of ``win``, normalised: ``(v - lo) * scale`` in [0, 1].
+
+    Writes float32 values into ``out`` (0 outside the source: ``iny`` false, or outside columns ``c0:c1``, where
+    ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w float32)
+    and ``rows`` (the source rows they hold, initially -1) carry the x-interpolated source rows from one output
+    row to the next, so each source row is interpolated along x once. All arithmetic is float32, the same for
+    :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they give the same values.
+    """
+    if not iny[r]:
+        out[:] = 0.0
+        return
+    s0 = i0y[r]
+    s1 = i1y[r]
+    if rows[0] == s0:
+        ta = 0
+    elif rows[1] == s0:
+        ta = 1
+    else:
+        ta = 1 if rows[0] == s1 else 0  # keep the slot holding s1
+        _interpolate_row(win[s0], i0x, i1x, wx, c0, c1, lines[ta])
+        rows[ta] = s0
+    if rows[ta] == s1:
+        tb = ta
+    else:
+        tb = 1 - ta
+        if rows[tb] != s1:
+            _interpolate_row(win[s1], i0x, i1x, wx, c0, c1, lines[tb])
+            rows[tb] = s1
+    fy = wy[r]
+    gy = np.float32(1.0) - fy
+    la = lines[ta]
+    lb = lines[tb]
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    out[:c0] = 0.0
+    for c in range(c0, c1):
+        v = ((la[c] * gy + lb[c] * fy) - lo) * scale
+        out[c] = min(max(v, zero), one)
+    out[c1:] = 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
+    """Separable bilinear resampling of ``win`` at the given indices/weights, then ``(v - lo) * scale`` in [0, 1].
+
+    Output pixels outside the source (``iny``/``inx`` false) are 0. ``lo`` and ``scale`` are float32.
+    """
+    h = i0y.shape[0]
+    w = i0x.shape[0]
+    out = np.empty((h, w), dtype=np.float32)
+    lines = np.empty((2, w), dtype=np.float32)
+    rows = np.array([-1, -1], dtype=np.int64)
+    c0, c1 = _inside(inx)
+    for r in range(h):
+        _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, out[r])
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -475,49 +557,20 @@ def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, 
     """:func:`compose_rgb` over the stain resampled on the fly as :func:`resample_bilinear` does.
 
     The same arithmetic, so the same bytes, as composing over :func:`resample_bilinear`'s output, without the
-    float32 intermediate image; each source row is interpolated along x once (not once per output row that
-    uses it). ``win`` may hold the source's small integers or float32 unconverted (exact either way).
+    float32 intermediate image. ``win`` may hold the source's small integers or float32 unconverted (exact
+    either way).
     """
     out = np.empty((3, h, w), dtype=np.uint8)
     black = planes.shape[1] - 1
-    # the x-interpolated source rows in use: slot 0 and 1 hold source rows rows[0] and rows[1]
-    lines = np.empty((2, w), dtype=np.float64)
+    lines = np.empty((2, w), dtype=np.float32)
     rows = np.array([-1, -1], dtype=np.int64)
-    grey = np.empty(w, dtype=np.int32)
+    grey = np.empty(w, dtype=np.float32)
+    q = np.empty(w, dtype=np.int32)
+    c0, c1 = _inside(inx)
     for r in range(h):
-        rowin = iny[r]
-        ta = 0
-        tb = 1
-        if rowin:
-            s0 = i0y[r]
-            s1 = i1y[r]
-            if rows[0] == s0:
-                ta = 0
-            elif rows[1] == s0:
-                ta = 1
-            else:
-                ta = 1 if rows[0] == s1 else 0  # keep the slot holding s1
-                _interpolate_row(win[s0], i0x, i1x, wx, lines[ta])
-                rows[ta] = s0
-            if rows[ta] == s1:
-                tb = ta
-            else:
-                tb = 1 - ta
-                if rows[tb] != s1:
-                    _interpolate_row(win[s1], i0x, i1x, wx, lines[tb])
-                    rows[tb] = s1
-        fy = wy[r]
-        gy = 1.0 - fy
-        if rowin:
-            # the grey of the whole row first: a loop without gathers or early exits, which LLVM vectorises
-            for c in range(w):
-                v = ((lines[ta, c] * gy + lines[tb, c] * fy) - lo) * scale
-                v32 = np.float32(0.0 if v < 0.0 else (1.0 if v > 1.0 else v))
-                q = np.uint8(255) if v32 >= 1.0 else np.uint8(v32 * 255.0 + 0.5)
-                grey[c] = np.int32(q) if inx[c] else 0
-        else:
-            grey[:] = 0
-        _compose_row(winners, r * w, grey, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
+        _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, grey)
+        _quantize_row(grey, q)
+        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
     return out
 
 

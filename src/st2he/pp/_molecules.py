@@ -358,13 +358,14 @@ class _Part:
 
     n: int  # molecules
     packed: np.ndarray | None  # uint32 gene code << 16 | row_in_block << 8 | col_in_block
-    fd: int | None = None  # spilled: the packed values, read back with pread
+    fd: int | None = None  # spilled: the packed values lie in this file ...
+    offset: int = 0  # ... from this byte on, read back with pread
 
     def slice(self, s: int, e: int) -> np.ndarray:
         if self.fd is None:
             return self.packed[s:e]
         # positional reads: thread-safe, and nothing stays mapped, so resident memory does not grow
-        return np.frombuffer(os.pread(self.fd, 4 * (e - s), 4 * s), dtype=np.uint32)
+        return np.frombuffer(os.pread(self.fd, 4 * (e - s), self.offset + 4 * s), dtype=np.uint32)
 
 
 @dataclass
@@ -387,6 +388,7 @@ class BinnedMolecules:
     parts: list[_Part] = field(default_factory=list)
     index: dict[tuple[int, int], list[tuple[int, int, int]]] = field(default_factory=dict)  # block -> (part, s, e)
     spill_dir: str | None = None
+    spill_fd: int | None = None  # the spill file, open for appending (and its parts' reading)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     shift: tuple[int, int] = (0, 0)  # the grid's first pixel in lattice pixels (row, col)
 
@@ -550,7 +552,7 @@ def bin_molecules(
     folder (under ``spill_dir``, default the system's) that is removed when the returned object is
     garbage-collected.
     """
-    from ._kernels import bin_partition, extent_of
+    from ._kernels import extent_of
 
     if chunk < 1 or chunk > 46340:
         msg = f"chunk must be between 1 and 46340 pixels, got {chunk}."
@@ -588,67 +590,32 @@ def bin_molecules(
         if len(codes_book.names) > MAX_GENES:
             msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
             raise ValueError(msg)
-        buffers.fit(len(x), bins is not None)
-        # write straight into memory that is kept when this part is likely to stay in memory
-        keep_in_memory = in_memory + 4 * len(x) <= memory_limit
-        out = arena.reserve(len(x)) if keep_in_memory else buffers.out
-        row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
-            x,
-            y,
-            raw,
-            lut,
-            control_code,
-            control_col,
-            qv,
-            affine,
-            identity,
-            bool(drop_controls),
-            float(min_qv) if min_qv is not None else -np.inf,
-            stats,
-            origin[0],
-            origin[1],
-            pixel_size,
-            grid.height if grid is not None else 0,
-            grid.width if grid is not None else 0,
-            bins.bin_size if bins is not None else 0.0,
-            bins.level if bins is not None else 0,
-            extent,
-            buffers.rows,
-            buffers.cols,
-            buffers.packed,
-            out,
-            buffers.bin_keys,
-            buffers.bin_codes,
-            MAX_BLOCKS,
-        )
-        report.update(stats)
-        report.outside += int(n_kept) - int(n_in)
-        if nbr < 0:
-            msg = (
-                f"The molecules of {source.key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
-                f"{pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
-                f"{extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm). Give region=(x_min, y_min, x_max, "
-                f"y_max) in µm or a larger pixel_size."
+        n = len(x)
+        # in batches: the work arrays stay small (in cache, and cheap to touch for the first time)
+        for s in range(0, n, BATCH):
+            e = min(n, s + BATCH)
+            batch = [a[s:e] if len(a) == n else a for a in (x, y, raw, control_col, qv)]
+            in_memory += _bin_batch(
+                binned,
+                batch,
+                lut,
+                control_code,
+                affine,
+                identity,
+                drop_controls,
+                min_qv,
+                stats,
+                origin,
+                grid,
+                bins,
+                extent,
+                buffers,
+                arena,
+                in_memory,
+                memory_limit,
+                spill_dir,
+                source.key,
             )
-            raise ValueError(msg)
-        if bins is not None and n_bins:
-            bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
-        if n_in == 0:
-            continue
-        index = len(binned.parts)
-        if keep_in_memory:
-            in_memory += 4 * n_in
-            part = _Part(int(n_in), arena.take(n_in))
-        else:
-            if binned.spill_dir is None:
-                binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
-                weakref.finalize(binned, _close, binned.parts, binned.spill_dir)
-            part = _Part(int(n_in), None, _spill(out[:n_in], binned.spill_dir, index))
-        binned.parts.append(part)
-        occupied = np.flatnonzero(np.diff(starts))
-        for k in occupied.tolist():
-            a, b = divmod(k, nbc)
-            binned.index.setdefault((row0 + a, col0 + b), []).append((index, int(starts[k]), int(starts[k + 1])))
     if binned is None:  # no partition with molecules
         origin = origin if origin is not None else (0.0, 0.0)
         binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
@@ -662,16 +629,112 @@ def bin_molecules(
     return binned
 
 
-def _spill(packed: np.ndarray, folder: str, index: int) -> int:
-    """Write one part's buckets to a file (from the array's own memory, no copy); return a descriptor to read it."""
-    path = os.path.join(folder, f"part{index:06d}.bin")
-    with open(path, "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(packed, dtype=np.uint32)))
-    return os.open(path, os.O_RDONLY)
+#: Molecules handled by one call of the binning kernel.
+BATCH = 1 << 18
 
 
-def _close(parts: list[_Part], folder: str) -> None:
-    for part in parts:
-        if part.fd is not None:
-            os.close(part.fd)
+def _bin_batch(
+    binned,
+    batch,
+    lut,
+    control_code,
+    affine,
+    identity,
+    drop_controls,
+    min_qv,
+    stats,
+    origin,
+    grid,
+    bins,
+    extent,
+    buffers,
+    arena,
+    in_memory,
+    memory_limit,
+    spill_dir,
+    key,
+) -> int:
+    """Bucket one batch of molecules into a new part of ``binned``; return the bytes it added in memory."""
+    from ._kernels import bin_partition
+
+    x, y, raw, control_col, qv = batch
+    report = binned.report
+    buffers.fit(len(x), bins is not None)
+    # write straight into memory that is kept when this part is likely to stay in memory
+    keep_in_memory = in_memory + 4 * len(x) <= memory_limit
+    out = arena.reserve(len(x)) if keep_in_memory else buffers.out
+    row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
+        x,
+        y,
+        raw,
+        lut,
+        control_code,
+        control_col,
+        qv,
+        affine,
+        identity,
+        bool(drop_controls),
+        float(min_qv) if min_qv is not None else -np.inf,
+        stats,
+        origin[0],
+        origin[1],
+        binned.pixel_size,
+        grid.height if grid is not None else 0,
+        grid.width if grid is not None else 0,
+        bins.bin_size if bins is not None else 0.0,
+        bins.level if bins is not None else 0,
+        extent,
+        buffers.rows,
+        buffers.cols,
+        buffers.packed,
+        out,
+        buffers.bin_keys,
+        buffers.bin_codes,
+        MAX_BLOCKS,
+    )
+    report.update(stats)
+    report.outside += int(n_kept) - int(n_in)
+    if nbr < 0:
+        msg = (
+            f"The molecules of {key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
+            f"{binned.pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
+            f"{extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm). Give region=(x_min, y_min, x_max, "
+            f"y_max) in µm or a larger pixel_size."
+        )
+        raise ValueError(msg)
+    if bins is not None and n_bins:
+        bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
+    if n_in == 0:
+        return 0
+    index = len(binned.parts)
+    added = 0
+    if keep_in_memory:
+        added = 4 * n_in
+        part = _Part(int(n_in), arena.take(n_in))
+    else:
+        if binned.spill_dir is None:
+            binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
+            binned.spill_fd = os.open(os.path.join(binned.spill_dir, "buckets.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+            weakref.finalize(binned, _close, binned.spill_fd, binned.spill_dir)
+        part = _Part(int(n_in), None, binned.spill_fd, _spill(out[:n_in], binned.spill_fd))
+    binned.parts.append(part)
+    occupied = np.flatnonzero(np.diff(starts))
+    for k in occupied.tolist():
+        a, b = divmod(k, nbc)
+        binned.index.setdefault((row0 + a, col0 + b), []).append((index, int(starts[k]), int(starts[k + 1])))
+    return added
+
+
+def _spill(packed: np.ndarray, fd: int) -> int:
+    """Append one part's buckets to the spill file (from the array's own memory, no copy); return its offset."""
+    offset = os.lseek(fd, 0, os.SEEK_END)
+    data = memoryview(np.ascontiguousarray(packed, dtype=np.uint32)).cast("B")
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+    return offset
+
+
+def _close(fd: int, folder: str) -> None:
+    os.close(fd)
     shutil.rmtree(folder, ignore_errors=True)

@@ -29,6 +29,7 @@ from ._kernels import (
     disc_footprint,
     lut_planes,
     paint_winners,
+    pool_mean,
     resample_bilinear,
 )
 from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source
@@ -212,8 +213,9 @@ def _pooled_window(window, k: int, raw_ok: bool = False) -> np.ndarray:
     """
     win = np.asarray(window)
     if k > 1:
-        hh, ww = win.shape[0] // k, win.shape[1] // k
-        win = win[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3), dtype=np.float32)
+        if win.dtype.kind not in "uif" or win.dtype.itemsize > 4:
+            win = win.astype(np.float32)
+        win = pool_mean(win, k)
     if raw_ok and win.dtype in _RAW_DTYPES:
         return np.ascontiguousarray(win)
     return np.ascontiguousarray(win, dtype=np.float32)
@@ -773,8 +775,11 @@ def rasterize_transcripts(
     ``x0 + col * pixel_size`` µm: row = y, no flips, and each molecule lies in the pixel that contains it.
     The parameters, including the resolved stain and the palette, are recorded with
     :func:`st2he._elements.record_params` (``get_params(sdata, key_added)``) so that training and inference can
-    reuse them. The molecules are read once, now (one streaming pass that buckets them by chunk); the pixels are
-    computed lazily, chunk by chunk, when the image is written or read.
+    reuse them. The molecules are read once, now: one streaming pass filters them, finds their extent (for the
+    default region), gathers the co-expression statistics of the palette and buckets them by blocks of 256 x 256
+    pixels at 4 bytes a molecule (kept in memory up to 512 MB, beyond that in a temporary folder that is removed
+    with the image). The pixels are computed lazily, chunk by chunk, when the image is written or read, each from
+    the molecules of the blocks it overlaps: peak memory depends on the chunk, not on the slide.
 
     Parameters
     ----------
