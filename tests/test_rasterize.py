@@ -517,3 +517,31 @@ def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled
     drawn = (winners >= 0).reshape(h, w)
     assert (got[:, drawn] == planes[:, winners[winners >= 0]]).all()
     assert (got[0][~drawn] == np.round(np.clip(grey[~drawn], 0, 1) * 255)).mean() > 0.99
+
+
+def test_where_molecules_share_a_pixel_the_highest_priority_wins():
+    from st2he.pp._kernels import disc_footprint, gene_keys, priority
+
+    rng = np.random.default_rng(11)
+    x, y = rng.uniform(0, 3, 300), rng.uniform(0, 3, 300)  # about 33 molecules per 1 µm pixel
+    genes = rng.choice(list(PALETTE), 300)
+    order = sorted(PALETTE)
+    keys = dict(zip(order, gene_keys(order), strict=True))
+    # one-pixel dots compare priorities lazily, larger dots store them: both must pick the same kind of winner
+    for dot_size in (1, 2, 3):
+        dy, dx = disc_footprint(dot_size)
+        expected = {}
+        for xi, yi, g in zip(x, y, genes, strict=True):
+            r, c = int(np.floor(yi)), int(np.floor(xi))
+            key = (priority(r, c, keys[g]) << 16) | order.index(g)  # from the molecule's own pixel and gene
+            for rr, cc in zip(r + dy, c + dx, strict=True):
+                expected[(rr, cc)] = max(expected.get((rr, cc), -1), key)
+        sd = _sdata(x, y, genes, npartitions=3)
+        st2he.pp.rasterize_transcripts(
+            sd, palette=PALETTE, pixel_size=1.0, region=(-2, -2, 5.5, 5.5), dot_size=dot_size
+        )
+        img = _image(sd)
+        drawn = {(r - 2, c - 2) for r, c in np.argwhere(img.any(axis=0))}
+        assert drawn == set(expected), dot_size
+        for (r, c), key in expected.items():
+            assert tuple(img[:, r + 2, c + 2]) == hex_to_rgb(PALETTE[order[key & 0xFFFF]]), (dot_size, r, c)

@@ -43,7 +43,7 @@ def gene_keys(names) -> np.ndarray:
 def paint_winners(
     packed: np.ndarray,
     rank_of: np.ndarray,
-    gene_key: np.ndarray,
+    rank_key: np.ndarray,
     row0: int,
     col0: int,
     grow0: int,
@@ -59,21 +59,39 @@ def paint_winners(
     A molecule ``packed[i]`` = gene code << 16 | row << 8 | col, in a bucket whose first pixel lies at
     ``(row0, col0)`` relative to ``out`` and at ``(grow0, gcol0)`` on the global pixel lattice, covers the pixels
     ``(row + dy[k], col + dx[k])``. Its gene's rank is ``rank_of[code]`` (``-1``: not drawn). Where molecules
-    meet, the one with the highest :func:`priority` (of its pixel and ``gene_key[code]``) wins (ties: the highest
-    rank). The pixel value is ``priority << 16 | rank``.
+    meet, the one with the highest :func:`priority` (of its pixel and ``rank_key[rank]``, a hash of its gene's
+    name) wins (ties: the highest rank). The pixel value holds the winner's rank in its low 16 bits.
+
+    Dots of one pixel store the rank alone and compute priorities only where molecules meet (most pixels hold one
+    molecule or none); larger dots store ``priority << 16 | rank``.
     """
     nk = dy.shape[0]
+    single = nk == 1 and dy[0] == 0 and dx[0] == 0
     for i in range(packed.shape[0]):
         v = np.int64(packed[i])
-        code = v >> 16
-        rank = rank_of[code]
+        rank = rank_of[v >> 16]
         if rank < 0:
             continue
         r = (v >> BUCKET_BITS) & (BUCKET - 1)
         c = v & (BUCKET - 1)
-        key = (priority(grow0 + r, gcol0 + c, gene_key[code]) << CODE_BITS) | rank
         r0 = r + row0
         c0 = c + col0
+        if single:
+            if r0 < 0 or r0 >= height or c0 < 0 or c0 >= width:
+                continue
+            p = r0 * width + c0
+            cur = out[p]
+            if cur < 0:
+                out[p] = rank
+            elif cur != rank:
+                gr = grow0 + r
+                gc = gcol0 + c
+                new = (priority(gr, gc, rank_key[rank]) << CODE_BITS) | rank
+                old = (priority(gr, gc, rank_key[cur]) << CODE_BITS) | cur
+                if new > old:
+                    out[p] = rank
+            continue
+        key = (priority(grow0 + r, gcol0 + c, rank_key[rank]) << CODE_BITS) | rank
         for k in range(nk):
             rr = r0 + dy[k]
             cc = c0 + dx[k]
@@ -486,10 +504,9 @@ def _inside(mask) -> tuple[int, int]:
 @numba.njit(cache=True, nogil=True)
 def _interpolate_row(a, i0x, i1x, wx, c0, c1, line):
     """One source row interpolated at the output columns ``c0:c1`` (float32)."""
-    one = np.float32(1.0)
     for c in range(c0, c1):
-        fx = wx[c]
-        line[c] = np.float32(a[i0x[c]]) * (one - fx) + np.float32(a[i1x[c]]) * fx
+        v0 = np.float32(a[i0x[c]])
+        line[c] = v0 + (np.float32(a[i1x[c]]) - v0) * wx[c]
 
 
 @numba.njit(cache=True, nogil=True)

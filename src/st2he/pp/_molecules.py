@@ -11,7 +11,6 @@ positional reads. Each chunk of the output image then touches only the molecules
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import mmap
@@ -401,13 +400,6 @@ class BinnedMolecules:
     def block_cols(self) -> int:
         """Number of chunk columns of ``grid``."""
         return max(1, math.ceil(self.grid.width / self.chunk))
-
-    @functools.cached_property
-    def gene_keys(self) -> np.ndarray:
-        """Hashes of the gene names by code, for :func:`st2he.pp._kernels.priority`."""
-        from ._kernels import gene_keys
-
-        return gene_keys(self.genes) if self.genes else np.zeros(1, dtype=np.int64)
 
     @property
     def origin_pixel(self) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from ._kernels import (
     compose_rgb_resampled,
     count_molecules,
     disc_footprint,
+    gene_keys,
     lut_planes,
     paint_winners,
     pool_mean,
@@ -617,7 +618,9 @@ def density_layer(
 # ----------------------------------------------------------------------------------------------- the picture
 
 
-def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, planes, dy, dx, chunk=1024, grid=None, block_id=None):
+def _draw_block(
+    *stain, binned: BinnedMolecules | None, rank_of, rank_key, planes, dy, dx, chunk=1024, grid=None, block_id=None
+):
     bi, bj = block_id[1], block_id[2]
     if not stain:  # no stain: a black background
         h = min(chunk, grid.height - bi * chunk)
@@ -626,13 +629,13 @@ def _draw_block(*stain, binned: BinnedMolecules | None, rank_of, planes, dy, dx,
     else:
         stain = np.ascontiguousarray(stain[0][0], dtype=np.float32)
         h, w = stain.shape
-    winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
+    winners = _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx)
     return compose_rgb(stain, winners, planes, h, w)
 
 
-def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, planes, dy, dx):
+def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, rank_key, planes, dy, dx):
     """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
-    winners = _winners(binned, bi, bj, h, w, rank_of, dy, dx)
+    winners = _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx)
     if spec is None:
         return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, planes, h, w)
     window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
@@ -646,7 +649,7 @@ def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, planes
 _SCRATCH = threading.local()
 
 
-def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
+def _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx) -> np.ndarray:
     """Which gene wins each pixel of chunk ``(bi, bj)``: a buffer reused by the thread's next chunk.
 
     Reused because a fresh 4 MB buffer per chunk costs a page fault per 4 kB; it is only read before the
@@ -660,9 +663,8 @@ def _winners(binned, bi, bj, h, w, rank_of, dy, dx) -> np.ndarray:
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
         c = binned.chunk
-        keys = binned.gene_keys
         for packed, row0, col0, grow0, gcol0 in binned.pieces(bi * c, bj * c, h, w, reach):
-            paint_winners(packed, rank_of, keys, row0, col0, grow0, gcol0, h, w, dy, dx, winners)
+            paint_winners(packed, rank_of, rank_key, row0, col0, grow0, gcol0, h, w, dy, dx, winners)
     return winners
 
 
@@ -888,6 +890,7 @@ def rasterize_transcripts(
     }
     lut = np.zeros((1, 3), dtype=np.uint8)
     rank_of = np.zeros(0, dtype=np.int32)
+    rank_key = np.zeros(1, dtype=np.int64)  # one colour: which molecule wins does not show
     if not need_points:
         binned = None
     if need_points:
@@ -903,6 +906,7 @@ def rasterize_transcripts(
             rank = {g: i for i, g in enumerate(order)}
             rank_of = np.array([rank.get(g, -1) for g in binned.genes], dtype=np.int32)
             lut = np.array([hex_to_rgb(pal[g]) for g in order], dtype=np.uint8).reshape(-1, 3)
+            rank_key = gene_keys(order)
             params["palette"] = pal
             params["palette_method"] = palette if isinstance(palette, str) else "mapping"
         else:
@@ -928,6 +932,7 @@ def rasterize_transcripts(
             stain_info["stain_range"],
             binned=binned,
             rank_of=rank_of,
+            rank_key=rank_key,
             planes=lut_planes(lut),
             dy=dy,
             dx=dx,
@@ -937,7 +942,15 @@ def rasterize_transcripts(
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     # the options go in a partial: dask would otherwise walk through the molecules' index looking for collections
     draw = functools.partial(
-        _draw_block, binned=binned, rank_of=rank_of, planes=lut_planes(lut), dy=dy, dx=dx, chunk=chunk, grid=grid
+        _draw_block,
+        binned=binned,
+        rank_of=rank_of,
+        rank_key=rank_key,
+        planes=lut_planes(lut),
+        dy=dy,
+        dx=dx,
+        chunk=chunk,
+        grid=grid,
     )
     data = da.map_blocks(
         draw,
