@@ -6,7 +6,7 @@ thread) and peak memory (the child process's maximum resident set size) of
 * st2he: ``rasterize_transcripts`` on ``--sizes`` simulated molecules (default 10 and 100 million), every
   pixel of the full-resolution picture computed chunk by chunk (and discarded; the pyramid and zarr writing
   are not timed). Once with a black background (the molecules alone) and once over a lazily generated DAPI
-  image at 0.425 µm per pixel (the full picture);
+  image of 0.425 µm pixels stored as a pyramid of 4 levels, as instruments write them (the full picture);
 * the ST2HE reference: 512 px tiles drawn as its code (``src/xenium_input_generation.py``) does, each tile's
   molecules selected from the slide's table and drawn as a seaborn scatter plot (hue = gene) over the stain with
   matplotlib, saved as PNG (see :func:`case_matplotlib`); a few tiles are timed and the rate is extrapolated per
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,17 +108,33 @@ def simulated_slide(n: int, *, stain: bool, seed: int = 0):
             0.0, 0.0, STAIN_PIXEL_SIZE, int(rows * side / STAIN_PIXEL_SIZE), int(cols * side / STAIN_PIXEL_SIZE)
         )
 
-        # a nucleus-like pattern, tiled: producing a chunk costs a copy, like reading an uncompressed one
-        yy, xx = np.mgrid[0:2048, 0:2048].astype(np.float32) * 0.35
-        pattern = ((np.sin(yy) * np.sin(xx) + 1.0) * 20000.0).astype(np.uint16)
+        # a nucleus-like pattern, tiled: producing a chunk costs a copy, like reading an uncompressed one; stored as
+        # a pyramid, as instruments write their morphology images (OME-TIFF levels): each level is read on its own
+        def level(factor: int):
+            yy, xx = np.mgrid[0:2048, 0:2048].astype(np.float32) * np.float32(0.35 * factor)
+            pattern = ((np.sin(yy) * np.sin(xx) + 1.0) * 20000.0).astype(np.uint16)
 
-        def dapi(block, block_info=None):
-            (r0, r1), (c0, c1) = block_info[None]["array-location"][1:]
-            return pattern[None, : r1 - r0, : c1 - c0].copy()
+            def read(block, block_info=None):
+                (r0, r1), (c0, c1) = block_info[None]["array-location"][1:]
+                return pattern[None, : r1 - r0, : c1 - c0].copy()
+
+            return read
 
         template = da.zeros((1, grid.height, grid.width), dtype=np.uint16, chunks=(1, 2048, 2048))
-        image = template.map_blocks(dapi, dtype=np.uint16)
-        sdata.images["morphology_focus"] = parse_image(image, grid, c_coords=["DAPI"], scale_factors=None, chunks=2048)
+        element = parse_image(
+            template.map_blocks(level(1), dtype=np.uint16),
+            grid,
+            c_coords=["DAPI"],
+            scale_factors=[2, 2, 2],
+            chunks=2048,
+        )
+        for i, key in enumerate(sorted(element.children)[1:], start=1):
+            arr = element[key]["image"]
+            stored = da.zeros(arr.shape, dtype=np.uint16, chunks=(1, 2048, 2048)).map_blocks(
+                level(2**i), dtype=np.uint16
+            )
+            element[key]["image"] = arr.copy(data=stored)
+        sdata.images["morphology_focus"] = element
     return sdata
 
 
@@ -159,7 +176,10 @@ def case_st2he(n: int, stain: bool, palette: str, chunk: int) -> dict:
     for part in points.to_delayed():
         dask.compute(part)
     if stain:
-        da.store(_scale0(sdata.images["morphology_focus"]).data, Discard(), lock=False)
+        # the pyramid level st2he reads: the coarsest at least as fine as the output
+        level = max(0, min(3, int(math.floor(math.log2(PIXEL_SIZE / STAIN_PIXEL_SIZE) + 1e-9))))
+        image = sdata.images["morphology_focus"][f"scale{level}"]["image"]
+        da.store(image.data, Discard(), lock=False)
     source = time.process_time() - cpu_src
     cpu0, wall0 = time.process_time(), time.perf_counter()
     st2he.pp.rasterize_transcripts(sdata, palette=palette, pixel_size=PIXEL_SIZE, chunk=chunk)

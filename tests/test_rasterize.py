@@ -523,12 +523,17 @@ def test_where_molecules_share_a_pixel_the_highest_priority_wins():
     from st2he.pp._kernels import disc_footprint, gene_keys, priority
 
     rng = np.random.default_rng(11)
-    x, y = rng.uniform(0, 3, 300), rng.uniform(0, 3, 300)  # about 33 molecules per 1 µm pixel
-    genes = rng.choice(list(PALETTE), 300)
+    xs, ys = rng.uniform(0, 3, 300), rng.uniform(0, 3, 300)  # about 33 molecules per 1 µm pixel
+    gs = rng.choice(list(PALETTE), 300)
     order = sorted(PALETTE)
     keys = dict(zip(order, gene_keys(order), strict=True))
-    # one-pixel dots compare priorities lazily, larger dots store them: both must pick the same kind of winner
-    for dot_size in (1, 2, 3):
+    # sparse one-pixel dots compare priorities lazily, dense ones and larger dots store them: all must agree
+    for dot_size, x, y, genes in (
+        (1, xs[:20], ys[:20], gs[:20]),
+        (1, xs, ys, gs),
+        (2, xs, ys, gs),
+        (3, xs, ys, gs),
+    ):
         dy, dx = disc_footprint(dot_size)
         expected = {}
         for xi, yi, g in zip(x, y, genes, strict=True):

@@ -52,6 +52,7 @@ def paint_winners(
     width: int,
     dy: np.ndarray,
     dx: np.ndarray,
+    lazy: bool,
     out: np.ndarray,
 ) -> None:
     """Draw one bucket of molecules into ``out`` (``height * width`` int32, ``-1`` where nothing is drawn).
@@ -62,11 +63,12 @@ def paint_winners(
     meet, the one with the highest :func:`priority` (of its pixel and ``rank_key[rank]``, a hash of its gene's
     name) wins (ties: the highest rank). The pixel value holds the winner's rank in its low 16 bits.
 
-    Dots of one pixel store the rank alone and compute priorities only where molecules meet (most pixels hold one
-    molecule or none); larger dots store ``priority << 16 | rank``.
+    With ``lazy`` (for dots of one pixel, where molecules are sparse), the rank alone is stored and priorities are
+    computed only where molecules meet; otherwise ``priority << 16 | rank``. Every call drawing into one ``out``
+    must use the same mode.
     """
     nk = dy.shape[0]
-    single = nk == 1 and dy[0] == 0 and dx[0] == 0
+    single = lazy and nk == 1 and dy[0] == 0 and dx[0] == 0
     for i in range(packed.shape[0]):
         v = np.int64(packed[i])
         rank = rank_of[v >> 16]

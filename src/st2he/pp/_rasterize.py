@@ -663,8 +663,11 @@ def _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx) -> np.ndarray:
     if binned is not None:
         reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
         c = binned.chunk
-        for packed, row0, col0, grow0, gcol0 in binned.pieces(bi * c, bj * c, h, w, reach):
-            paint_winners(packed, rank_of, rank_key, row0, col0, grow0, gcol0, h, w, dy, dx, winners)
+        pieces = list(binned.pieces(bi * c, bj * c, h, w, reach))
+        # sparse molecules (under 1 in 2 pixels): compare priorities only where two meet; dense ones: store them
+        lazy = sum(len(p[0]) for p in pieces) < 0.5 * h * w
+        for packed, row0, col0, grow0, gcol0 in pieces:
+            paint_winners(packed, rank_of, rank_key, row0, col0, grow0, gcol0, h, w, dy, dx, lazy, winners)
     return winners
 
 
