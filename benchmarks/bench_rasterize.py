@@ -20,7 +20,9 @@ view in partitions of 2 million rows, as if held in memory: producing a partitio
 additions (its coordinates), which the end-to-end rate includes. Reading files is not timed: what it costs depends
 on the format and the storage, not on st2he.
 
-Run ``python benchmarks/bench_rasterize.py`` (a few minutes on 2 cores) or ``--sizes 1e7`` for a quick run.
+Each st2he case runs ``--repeat`` times (default 3) and the median run is reported with the range. Run
+``python benchmarks/bench_rasterize.py`` (about 5 minutes on 2 cores), ``--pixel-size 1.0`` to compare at the
+reference's own pixel size, or ``--sizes 1e7 --repeat 1`` for a quick run.
 """
 
 from __future__ import annotations
@@ -391,6 +393,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="output pixel size in µm, for st2he and the reference alike (default 0.5, st2he's; the reference's "
         "own is 1.0)",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each st2he case (the median is reported)")
     parser.add_argument("--tiles", type=int, default=3, help="reference tiles to time")
     parser.add_argument("--table", type=int, default=10_000_000, help="slide table the reference selects tiles from")
     parser.add_argument("--sd-molecules", type=int, default=30_000, help="molecules for spatialdata.rasterize")
@@ -414,8 +417,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for n in args.sizes:
         for stain in [False] if args.no_stain else [False, True]:
-            print(f"st2he: {n:.0e} molecules{' over a DAPI image' if stain else ''} ...", flush=True)
-            results.append(_child(["st2he", str(int(n)), "1" if stain else "0", args.palette, str(args.chunk)]))
+            print(f"st2he: {n:.0e} molecules{' over a DAPI image' if stain else ''} x {args.repeat} ...", flush=True)
+            runs = [
+                _child(["st2he", str(int(n)), "1" if stain else "0", args.palette, str(args.chunk)])
+                for _ in range(args.repeat)
+            ]
+            # the median run by rate (timings on shared virtual machines vary by tens of percent between runs)
+            runs.sort(key=lambda r: r["rate"])
+            median = dict(runs[len(runs) // 2])
+            median["rates"] = [r["rate"] for r in runs]
+            results.append(median)
     print(f"reference: {args.tiles} matplotlib tiles ...", flush=True)
     reference = _child(["matplotlib", str(args.tiles), str(args.table)])
     results.append(reference)
@@ -466,8 +477,13 @@ def _table(results: list[dict], reference: dict, sd: dict, biggest: float) -> No
     for r in results:
         if r["case"].startswith("st2he"):
             ref = reference_rate(reference, r["molecules"])
+            spread = ""
+            if len(r.get("rates", [])) > 1:
+                spread = (
+                    f" (median of {len(r['rates'])} runs: {min(r['rates']) / 1e6:.1f}..{max(r['rates']) / 1e6:.1f})"
+                )
             print(
-                f"{r['case']} at {r['molecules']:.0e}: {r['rate'] / 1e6:.1f} M molecules/s on one core, "
+                f"{r['case']} at {r['molecules']:.0e}: {r['rate'] / 1e6:.1f} M molecules/s on one core{spread}, "
                 f"{r['rate_rasterizer'] / 1e6:.1f} M/s without producing the inputs ({r['source_cpu_s']:.2f} s); "
                 f"pass {r['cpu_pass_s']:.2f} s + drawing {r['cpu_draw_s']:.2f} s of {r['pixels'] / 1e6:.0f} M pixels, "
                 f"wall {r['wall_s']:.2f} s; peak {r['peak_rss_mb'] / 1024:.2f} GB, of which "

@@ -20,8 +20,9 @@ def priority(row: int, col: int, gene: int) -> int:
     """Return a 15-bit pseudo-random priority of a molecule from its pixel and its gene.
 
     ``row`` and ``col`` are on the pixel lattice anchored at 0 µm; ``gene`` is a hash of the gene's name
-    (:func:`gene_keys`). Where molecules meet, the one with the highest priority wins; being a function of what is drawn where, not
-    of the order of the molecules, it makes the picture independent of that order and of the chunking.
+    (:func:`gene_keys`). Where molecules meet, the one with the highest priority wins; being a function of what is
+    drawn where, not of the order of the molecules, it makes the picture independent of that order and of the
+    chunking.
     """
     h = np.uint64(row) * np.uint64(0x9E3779B97F4A7C15)
     h ^= np.uint64(col) + np.uint64(0x632BE59BD9B4E019) + (h << np.uint64(6))

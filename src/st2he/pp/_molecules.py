@@ -410,7 +410,7 @@ class BinnedMolecules:
         return ("st2he-binned-molecules", self.token, self.shift)
 
     def place(self, grid: Grid) -> None:
-        """Read the blocks for ``grid``, a grid of the same pixel size on the lattice (``x0``, ``y0`` + whole pixels)."""
+        """Read the blocks for ``grid``: same pixel size, origin on the lattice (``x0``, ``y0`` + whole pixels)."""
         if not math.isclose(grid.pixel_size, self.pixel_size, rel_tol=1e-9):
             msg = f"The grid's pixels ({grid.pixel_size} µm) differ from the molecules' ({self.pixel_size} µm)."
             raise ValueError(msg)

@@ -460,7 +460,8 @@ def _lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
 def _default_grid(mol, img, pixel_size) -> Grid:
     """Grid over the kept molecules' extent ``mol`` and the stain image's bounds ``img``.
 
-    The grid lies on the lattice of ``pixel_size`` anchored at 0 µm. A molecule exactly on the far edge still gets a pixel; the stain image's far edge is exclusive.
+    The grid lies on the lattice of ``pixel_size`` anchored at 0 µm. A molecule exactly on the far edge still gets
+    a pixel; the stain image's far edge is exclusive.
     """
     boxes = [b for b in (mol, img) if b is not None]
     if not boxes:
@@ -483,8 +484,9 @@ def _default_grid(mol, img, pixel_size) -> Grid:
 def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[BinnedMolecules, Grid]:
     """Read the molecules once, bucketed, and choose the output grid.
 
-    The grid is ``region``, or else covers the kept molecules and the stain image's bounds ``img``. Without a region the molecules are bucketed on the lattice through the stain image's corner (or, without
-    one, through the first molecules' pixel); the grid then usually starts there, so its chunks are the buckets.
+    The grid is ``region``, or else covers the kept molecules and the stain image's bounds ``img``. Without a
+    region the molecules are bucketed on the lattice through the stain image's corner (or, without one, through
+    the first molecules' pixel); the grid usually starts there, so each of its chunks reads whole blocks.
     """
     if region is not None:
         grid = _region_grid(region, pixel_size)
