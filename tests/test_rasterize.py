@@ -174,6 +174,35 @@ def test_spilled_buckets_read_back_the_same():
     assert not os.path.exists(folder)  # the temporary files go with the object
 
 
+def test_pictures_from_spilled_buckets_and_any_chunking_are_the_same(monkeypatch):
+    import st2he.pp._molecules as molecules
+
+    sd = _random_sdata(n=20_000, side=300.0, npartitions=5)  # 600 x 600 pixels: 3 x 3 blocks of 256 px
+    st2he.pp.rasterize_transcripts(sd, pixel_size=0.5, chunk=1024, key_added="memory")
+    # every bucket spilled to disk, and chunks that do not line up with the 256 px blocks
+    defaults = molecules.bin_molecules.__kwdefaults__
+    monkeypatch.setitem(defaults, "memory_limit", 0)
+    palette = get_params(sd, "memory")["palette"]
+    st2he.pp.rasterize_transcripts(sd, pixel_size=0.5, chunk=100, palette=palette, key_added="disk")
+    np.testing.assert_array_equal(_image(sd, "disk"), _image(sd, "memory"))
+    assert get_params(sd, "disk")["molecules"] == get_params(sd, "memory")["molecules"]
+    assert _image(sd, "memory").any(axis=0).sum() > 15_000
+
+
+def test_molecules_absurdly_far_apart_name_the_problem():
+    sd = _sdata([1.0, 2.0, 5e7], [1.0, 2.0, 5e7], ["A", "B", "C"])
+    with pytest.raises(ValueError, match=r"far from the others.*region=") as err:
+        st2he.pp.rasterize_transcripts(sd, pixel_size=0.5)
+    assert "'transcripts'" in str(err.value) and "5e+07" in str(err.value)
+    # with a region, the stray molecule is simply outside it
+    st2he.pp.rasterize_transcripts(sd, palette=PALETTE, pixel_size=0.5, region=(0, 0, 10, 10))
+    assert get_params(sd, "st2he_input")["molecules"]["outside_region"] == 1
+    # a stray molecule in a partition of its own: the picture would be absurdly large
+    sd = _sdata([1.0, 2.0, 5e7], [1.0, 2.0, 5e7], ["A", "B", "C"], npartitions=3)
+    with pytest.raises(ValueError, match=r"would be .* pixels .* x 1\.\.5e\+07"):
+        st2he.pp.rasterize_transcripts(sd, pixel_size=0.5)
+
+
 def test_dot_size_draws_discs():
     sd = _sdata([5.5], [5.5], ["A"])
     st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(0, 0, 11, 11), dot_size=3, stain_key=None)

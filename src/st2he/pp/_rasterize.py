@@ -478,7 +478,18 @@ def _default_grid(mol, img, pixel_size) -> Grid:
     if img is not None:
         width = max(width, math.ceil((img[2] - x0) / pixel_size - 1e-6))
         height = max(height, math.ceil((img[3] - y0) / pixel_size - 1e-6))
+    if width * height > MAX_PIXELS:
+        where = f"molecules x {mol[0]:g}..{mol[2]:g}, y {mol[1]:g}..{mol[3]:g} µm" if mol is not None else "the image"
+        msg = (
+            f"The picture would be {height} x {width} pixels of {pixel_size} µm ({where}): some coordinates lie far "
+            f"from the others. Give region=(x_min, y_min, x_max, y_max) in µm or a larger pixel_size."
+        )
+        raise ValueError(msg)
     return Grid(float(x0), float(y0), pixel_size, int(height), int(width))
+
+
+#: Most pixels a default region may hold (10^12: a 20 x 20 cm slide at 0.2 µm); beyond, coordinates are astray.
+MAX_PIXELS = 10**12
 
 
 def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[BinnedMolecules, Grid]:
