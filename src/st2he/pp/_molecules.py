@@ -557,12 +557,8 @@ def bin_molecules(
     codes_book = GeneCodes(genes)
     report = FilterReport()
     binned = None
+    binner = None
     affine, identity = _affine(source)
-    stats = np.zeros(6, dtype=np.int64)
-    extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
-    buffers = _Buffers()
-    arena = _Arena()
-    in_memory = 0
     for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
         source, codes_book, min_qv=min_qv, drop_controls=drop_controls
     ):
@@ -582,38 +578,23 @@ def bin_molecules(
         if len(codes_book.names) > MAX_GENES:
             msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
             raise ValueError(msg)
+        if binner is None:
+            binner = _Binner(
+                binned, source.key, affine, identity, drop_controls, min_qv, origin, grid, bins, memory_limit
+            )
+            binner.spill_dir = spill_dir
         n = len(x)
         # in batches: the work arrays stay small (in cache, and cheap to touch for the first time)
         for s in range(0, n, BATCH):
             e = min(n, s + BATCH)
-            batch = [a[s:e] if len(a) == n else a for a in (x, y, raw, control_col, qv)]
-            in_memory += _bin_batch(
-                binned,
-                batch,
-                lut,
-                control_code,
-                affine,
-                identity,
-                drop_controls,
-                min_qv,
-                stats,
-                origin,
-                grid,
-                bins,
-                extent,
-                buffers,
-                arena,
-                in_memory,
-                memory_limit,
-                spill_dir,
-                source.key,
-            )
+            binner.add(*(a[s:e] if len(a) == n else a for a in (x, y, raw, control_col, qv)), lut, control_code)
     if binned is None:  # no partition with molecules
         origin = origin if origin is not None else (0.0, 0.0)
         binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
     if len(codes_book.names) > MAX_GENES:
         msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
         raise ValueError(msg)
+    extent = binner.extent if binner is not None else np.full(4, np.nan)
     if np.all(np.isfinite(extent)):
         binned.extent = (float(extent[0]), float(extent[1]), float(extent[2]), float(extent[3]))
     if grid is not None:
@@ -625,96 +606,90 @@ def bin_molecules(
 BATCH = 1 << 18
 
 
-def _bin_batch(
-    binned,
-    batch,
-    lut,
-    control_code,
-    affine,
-    identity,
-    drop_controls,
-    min_qv,
-    stats,
-    origin,
-    grid,
-    bins,
-    extent,
-    buffers,
-    arena,
-    in_memory,
-    memory_limit,
-    spill_dir,
-    key,
-) -> int:
-    """Bucket one batch of molecules into a new part of ``binned``; return the bytes it added in memory."""
-    from ._kernels import bin_partition
+class _Binner:
+    """The state of one binning pass: its options, running counts and extent, work arrays and kept memory."""
 
-    x, y, raw, control_col, qv = batch
-    report = binned.report
-    buffers.fit(len(x), bins is not None)
-    # write straight into memory that is kept when this part is likely to stay in memory
-    keep_in_memory = in_memory + 4 * len(x) <= memory_limit
-    out = arena.reserve(len(x)) if keep_in_memory else buffers.out
-    row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
-        x,
-        y,
-        raw,
-        lut,
-        control_code,
-        control_col,
-        qv,
-        affine,
-        identity,
-        bool(drop_controls),
-        float(min_qv) if min_qv is not None else -np.inf,
-        stats,
-        origin[0],
-        origin[1],
-        binned.pixel_size,
-        grid.height if grid is not None else 0,
-        grid.width if grid is not None else 0,
-        bins.bin_size if bins is not None else 0.0,
-        bins.level if bins is not None else 0,
-        extent,
-        buffers.rows,
-        buffers.cols,
-        buffers.packed,
-        out,
-        buffers.bin_keys,
-        buffers.bin_codes,
-        MAX_BLOCKS,
-    )
-    report.update(stats)
-    report.outside += int(n_kept) - int(n_in)
-    if nbr < 0:
-        msg = (
-            f"The molecules of {key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
-            f"{binned.pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
-            f"{extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm). Give region=(x_min, y_min, x_max, "
-            f"y_max) in µm or a larger pixel_size."
+    def __init__(self, binned, key, affine, identity, drop_controls, min_qv, origin, grid, bins, memory_limit):
+        self.binned, self.key, self.bins, self.grid = binned, key, bins, grid
+        self.affine, self.identity, self.origin = affine, identity, origin
+        self.drop_controls = bool(drop_controls)
+        self.min_qv = float(min_qv) if min_qv is not None else -np.inf
+        self.memory_limit = memory_limit
+        self.spill_dir: str | None = None  # where to make the spill folder (None: the system's temporary folder)
+        self.stats = np.zeros(6, dtype=np.int64)
+        self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])  # of the kept molecules
+        self.buffers = _Buffers()
+        self.arena = _Arena()
+        self.in_memory = 0
+
+    def add(self, x, y, raw, control_col, qv, lut, control_code) -> None:
+        """Bucket one batch of molecules into a new part of ``binned``."""
+        from ._kernels import bin_partition
+
+        binned, bins, grid, buffers = self.binned, self.bins, self.grid, self.buffers
+        buffers.fit(len(x), bins is not None)
+        # write straight into memory that is kept when this part is likely to stay in memory
+        keep_in_memory = self.in_memory + 4 * len(x) <= self.memory_limit
+        out = self.arena.reserve(len(x)) if keep_in_memory else buffers.out
+        row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
+            x,
+            y,
+            raw,
+            lut,
+            control_code,
+            control_col,
+            qv,
+            self.affine,
+            self.identity,
+            self.drop_controls,
+            self.min_qv,
+            self.stats,
+            self.origin[0],
+            self.origin[1],
+            binned.pixel_size,
+            grid.height if grid is not None else 0,
+            grid.width if grid is not None else 0,
+            bins.bin_size if bins is not None else 0.0,
+            bins.level if bins is not None else 0,
+            self.extent,
+            buffers.rows,
+            buffers.cols,
+            buffers.packed,
+            out,
+            buffers.bin_keys,
+            buffers.bin_codes,
+            MAX_BLOCKS,
         )
-        raise ValueError(msg)
-    if bins is not None and n_bins:
-        bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
-    if n_in == 0:
-        return 0
-    index = len(binned.parts)
-    added = 0
-    if keep_in_memory:
-        added = 4 * n_in
-        part = _Part(int(n_in), arena.take(n_in))
-    else:
-        if binned.spill_dir is None:
-            binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=spill_dir)
-            binned.spill_fd = os.open(os.path.join(binned.spill_dir, "buckets.bin"), os.O_RDWR | os.O_CREAT, 0o600)
-            weakref.finalize(binned, _close, binned.spill_fd, binned.spill_dir)
-        part = _Part(int(n_in), None, binned.spill_fd, _spill(out[:n_in], binned.spill_fd))
-    binned.parts.append(part)
-    occupied = np.flatnonzero(np.diff(starts))
-    for k in occupied.tolist():
-        a, b = divmod(k, nbc)
-        binned.index.setdefault((row0 + a, col0 + b), []).append((index, int(starts[k]), int(starts[k + 1])))
-    return added
+        binned.report.update(self.stats)
+        binned.report.outside += int(n_kept) - int(n_in)
+        if nbr < 0:
+            e = self.extent
+            msg = (
+                f"The molecules of {self.key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
+                f"{binned.pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "
+                f"{e[0]:g}..{e[2]:g}, y {e[1]:g}..{e[3]:g} µm). Give region=(x_min, y_min, x_max, y_max) in µm or a "
+                f"larger pixel_size."
+            )
+            raise ValueError(msg)
+        if bins is not None and n_bins:
+            bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
+        if n_in == 0:
+            return
+        index = len(binned.parts)
+        if keep_in_memory:
+            self.in_memory += 4 * n_in
+            part = _Part(int(n_in), self.arena.take(n_in))
+        else:
+            if binned.spill_dir is None:
+                binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=self.spill_dir)
+                path = os.path.join(binned.spill_dir, "buckets.bin")
+                binned.spill_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                weakref.finalize(binned, _close, binned.spill_fd, binned.spill_dir)
+            part = _Part(int(n_in), None, binned.spill_fd, _spill(out[:n_in], binned.spill_fd))
+        binned.parts.append(part)
+        for k in np.flatnonzero(np.diff(starts)).tolist():
+            a, b = divmod(k, nbc)
+            binned.index.setdefault((row0 + a, col0 + b), []).append((index, int(starts[k]), int(starts[k + 1])))
 
 
 def _spill(packed: np.ndarray, fd: int) -> int:
