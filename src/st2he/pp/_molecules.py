@@ -5,7 +5,7 @@ read once, one partition at a time, filtered (controls, low quality, non-finite 
 a lattice of the output pixel size and bucketed by 256 x 256 pixel blocks in compact form (one ``uint32`` a
 molecule: gene code and place in the block). The extent of the kept molecules is gathered in the same pass, so
 the output grid can be chosen afterwards without reading the molecules again. Buckets are kept in memory up to
-``memory_limit`` bytes and spilled to files in a temporary folder beyond that, which are read back per block with
+``memory_limit`` bytes and appended to one file in a temporary folder beyond that, read back per block with
 positional reads. Each chunk of the output image then touches only the molecules of the blocks it overlaps.
 """
 
@@ -540,9 +540,9 @@ def bin_molecules(
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
-    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to files in a temporary
+    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to a file in a temporary
     folder (under ``spill_dir``, default the system's) that is removed when the returned object is
-    garbage-collected.
+    garbage-collected. Molecules are read in batches of :data:`BATCH`; each batch becomes one part.
     """
     from ._kernels import extent_of
 
