@@ -104,6 +104,26 @@ def test_coexpression_is_deterministic_and_independent_of_partitions():
     assert a == b == c
 
 
+def test_sampled_coexpression_is_the_same_in_make_palette_and_rasterize_whatever_the_partitions(monkeypatch):
+    from st2he.pp._palette import BinCounts
+
+    # a budget of 2,000 molecules makes both subsample the ~12,000 molecules' bins, raising the level step by step
+    monkeypatch.setattr(BinCounts.__init__, "__defaults__", (10.0, 2_000))
+    df = _tissue(npartitions=1).points["transcripts"].compute()
+    palettes = []
+    for sizes in ([len(df)], [3000] * 3 + [len(df) - 9000], [len(df) - 120] + [20] * 6):  # even, and very uneven
+        edges = np.cumsum([0, *sizes])
+        parts = [dd.from_pandas(df.iloc[a:b], npartitions=1) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        points = PointsModel.parse(dd.concat(parts), feature_key="gene")
+        sd = SpatialData(points={"transcripts": points})
+        assert sd.points["transcripts"].npartitions == len(sizes)
+        palettes.append(st2he.pp.make_palette(sd))
+        st2he.pp.rasterize_transcripts(sd, pixel_size=1.0)
+        palettes.append(get_params(sd, "st2he_input")["palette"])
+    assert all(p == palettes[0] for p in palettes)
+    assert _arcs(palettes[0]) == 3  # still from co-expression: each cell type owns an arc of hues
+
+
 def test_coexpression_from_a_table_and_from_anndata():
     rng = np.random.default_rng(2)
     genes = sum(GROUPS.values(), [])

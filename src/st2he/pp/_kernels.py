@@ -178,57 +178,6 @@ def disc_footprint(dot_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
-def filter_partition(
-    x, y, raw_codes, lut, control_code, control_col, qv, affine, identity, drop_controls, min_qv, gx, gy, codes, stats
-):
-    """Map one partition to global µm and mark the molecules kept; returns the keep mask.
-
-    A molecule is dropped (in this order) for non-finite coordinates, as a control probe, for quality below
-    ``min_qv`` or for a missing gene name.
-
-    ``raw_codes`` index ``lut`` (the partition's categories -> global gene codes; an empty ``raw_codes`` means no
-    gene column: code 0). ``control_code`` marks control genes by global code, ``control_col`` (may be empty)
-    per molecule. ``qv`` may be empty (no quality column); NaN quality is kept. Writes ``gx``, ``gy``, ``codes``
-    and adds to ``stats`` = [total, non-finite, controls, low qv, missing gene, kept].
-    """
-    n = x.shape[0]
-    keep = np.zeros(n, dtype=np.bool_)
-    has_genes = raw_codes.shape[0] == n and n > 0
-    has_ctrl = control_col.shape[0] == n and n > 0
-    has_qv = qv.shape[0] == n and n > 0
-    a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
-    a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
-    for i in range(n):
-        xi = np.float64(x[i])
-        yi = np.float64(y[i])
-        if not identity:
-            t = a00 * xi + a01 * yi + a02
-            yi = a10 * xi + a11 * yi + a12
-            xi = t
-        gx[i] = xi
-        gy[i] = yi
-        c = 0
-        if has_genes:
-            r = raw_codes[i]
-            c = lut[r] if r >= 0 else -1
-        codes[i] = c
-        # the filter, written out here and in bin_partition: calling a helper with arrays costs reference counting
-        if not (np.isfinite(xi) and np.isfinite(yi)):
-            stats[1] += 1
-        elif drop_controls and ((c >= 0 and control_code[c]) or (has_ctrl and control_col[i])):
-            stats[2] += 1
-        elif has_qv and qv[i] < min_qv:
-            stats[3] += 1
-        elif c < 0:
-            stats[4] += 1
-        else:
-            stats[5] += 1
-            keep[i] = True
-    stats[0] += n
-    return keep
-
-
-@numba.njit(cache=True, nogil=True)
 def bin_partition(
     x,
     y,
@@ -258,7 +207,7 @@ def bin_partition(
     bin_codes,
     max_blocks,
 ):
-    """Filter one partition (as :func:`filter_partition`) and bucket its kept molecules by blocks of pixels.
+    """Filter one partition and bucket its kept molecules by blocks of pixels.
 
     Pixels are counted from the lattice origin ``(x0, y0)`` as :meth:`st2he._grid.Grid.to_pixel` does
     (``floor((x - x0) / pixel_size)``); block ``(I, J)`` holds pixel rows ``I * BUCKET ..`` and columns
@@ -272,7 +221,7 @@ def bin_partition(
     row_in_block << 8 | col_in_block), grows ``extent`` =
     [x_min, y_min, x_max, y_max] by the kept molecules and adds to ``stats``. With ``bin_size > 0`` it also
     writes the spatial-bin keys and codes of the kept molecules selected at ``bin_level`` (see
-    :func:`select_bins`) for co-expression statistics to ``bin_keys``/``bin_codes``.
+    :func:`bin_hash`) for co-expression statistics to ``bin_keys``/``bin_codes``.
 
     Returns ``(block_row0, block_col0, block_rows, block_cols, starts, n_in, n_kept, n_bins)``: the molecules of
     block ``(block_row0 + a, block_col0 + b)`` are ``starts[a * block_cols + b]:starts[a * block_cols + b + 1]``.
@@ -305,7 +254,6 @@ def bin_partition(
         if has_genes:
             r = raw_codes[i]
             c = lut[r] if r >= 0 else -1
-        # the filter, written out here and in filter_partition: calling a helper with arrays costs reference counting
         if not (np.isfinite(xi) and np.isfinite(yi)):
             stats[1] += 1
             continue
@@ -412,30 +360,8 @@ def extent_of(x, y, affine, identity, box):
 
 
 @numba.njit(cache=True, nogil=True)
-def select_bins(gx, gy, codes, keep, bin_size, level):
-    """Spatial bin keys and gene codes of kept molecules in bins whose hash has ``level`` low zero bits."""
-    n = gx.shape[0]
-    keys = np.empty(n, dtype=np.int64)
-    out_codes = np.empty(n, dtype=np.int32)
-    mask = (np.uint64(1) << np.uint64(level)) - np.uint64(1)
-    m = 0
-    for i in range(n):
-        if not keep[i]:
-            continue
-        bx = np.int64(np.floor(gx[i] / bin_size)) + (1 << 30)
-        by = np.int64(np.floor(gy[i] / bin_size)) + (1 << 30)
-        key = bx * (1 << 31) + by
-        if level > 0 and (bin_hash(key) >> np.uint64(20)) & mask != 0:
-            continue
-        keys[m] = key
-        out_codes[m] = codes[i]
-        m += 1
-    return keys[:m], out_codes[:m]
-
-
-@numba.njit(cache=True, nogil=True)
 def bin_hash(key):
-    """Scrambled bits of a bin key (shared by :func:`select_bins` and its re-filtering)."""
+    """Scrambled bits of a bin key: a bin is kept at ``level`` when bits 20.. of its hash hold ``level`` zeros."""
     h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
     return h ^ (h >> np.uint64(29))
 
@@ -452,16 +378,6 @@ def compact_level(keys, codes, level):
             codes[m] = codes[i]
             m += 1
     return m
-
-
-@numba.njit(cache=True, nogil=True)
-def keep_level(keys, level):
-    """Mask of the bin ``keys`` kept at subsampling ``level``."""
-    mask = (np.uint64(1) << np.uint64(level)) - np.uint64(1)
-    out = np.empty(keys.shape[0], dtype=np.bool_)
-    for i in range(keys.shape[0]):
-        out[i] = (bin_hash(keys[i]) >> np.uint64(20)) & mask == 0
-    return out
 
 
 @numba.njit(cache=True, nogil=True)

@@ -256,80 +256,12 @@ def _affine(source: MoleculeSource) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(source.affine[:2], dtype=np.float64), bool(np.allclose(source.affine, np.eye(3)))
 
 
-def scan_partitions(
-    source: MoleculeSource,
-    *,
-    min_qv: float | None = 20.0,
-    drop_controls: bool = True,
-    genes: GeneCodes | None = None,
-    report: FilterReport | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(x, y, gene_code, keep)`` per partition: global µm, codes into ``genes.names`` and the kept mask.
-
-    A molecule is dropped for non-finite coordinates, as a control probe (``drop_controls``; by name, see
-    :data:`CONTROL_PATTERN`, or by a boolean control column), for a quality value below ``min_qv`` (when the
-    points have a quality column; a NaN quality value, as st2he's readers write for platforms without one, is
-    kept; ``None`` keeps all) or for a missing gene name, counted under the first reason in that order. Without
-    a gene column every code is 0.
-    """
-    from ._kernels import filter_partition
-
-    genes = genes if genes is not None else GeneCodes()
-    report = report if report is not None else FilterReport()
-    affine, identity = _affine(source)
-    stats = np.zeros(6, dtype=np.int64)
-    for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
-        source, genes, min_qv=min_qv, drop_controls=drop_controls
-    ):
-        n = len(x)
-        gx = np.empty(n, dtype=np.float64)
-        gy = np.empty(n, dtype=np.float64)
-        codes = np.empty(n, dtype=np.int32)
-        keep = filter_partition(
-            x,
-            y,
-            raw,
-            lut,
-            control_code,
-            control_col,
-            qv,
-            affine,
-            identity,
-            bool(drop_controls),
-            float(min_qv) if min_qv is not None else -np.inf,
-            gx,
-            gy,
-            codes,
-            stats,
-        )
-        report.update(stats)
-        yield gx, gy, codes, keep
-
-
 def _numeric(series) -> np.ndarray:
     """Return a numeric column as a float numpy array (NaN for missing values)."""
     dtype = series.dtype
     if isinstance(dtype, np.dtype) and dtype.kind == "f":
         return series.to_numpy()
     return series.to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def iter_molecules(
-    source: MoleculeSource,
-    *,
-    min_qv: float | None = 20.0,
-    drop_controls: bool = True,
-    genes: GeneCodes | None = None,
-    report: FilterReport | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Yield ``(x, y, gene_code)`` of the kept molecules, partition by partition, in global µm.
-
-    Filtering as in :func:`scan_partitions`; ``gene_code`` is ``None`` when the points have no gene column.
-    """
-    for gx, gy, codes, keep in scan_partitions(
-        source, min_qv=min_qv, drop_controls=drop_controls, genes=genes, report=report
-    ):
-        yield gx[keep], gy[keep], (codes[keep] if source.gene_column is not None else None)
 
 
 def points_extent(source: MoleculeSource) -> tuple[float, float, float, float] | None:
@@ -529,6 +461,7 @@ def bin_molecules(
     memory_limit: int = 512 * 2**20,
     spill_dir: str | None = None,
     bins=None,
+    store: bool = True,
 ) -> BinnedMolecules:
     """One streaming pass over ``source``: filter, map to pixels, bucket by blocks of pixels (4 bytes a molecule).
 
@@ -543,6 +476,14 @@ def bin_molecules(
     grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to a file in a temporary
     folder (under ``spill_dir``, default the system's) that is removed when the returned object is
     garbage-collected. Molecules are read in batches of :data:`BATCH`; each batch becomes one part.
+    ``store=False`` keeps no buckets: the pass only filters, counts, finds the extent and gathers ``bins`` (the
+    same statistics, from the same code, as a stored pass).
+
+    A molecule is dropped for non-finite coordinates, as a control probe (``drop_controls``; by name, see
+    :data:`CONTROL_PATTERN`, or by a boolean control column), for a quality value below ``min_qv`` (when the
+    points have a quality column; a NaN quality value, as st2he's readers write for platforms without one, is
+    kept; ``None`` keeps all) or for a missing gene name, counted under the first reason in that order. Without
+    a gene column every code is 0.
     """
     from ._kernels import extent_of
 
@@ -573,16 +514,24 @@ def bin_molecules(
             )
         if binned is None:
             binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
-            if bins is not None:  # the first partition tells about how many molecules there are
-                bins.expect(len(x) * max(1, source.points.npartitions))
         if len(codes_book.names) > MAX_GENES:
             msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
             raise ValueError(msg)
         if binner is None:
             binner = _Binner(
-                binned, source.key, affine, identity, drop_controls, min_qv, origin, grid, bins, memory_limit
+                binned,
+                source.key,
+                affine,
+                identity,
+                drop_controls,
+                min_qv,
+                origin,
+                grid,
+                bins,
+                memory_limit,
+                spill_dir=spill_dir,
+                store=store,
             )
-            binner.spill_dir = spill_dir
         n = len(x)
         # in batches: the work arrays stay small (in cache, and cheap to touch for the first time)
         for s in range(0, n, BATCH):
@@ -609,13 +558,29 @@ BATCH = 1 << 18
 class _Binner:
     """The state of one binning pass: its options, running counts and extent, work arrays and kept memory."""
 
-    def __init__(self, binned, key, affine, identity, drop_controls, min_qv, origin, grid, bins, memory_limit):
+    def __init__(
+        self,
+        binned,
+        key,
+        affine,
+        identity,
+        drop_controls,
+        min_qv,
+        origin,
+        grid,
+        bins,
+        memory_limit,
+        *,
+        spill_dir,
+        store,
+    ):
         self.binned, self.key, self.bins, self.grid = binned, key, bins, grid
         self.affine, self.identity, self.origin = affine, identity, origin
         self.drop_controls = bool(drop_controls)
         self.min_qv = float(min_qv) if min_qv is not None else -np.inf
         self.memory_limit = memory_limit
-        self.spill_dir: str | None = None  # where to make the spill folder (None: the system's temporary folder)
+        self.spill_dir = spill_dir  # where to make the spill folder (None: the system's temporary folder)
+        self.store = store  # False: statistics only, no buckets
         self.stats = np.zeros(6, dtype=np.int64)
         self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])  # of the kept molecules
         self.buffers = _Buffers()
@@ -662,6 +627,10 @@ class _Binner:
         )
         binned.report.update(self.stats)
         binned.report.outside += int(n_kept) - int(n_in)
+        if bins is not None and n_bins:
+            bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
+        if not self.store:
+            return
         if nbr < 0:
             e = self.extent
             msg = (
@@ -671,8 +640,6 @@ class _Binner:
                 f"larger pixel_size."
             )
             raise ValueError(msg)
-        if bins is not None and n_bins:
-            bins.add(buffers.bin_keys[:n_bins].copy(), buffers.bin_codes[:n_bins].copy())
         if n_in == 0:
             return
         index = len(binned.parts)

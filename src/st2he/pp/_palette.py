@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import colorsys
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -164,25 +163,6 @@ class BinCounts:
         self.codes: list[np.ndarray] = []
         self.held = 0
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray | None, keep: np.ndarray | None = None) -> None:
-        """Add one partition of molecules in global µm (``keep`` marks those to count; default all)."""
-        from ._kernels import select_bins
-
-        if codes is None or len(x) == 0:
-            return
-        if keep is None:
-            keep = np.ones(len(x), dtype=bool)
-        self.add(*select_bins(x, y, codes, keep, self.bin_size, self.level))
-
-    def expect(self, n: int) -> None:
-        """Start at the level that keeps about ``n`` molecules within the budget (before any is added).
-
-        Saves raising the level step by step, each step filtering everything held so far; the result is the same
-        (a bin kept at a level is kept at every lower level).
-        """
-        if not self.keys and n > self.budget:
-            self.level = max(self.level, math.ceil(math.log2(n / self.budget)))
-
     def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
         """Add bin keys and gene codes already selected at the current level."""
         from ._kernels import compact_level
@@ -197,7 +177,7 @@ class BinCounts:
                 c = self.codes[i]
                 if not (k.flags.writeable and c.flags.writeable):
                     k, c = k.copy(), c.copy()
-                m = compact_level(k, c, self.level)  # in place, in order: the same as filtering with keep_level
+                m = compact_level(k, c, self.level)  # in place, in order: keeps the bins selected at the new level
                 # copy the survivors so that the larger buffer they came from is freed
                 self.keys[i], self.codes[i] = k[:m].copy(), c[:m].copy()
                 self.held += m
@@ -369,17 +349,18 @@ def _panel_and_sources(data, method, points_key, table_key, source, bin_size, mi
         return genes, None, (lambda: correlation(data.X[:, order]))
     if isinstance(data, str) or not hasattr(data, "points"):
         return sorted({str(g) for g in data}), None, None
-    from ._molecules import GeneCodes, is_control_name, molecule_source, scan_partitions
+    from ._molecules import bin_molecules, is_control_name, molecule_source
 
     src = molecule_source(data, points_key, need_genes=True)
     need_counts = method == "coexpression" and source != "table"
-    codes = GeneCodes(src.panel or ())
     bins = BinCounts(bin_size) if need_counts else None
+    names = list(src.panel or ())
     if src.panel is None or need_counts:
-        for x, y, c, keep in scan_partitions(src, min_qv=min_qv, drop_controls=drop_controls, genes=codes):
-            if bins is not None:
-                bins(x, y, c, keep)
-    names = list(codes.names)
+        # the very pass rasterize_transcripts makes, without keeping the molecules: the same genes, the same bins
+        read = bin_molecules(
+            src, pixel_size=bin_size, min_qv=min_qv, drop_controls=drop_controls, genes=names, bins=bins, store=False
+        )
+        names = list(read.genes)
     panel = [g for g, ctrl in zip(names, is_control_name(names), strict=True) if not (drop_controls and ctrl)]
     genes = sorted(panel)
 
