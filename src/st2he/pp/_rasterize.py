@@ -940,34 +940,22 @@ def rasterize_transcripts(
     dy, dx = disc_footprint(dot_size)
     import dask.array as da
 
+    options = {
+        "binned": binned,
+        "rank_of": rank_of,
+        "rank_key": rank_key,
+        "planes": lut_planes(lut),
+        "dy": dy,
+        "dx": dx,
+    }
     if stain_info["stain_kind"] == "images":
-        data = _picture_over_image(
-            sdata.images[stain_info["stain_key"]],
-            grid,
-            chunk,
-            stain_info["stain_range"],
-            binned=binned,
-            rank_of=rank_of,
-            rank_key=rank_key,
-            planes=lut_planes(lut),
-            dy=dy,
-            dx=dx,
-        )
+        image = sdata.images[stain_info["stain_key"]]
+        data = _picture_over_image(image, grid, chunk, stain_info["stain_range"], **options)
         add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
         return
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     # the options go in a partial: dask would otherwise walk through the molecules' index looking for collections
-    draw = functools.partial(
-        _draw_block,
-        binned=binned,
-        rank_of=rank_of,
-        rank_key=rank_key,
-        planes=lut_planes(lut),
-        dy=dy,
-        dx=dx,
-        chunk=chunk,
-        grid=grid,
-    )
+    draw = functools.partial(_draw_block, chunk=chunk, grid=grid, **options)
     data = da.map_blocks(
         draw,
         *stain_input,
