@@ -18,26 +18,10 @@ import json
 import resource
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_models():
-    try:
-        import spatialdata  # noqa: F401
-    except ImportError:
-        for name, path in (("st2he", ROOT / "src" / "st2he"), ("st2he.models", ROOT / "src" / "st2he" / "models")):
-            if name not in sys.modules:
-                mod = types.ModuleType(name)
-                mod.__path__ = [str(path)]
-                sys.modules[name] = mod
-    import importlib
-
-    return importlib.import_module("st2he.models._pix2pix"), importlib.import_module("st2he.models._io")
+from _bare import import_models
 
 
 def _rss_mb() -> float:
@@ -71,7 +55,7 @@ def time_predict(model, tiles, *, batch_size, autocast, channels_last, merge_lor
 def bench_cpu(n_tiles: int, tile: int, threads: int | None) -> dict:
     import torch
 
-    pix2pix, io = _import_models()
+    pix2pix, io = import_models("_pix2pix", "_io")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -98,7 +82,7 @@ def bench_cpu(n_tiles: int, tile: int, threads: int | None) -> dict:
 def bench_gpu(batch: int, tile: int, n_ref: int, n_fast: int, config: str = "sd-turbo", compile: bool = True) -> dict:
     import torch
 
-    pix2pix, _ = _import_models()
+    (pix2pix,) = import_models("_pix2pix")
     t0 = time.perf_counter()
     with torch.device("cuda"):
         model = pix2pix.Pix2PixTurbo.from_config(config, seed=0)

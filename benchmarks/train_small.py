@@ -34,10 +34,10 @@ import argparse
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
+from _bare import import_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,31 +121,12 @@ def prepare(out: Path) -> None:
     )
 
 
-def _import_models():
-    """Import st2he.models without st2he/__init__ (which needs spatialdata), for machines without it."""
-    try:
-        import spatialdata  # noqa: F401
-    except ImportError:
-        for name, path in (("st2he", ROOT / "src" / "st2he"), ("st2he.models", ROOT / "src" / "st2he" / "models")):
-            if name not in sys.modules:
-                mod = types.ModuleType(name)
-                mod.__path__ = [str(path)]
-                sys.modules[name] = mod
-    import importlib
-
-    return (
-        importlib.import_module("st2he.models._pix2pix"),
-        importlib.import_module("st2he.models._training"),
-        importlib.import_module("st2he.models._io"),
-    )
-
-
 def train(
     data: Path, out: Path, device: str, steps: int | None, batch_size: int | None, recipe: str = "cpu", **overrides
 ) -> None:
     import torch
 
-    pix2pix, training, io = _import_models()
+    pix2pix, training, io = import_models("_pix2pix", "_training", "_io")
     meta = json.loads((data / "meta.json").read_text())
     npz = np.load(data / "pairs.npz")
     n = len([k for k in npz.files if k.startswith("train_input_")])

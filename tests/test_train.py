@@ -12,14 +12,7 @@ from st2he.models import Pix2PixTurbo, from_pretrained
 from st2he.models._training import PairSampler, train
 from st2he.tl._train import grid_tiles, prepare_pairs, resample_to_grid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and idle OpenMP threads spin on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _pairs(n, size, seed):

@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import spatialdata as sd_mod
-import torch
 from scipy import ndimage
 
 import st2he
@@ -16,14 +15,7 @@ from st2he._grid import Grid, _scale0
 from st2he.models import Pix2PixTurbo
 from st2he.models._tiling import border_gradient_ratio, reader_from_array, render_region, tile_starts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and idle OpenMP threads spin on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _picture(h=150, w=170, seed=0):
