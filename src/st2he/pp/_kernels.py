@@ -72,7 +72,7 @@ def paint_winners(
     single = lazy and nk == 1 and dy[0] == 0 and dx[0] == 0
     for i in range(packed.shape[0]):
         v = np.int64(packed[i])
-        rank = rank_of[v >> 16]
+        rank = rank_of[np.uintp(v >> 16)]
         if rank < 0:
             continue
         r = (v >> BUCKET_BITS) & (BUCKET - 1)
@@ -82,27 +82,26 @@ def paint_winners(
         if single:
             if r0 < 0 or r0 >= height or c0 < 0 or c0 >= width:
                 continue
-            p = r0 * width + c0
+            p = np.uintp(r0 * width + c0)
             cur = out[p]
             if cur < 0:
                 out[p] = rank
             elif cur != rank:
                 gr = grow0 + r
                 gc = gcol0 + c
-                new = (priority(gr, gc, rank_key[rank]) << CODE_BITS) | rank
-                old = (priority(gr, gc, rank_key[cur]) << CODE_BITS) | cur
+                new = (priority(gr, gc, rank_key[np.uintp(rank)]) << CODE_BITS) | rank
+                old = (priority(gr, gc, rank_key[np.uintp(cur)]) << CODE_BITS) | cur
                 if new > old:
                     out[p] = rank
             continue
-        key = (priority(grow0 + r, gcol0 + c, rank_key[rank]) << CODE_BITS) | rank
+        key = np.int32((priority(grow0 + r, gcol0 + c, rank_key[np.uintp(rank)]) << CODE_BITS) | rank)
         for k in range(nk):
             rr = r0 + dy[k]
             cc = c0 + dx[k]
             if rr < 0 or rr >= height or cc < 0 or cc >= width:
                 continue
-            p = rr * width + cc
-            if key > out[p]:
-                out[p] = key
+            p = np.uintp(rr * width + cc)
+            out[p] = max(out[p], key)  # branch-free
 
 
 @numba.njit(cache=True, nogil=True)
@@ -110,12 +109,13 @@ def _compose_row(winners, base, q, l0, l1, l2, black, o0, o1, o2):
     """One output row: the gene's colour where one is drawn, else ``q`` (the grey, int32 in 0..255).
 
     Branch-free (a mask from the sign of ``winners``, a black LUT entry ``black``): which pixels hold molecules is
-    as good as random, so a branch would be mispredicted often.
+    as good as random, so a branch would be mispredicted often. Table indices are unsigned throughout these kernels:
+    numba tests a signed index for a negative value (Python's wraparound), which keeps LLVM from vectorising.
     """
     for c in range(o0.shape[0]):
         g = winners[base + c]
         mask = np.int32(g >> 31)  # -1 where nothing is drawn, else 0
-        idx = (g & CODE_MASK & ~mask) | (mask & black)
+        idx = np.uintp((g & CODE_MASK & ~mask) | (mask & black))  # unsigned: no wraparound test, so LLVM vectorises
         qc = q[c] & mask
         o0[c] = np.uint8(np.int32(l0[idx]) | qc)
         o1[c] = np.uint8(np.int32(l1[idx]) | qc)
@@ -128,7 +128,9 @@ def _quantize_row(grey, q):
     zero = np.float32(0.0)
     one = np.float32(1.0)
     for c in range(q.shape[0]):
-        v = min(max(np.float32(grey[c]), zero), one)
+        v = np.float32(grey[c])
+        v = v if v > zero else zero  # NaN too
+        v = v if v < one else one
         q[c] = np.int32(v * np.float32(255.0) + np.float32(0.5))
 
 
@@ -177,6 +179,102 @@ def disc_footprint(dot_size: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- molecules
 
 
+#: Per-molecule flags written by :func:`_classify`.
+_INSIDE = 1  # kept and inside the grid: bucketed
+_SAMPLED = 2  # kept, and its spatial bin is in the co-expression sample at the current level
+_KEPT = 4  # passed the filters
+
+
+@numba.njit(cache=True, nogil=True)
+def _gene_codes(raw, table, codes):
+    """``codes[i] = table[raw[i] + 1]``: the partition's category codes through its table (a scalar loop of gathers)."""
+    for i in range(raw.shape[0]):
+        codes[i] = table[np.uintp(np.int64(raw[i]) + 1)]
+
+
+@numba.njit(cache=True, nogil=True)
+def _classify(
+    x,
+    y,
+    codes,
+    control_col,
+    qv,
+    min_qv,
+    affine,
+    origin,
+    pixel_size,
+    limits,
+    inv_bin,
+    bin_mask,
+    rows,
+    cols,
+    packed,
+    flags,
+):
+    """Filter, place and pack each molecule: a branch-free loop that LLVM vectorises.
+
+    ``codes``: gene codes (``-1`` no gene name, ``-2`` a control probe to drop). ``control_col`` and ``qv`` are
+    arrays or ``None``; a ``None`` argument is compiled away, so each combination gets its own vectorised loop.
+    ``affine`` = (a00, a01, a02, a10, a11, a12) maps to global µm (the identity is exact); ``origin`` = (x0, y0);
+    ``limits`` = (lowest pixel, width, height): ``(0, w, h)`` keeps the molecules of a grid, ``(-inf, inf, inf)``
+    all (pixel indices beyond 2**38, absurdly far, are held there, so that the caller sees the span and says so).
+    Writes block row and column, packed molecule and flags (:data:`_INSIDE`, :data:`_SAMPLED`, :data:`_KEPT`);
+    returns the pixel range ``(row_min, row_max, col_min, col_max)`` of the molecules inside and the counts dropped
+    for each reason.
+    """
+    a00, a01, a02, a10, a11, a12 = affine
+    x0, y0 = origin
+    lowest, wmax, hmax = limits
+    far = np.float64(2**38)
+    big = np.int64(2**62)
+    rmin = cmin = big
+    rmax = cmax = -big
+    n1 = n2 = n3 = n4 = n_in = 0
+    for i in range(x.shape[0]):
+        xr = np.float64(x[i])
+        yr = np.float64(y[i])
+        xi = a00 * xr + a01 * yr + a02
+        yi = a10 * xr + a11 * yr + a12
+        c = codes[i]
+        bad = (xi - xi != 0.0) | (yi - yi != 0.0)  # not finite
+        ctrl = c == -2
+        if control_col is not None:
+            ctrl = ctrl | control_col[i]
+        low = False
+        if qv is not None:
+            low = qv[i] < min_qv  # a NaN quality value is kept
+        # the first reason counts: not finite, control probe, low quality, no gene name
+        ok1 = ~bad
+        ok2 = ok1 & ~ctrl
+        ok3 = ok2 & ~low
+        kept = ok3 & (c >= 0)
+        n1 += np.int64(bad)
+        n2 += np.int64(ok1 & ctrl)
+        n3 += np.int64(ok2 & low)
+        n4 += np.int64(ok3 & (c < 0))
+        colf = np.floor((xi - x0) / pixel_size)
+        rowf = np.floor((yi - y0) / pixel_size)
+        inside = kept & (colf >= lowest) & (rowf >= lowest) & (colf < wmax) & (rowf < hmax)
+        colf = colf if colf > -far else -far
+        rowf = rowf if rowf > -far else -far
+        col = np.int64((colf if colf < far else far) if inside else 0.0)
+        row = np.int64((rowf if rowf < far else far) if inside else 0.0)
+        rmin = min(rmin, row if inside else big)
+        rmax = max(rmax, row if inside else -big)
+        cmin = min(cmin, col if inside else big)
+        cmax = max(cmax, col if inside else -big)
+        n_in += np.int64(inside)
+        rows[i] = np.int32(row >> BUCKET_BITS)  # floor division, also below 0
+        cols[i] = np.int32(col >> BUCKET_BITS)
+        packed[i] = np.uint32((max(c, 0) << 16) | ((row & (BUCKET - 1)) << BUCKET_BITS) | (col & (BUCKET - 1)))
+        # the co-expression sample: is the molecule's spatial bin (anchored at 0 µm) selected at this level?
+        kx = np.int64(np.floor(xi * inv_bin) if kept else 0.0) + (1 << 30)
+        ky = np.int64(np.floor(yi * inv_bin) if kept else 0.0) + (1 << 30)
+        sampled = kept & ((bin_hash(kx * (1 << 31) + ky) >> np.uint64(20)) & bin_mask == np.uint64(0))
+        flags[i] = np.uint8(inside) | (np.uint8(sampled) << np.uint8(1)) | (np.uint8(kept) << np.uint8(2))
+    return rmin, rmax, cmin, cmax, n1, n2, n3, n4, n_in
+
+
 @numba.njit(cache=True, nogil=True)
 def bin_partition(
     x,
@@ -198,10 +296,12 @@ def bin_partition(
     width,
     bin_size,
     bin_level,
-    extent,
+    box,
     scratch_rows,
     scratch_cols,
     scratch_packed,
+    scratch_codes,
+    flags,
     out_packed,
     bin_keys,
     bin_codes,
@@ -215,124 +315,104 @@ def bin_partition(
     ``height`` x ``width`` pixels from the origin are bucketed (the others are counted as outside); with
     ``height <= 0`` every kept molecule is, and the blocks are those the partition touches.
 
-    A counting sort that keeps the molecules' order, into caller-owned buffers of at least ``len(x)`` entries
-    (reused across partitions: memory touched for the first time costs more than the work done in it, most of
-    all in virtual machines). Writes the bucketed molecules to ``out_packed[:n_in]`` (gene code << 16 |
-    row_in_block << 8 | col_in_block), grows ``extent`` =
-    [x_min, y_min, x_max, y_max] by the kept molecules and adds to ``stats``. With ``bin_size > 0`` it also
-    writes the spatial-bin keys and codes of the kept molecules selected at ``bin_level`` (see
-    :func:`bin_hash`) for co-expression statistics to ``bin_keys``/``bin_codes``.
+    Four loops over caller-owned work arrays of at least ``len(x)`` entries (reused across partitions: memory
+    touched for the first time costs more than the work done in it, most of all in virtual machines): the gene
+    codes through the partition's table; :func:`_classify`, which filters, places and packs every molecule
+    without a branch (vectorised); the co-expression sample; and a counting sort that keeps the molecules' order. Writes the bucketed molecules to ``out_packed[:n_in]`` (gene code << 16 |
+    row_in_block << 8 | col_in_block; ``out_packed`` needs ``len(x)`` entries: the molecules not bucketed are
+    sorted after them), grows ``box`` = [col_min, row_min, col_max, row_max] (int64, lattice pixels) by the
+    pixels of the bucketed molecules and adds to ``stats``. With ``bin_size > 0`` it also writes the spatial-bin keys and codes of the kept molecules selected
+    at ``bin_level`` (see :func:`bin_hash`) for co-expression statistics to ``bin_keys``/``bin_codes``.
 
     Returns ``(block_row0, block_col0, block_rows, block_cols, starts, n_in, n_kept, n_bins)``: the molecules of
     block ``(block_row0 + a, block_col0 + b)`` are ``starts[a * block_cols + b]:starts[a * block_cols + b + 1]``.
     ``block_rows`` is -1 when the partition spans more than ``max_blocks`` blocks (nothing is sorted then).
     """
     n = x.shape[0]
-    has_genes = raw_codes.shape[0] == n and n > 0
-    has_ctrl = control_col.shape[0] == n and n > 0
-    has_qv = qv.shape[0] == n and n > 0
-    clamp = height > 0
-    a00, a01, a02 = affine[0, 0], affine[0, 1], affine[0, 2]
-    a10, a11, a12 = affine[1, 0], affine[1, 1], affine[1, 2]
+    if n == 0:
+        return 0, 0, 0, 0, np.zeros(1, dtype=np.int64), 0, 0, 0
+    codes = scratch_codes[:n]
+    if raw_codes.shape[0] == n:
+        # the partition's categories to gene codes in one table: -1 for no name, -2 for a control probe to drop
+        table = np.empty(lut.shape[0] + 1, dtype=np.int32)
+        table[0] = -1
+        for k in range(lut.shape[0]):
+            c = lut[k]
+            table[k + 1] = -2 if (drop_controls and c >= 0 and control_code[np.uintp(c)]) else c
+        _gene_codes(raw_codes, table, codes)
+    else:
+        codes[:] = 0
+    if identity:
+        coef = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    else:
+        coef = (affine[0, 0], affine[0, 1], affine[0, 2], affine[1, 0], affine[1, 1], affine[1, 2])
+    limits = (0.0, np.float64(width), np.float64(height)) if height > 0 else (-np.inf, np.inf, np.inf)
     do_bins = bin_size > 0
     inv_bin = 1.0 / bin_size if do_bins else 0.0
     bin_mask = (np.uint64(1) << np.uint64(bin_level)) - np.uint64(1)
-    ex0, ey0, ex1, ey1 = extent[0], extent[1], extent[2], extent[3]
-    rmin = cmin = np.int64(2**62)
-    rmax = cmax = -np.int64(2**62)
+    args = (min_qv, coef, (x0, y0), pixel_size, limits, inv_bin, bin_mask, scratch_rows, scratch_cols, scratch_packed)
+    if drop_controls and control_col.shape[0] == n:
+        if qv.shape[0] == n:
+            res = _classify(x, y, codes, control_col, qv, *args, flags)
+        else:
+            res = _classify(x, y, codes, control_col, None, *args, flags)
+    elif qv.shape[0] == n:
+        res = _classify(x, y, codes, None, qv, *args, flags)
+    else:
+        res = _classify(x, y, codes, None, None, *args, flags)
+    prmin, prmax, pcmin, pcmax, n1, n2, n3, n4, n_in = res
+    n_kept = n - n1 - n2 - n3 - n4
     n_bins = 0
-    n_kept = 0
-    n_in = 0
-    for i in range(n):
-        xi = np.float64(x[i])
-        yi = np.float64(y[i])
-        if not identity:
-            t = a00 * xi + a01 * yi + a02
-            yi = a10 * xi + a11 * yi + a12
-            xi = t
-        c = 0
-        if has_genes:
-            r = raw_codes[i]
-            c = lut[r] if r >= 0 else -1
-        if not (np.isfinite(xi) and np.isfinite(yi)):
-            stats[1] += 1
-            continue
-        if drop_controls and ((c >= 0 and control_code[c]) or (has_ctrl and control_col[i])):
-            stats[2] += 1
-            continue
-        if has_qv and qv[i] < min_qv:
-            stats[3] += 1
-            continue
-        if c < 0:
-            stats[4] += 1
-            continue
-        n_kept += 1
-        ex0 = min(ex0, xi)
-        ey0 = min(ey0, yi)
-        ex1 = max(ex1, xi)
-        ey1 = max(ey1, yi)
-        if do_bins:
-            key = (np.int64(np.floor(xi * inv_bin)) + (1 << 30)) * (1 << 31) + (
-                np.int64(np.floor(yi * inv_bin)) + (1 << 30)
-            )
-            if bin_level == 0 or (bin_hash(key) >> np.uint64(20)) & bin_mask == 0:
-                bin_keys[n_bins] = key
-                bin_codes[n_bins] = c
+    if do_bins:
+        a00, a01, a02, a10, a11, a12 = coef
+        for i in range(n):
+            if flags[i] & _SAMPLED:
+                xr = np.float64(x[i])
+                yr = np.float64(y[i])
+                xi = a00 * xr + a01 * yr + a02
+                yi = a10 * xr + a11 * yr + a12
+                bin_keys[n_bins] = (np.int64(np.floor(xi * inv_bin)) + (1 << 30)) * (1 << 31) + (
+                    np.int64(np.floor(yi * inv_bin)) + (1 << 30)
+                )
+                bin_codes[n_bins] = codes[i]
                 n_bins += 1
-        colf = np.floor((xi - x0) / pixel_size)
-        rowf = np.floor((yi - y0) / pixel_size)
-        if clamp and (colf < 0 or rowf < 0 or colf >= width or rowf >= height):
-            continue
-        col = np.int64(colf)
-        row = np.int64(rowf)
-        bq = row >> BUCKET_BITS  # floor division, also below 0
-        cq = col >> BUCKET_BITS
-        rmin = min(rmin, bq)
-        rmax = max(rmax, bq)
-        cmin = min(cmin, cq)
-        cmax = max(cmax, cq)
-        scratch_rows[n_in] = bq
-        scratch_cols[n_in] = cq
-        scratch_packed[n_in] = (c << 16) | ((row & (BUCKET - 1)) << BUCKET_BITS) | (col & (BUCKET - 1))
-        n_in += 1
     stats[0] += n
+    stats[1] += n1
+    stats[2] += n2
+    stats[3] += n3
+    stats[4] += n4
     stats[5] += n_kept
-    extent[0], extent[1], extent[2], extent[3] = ex0, ey0, ex1, ey1
+    if n_in > 0:
+        box[0] = min(box[0], pcmin)
+        box[1] = min(box[1], prmin)
+        box[2] = max(box[2], pcmax)
+        box[3] = max(box[3], prmax)
+    rmin, rmax = prmin >> BUCKET_BITS, prmax >> BUCKET_BITS
+    cmin, cmax = pcmin >> BUCKET_BITS, pcmax >> BUCKET_BITS
     if n_in == 0:
         return 0, 0, 0, 0, np.zeros(1, dtype=np.int64), 0, n_kept, n_bins
     nbr = rmax - rmin + 1
     nbc = cmax - cmin + 1
     if nbr * nbc > max_blocks:
         return rmin, cmin, -1, nbc, np.zeros(1, dtype=np.int64), n_in, n_kept, n_bins
-    counts = np.zeros(nbr * nbc + 1, dtype=np.int64)
-    # molecules come in runs of one block (instruments write them field by field): count runs, not molecules
-    cur = -1
-    run = 0
-    for j in range(n_in):
-        b = (scratch_rows[j] - rmin) * nbc + (scratch_cols[j] - cmin)
-        if b != cur:
-            if cur >= 0:
-                counts[cur + 1] += run
-            cur = b
-            run = 0
-        run += 1
-    counts[cur + 1] += run
-    for b in range(nbr * nbc):
+    # a plain counting sort (within a field of view the block changes from one molecule to the next as often as
+    # not, so following runs of one block would cost more in mispredicted branches than it saves); molecules not
+    # bucketed go to a last block, after the others
+    nb = nbr * nbc
+    counts = np.zeros(nb + 2, dtype=np.int64)
+    for j in range(n):
+        b = (np.int64(scratch_rows[j]) - rmin) * nbc + (np.int64(scratch_cols[j]) - cmin)
+        counts[np.uintp((b if flags[j] & _INSIDE else nb) + 1)] += 1
+    for b in range(nb + 1):
         counts[b + 1] += counts[b]
-    pos = counts[: nbr * nbc].copy()
-    # keep the write position of the current run in a register instead of reading and writing pos[b] each time
-    cur = -1
-    k = 0
-    for j in range(n_in):
-        b = (scratch_rows[j] - rmin) * nbc + (scratch_cols[j] - cmin)
-        if b != cur:
-            if cur >= 0:
-                pos[cur] = k
-            cur = b
-            k = pos[b]
-        out_packed[k] = scratch_packed[j]
-        k += 1
-    return rmin, cmin, nbr, nbc, counts, n_in, n_kept, n_bins
+    pos = counts[: nb + 1].copy()
+    for j in range(n):
+        b = (np.int64(scratch_rows[j]) - rmin) * nbc + (np.int64(scratch_cols[j]) - cmin)
+        b = np.uintp(b if flags[j] & _INSIDE else nb)
+        k = pos[b]
+        out_packed[np.uintp(k)] = scratch_packed[j]
+        pos[b] = k + 1
+    return rmin, cmin, nbr, nbc, counts[: nb + 1], n_in, n_kept, n_bins
 
 
 @numba.njit(cache=True, nogil=True)
@@ -424,8 +504,8 @@ def _inside(mask) -> tuple[int, int]:
 def _interpolate_row(a, i0x, i1x, wx, c0, c1, line):
     """One source row interpolated at the output columns ``c0:c1`` (float32)."""
     for c in range(c0, c1):
-        v0 = np.float32(a[i0x[c]])
-        line[c] = v0 + (np.float32(a[i1x[c]]) - v0) * wx[c]
+        v0 = np.float32(a[np.uintp(i0x[c])])
+        line[c] = v0 + (np.float32(a[np.uintp(i1x[c])]) - v0) * wx[c]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -467,7 +547,8 @@ def _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines
     out[:c0] = 0.0
     for c in range(c0, c1):
         v = ((la[c] * gy + lb[c] * fy) - lo) * scale
-        out[c] = min(max(v, zero), one)
+        v = v if v > zero else zero  # a NaN of the source too
+        out[c] = v if v < one else one
     out[c1:] = 0.0
 
 

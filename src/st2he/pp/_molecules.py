@@ -315,7 +315,9 @@ class BinnedMolecules:
     genes: list[str]
     report: FilterReport
     grid: Grid | None = None
-    extent: tuple[float, float, float, float] | None = None  # of the kept molecules, global µm
+    extent: tuple[float, float, float, float] | None = (
+        None  # µm bounds of the pixels holding molecules (see bin_molecules)
+    )
     parts: list[_Part] = field(default_factory=list)
     index: dict[tuple[int, int], list[tuple[int, int, int]]] = field(default_factory=dict)  # block -> (part, s, e)
     spill_dir: str | None = None
@@ -443,6 +445,8 @@ class _Buffers:
         self.rows = np.empty(size, np.int32)
         self.cols = np.empty(size, np.int32)
         self.packed = np.empty(size, np.uint32)
+        self.codes = np.empty(size, np.int32)
+        self.flags = np.empty(size, np.uint8)
         self.out = np.empty(size, np.uint32)
         self.bin_keys = np.empty(size if bins else 0, np.int64)
         self.bin_codes = np.empty(size if bins else 0, np.int32)
@@ -467,9 +471,10 @@ def bin_molecules(
 
     With ``grid``, the molecules are bucketed on its lattice and those outside it are counted as outside. Without
     one, every kept molecule is bucketed on the lattice of ``pixel_size`` µm pixels through ``origin`` (default:
-    the lattice anchored at 0 µm, through the first molecules' pixel) and the extent of the kept molecules is
-    recorded (``binned.extent``), so that the output grid can be chosen after this single reading; then call
-    :meth:`BinnedMolecules.place`. ``chunk`` is the output grid's chunk edge in pixels.
+    the lattice anchored at 0 µm, through the first molecules' pixel) and the extent of the pixels that hold kept
+    molecules is recorded (``binned.extent`` = (x_min, y_min, x_max, y_max) µm on the lattice, the far edges
+    exclusive; with a grid, of the pixels inside it), so that the output grid can be chosen after this single
+    reading; then call :meth:`BinnedMolecules.place`. ``chunk`` is the output grid's chunk edge in pixels.
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
@@ -543,9 +548,8 @@ def bin_molecules(
     if len(codes_book.names) > MAX_GENES:
         msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
         raise ValueError(msg)
-    extent = binner.extent if binner is not None else np.full(4, np.nan)
-    if np.all(np.isfinite(extent)):
-        binned.extent = (float(extent[0]), float(extent[1]), float(extent[2]), float(extent[3]))
+    if binner is not None and binner.box[0] <= binner.box[2]:
+        binned.extent = binner.extent_um()
     if grid is not None:
         binned.place(grid)
     return binned
@@ -582,10 +586,17 @@ class _Binner:
         self.spill_dir = spill_dir  # where to make the spill folder (None: the system's temporary folder)
         self.store = store  # False: statistics only, no buckets
         self.stats = np.zeros(6, dtype=np.int64)
-        self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])  # of the kept molecules
+        # lattice pixels (col_min, row_min, col_max, row_max) of the bucketed molecules
+        self.box = np.array([2**62, 2**62, -(2**62), -(2**62)], dtype=np.int64)
         self.buffers = _Buffers()
         self.arena = _Arena()
         self.in_memory = 0
+
+    def extent_um(self) -> tuple[float, float, float, float]:
+        """The pixels of :attr:`box` as ``(x_min, y_min, x_max, y_max)`` µm, far edges exclusive."""
+        (c0, r0, c1, r1), ps = self.box.tolist(), self.binned.pixel_size
+        x0, y0 = self.origin
+        return (x0 + c0 * ps, y0 + r0 * ps, x0 + (c1 + 1) * ps, y0 + (r1 + 1) * ps)
 
     def add(self, x, y, raw, control_col, qv, lut, control_code) -> None:
         """Bucket one batch of molecules into a new part of ``binned``."""
@@ -616,10 +627,12 @@ class _Binner:
             grid.width if grid is not None else 0,
             bins.bin_size if bins is not None else 0.0,
             bins.level if bins is not None else 0,
-            self.extent,
+            self.box,
             buffers.rows,
             buffers.cols,
             buffers.packed,
+            buffers.codes,
+            buffers.flags,
             out,
             buffers.bin_keys,
             buffers.bin_codes,
@@ -632,7 +645,7 @@ class _Binner:
         if not self.store:
             return
         if nbr < 0:
-            e = self.extent
+            e = self.extent_um()
             msg = (
                 f"The molecules of {self.key!r} span more than {MAX_BLOCKS} blocks of {BUCKET} x {BUCKET} pixels of "
                 f"{binned.pixel_size} µm: some coordinates lie far from the others (kept molecules so far: x "

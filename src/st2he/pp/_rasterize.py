@@ -458,10 +458,10 @@ def _lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
 
 
 def _default_grid(mol, img, pixel_size) -> Grid:
-    """Grid over the kept molecules' extent ``mol`` and the stain image's bounds ``img``.
+    """Grid over the pixels of the kept molecules ``mol`` and the stain image's bounds ``img``.
 
-    The grid lies on the lattice of ``pixel_size`` anchored at 0 µm. A molecule exactly on the far edge still gets
-    a pixel; the stain image's far edge is exclusive.
+    The grid lies on the lattice of ``pixel_size`` anchored at 0 µm. Both boxes are ``(x_min, y_min, x_max,
+    y_max)`` µm with exclusive far edges (``mol`` on the lattice: :attr:`BinnedMolecules.extent`).
     """
     boxes = [b for b in (mol, img) if b is not None]
     if not boxes:
@@ -472,12 +472,9 @@ def _default_grid(mol, img, pixel_size) -> Grid:
         raise ValueError(msg)
     x0, y0 = _lattice_origin((min(b[0] for b in boxes), min(b[1] for b in boxes)), pixel_size)
     width = height = 1
-    if mol is not None:
-        width = max(width, math.floor((mol[2] - x0) / pixel_size) + 1)
-        height = max(height, math.floor((mol[3] - y0) / pixel_size) + 1)
-    if img is not None:
-        width = max(width, math.ceil((img[2] - x0) / pixel_size - 1e-6))
-        height = max(height, math.ceil((img[3] - y0) / pixel_size - 1e-6))
+    for box in boxes:
+        width = max(width, math.ceil((box[2] - x0) / pixel_size - 1e-6))
+        height = max(height, math.ceil((box[3] - y0) / pixel_size - 1e-6))
     if width * height > MAX_PIXELS:
         where = f"molecules x {mol[0]:g}..{mol[2]:g}, y {mol[1]:g}..{mol[3]:g} µm" if mol is not None else "the image"
         msg = (
