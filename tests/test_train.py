@@ -100,6 +100,26 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
         train(full, tx, ty, config=cfg, resume=tmp_path / "nope", progress=False)
 
 
+def test_losses_are_computed_outside_autocast(monkeypatch):
+    """Under bf16 autocast SSIM's variances cancel catastrophically: the GPU recipe did not learn (or gave NaN)."""
+    import st2he.models._training as training
+
+    seen = []
+
+    def recording_ssim(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return ssim(*args, **kwargs)
+
+    ssim = training.ssim
+    monkeypatch.setattr(training, "ssim", recording_ssim)
+    tx, ty = _pairs(2, 40, 4)
+    cfg = {**CFG, "steps": 2, "val_every": 0, "gan_start": 0, "mixed_precision": "bf16"}
+    _, history = train(Pix2PixTurbo.from_config("tiny", seed=0), tx, ty, config=cfg, progress=False)
+    assert seen == [False, False]
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+    assert any("critic" in h for h in history)
+
+
 def test_sampler_keeps_pairs_aligned():
     x = np.arange(3 * 20 * 20, dtype=np.int64).reshape(3, 20, 20) % 251
     x = x.astype(np.uint8)

@@ -403,20 +403,23 @@ def train(
                     pred = model(
                         x, prompt_embeds=emb, r=r, noise=noise, generator=post_gen, sample_posterior=True
                     ).float()
-                    loss_l2 = F.mse_loss(pred, y)
-                    loss = cfg.l2_weight * loss_l2
-                    parts["l2"] = parts.get("l2", 0.0) + float(loss_l2.detach()) / cfg.grad_accum
-                    if perceptual and cfg.perceptual_weight > 0:
-                        if perceptual == "lpips":
-                            loss_p = lpips_net(pred, y).mean()
-                        else:
-                            loss_p = 1 - ssim(pred, y, data_range=2.0)
-                        loss = loss + cfg.perceptual_weight * loss_p
-                        parts[perceptual] = parts.get(perceptual, 0.0) + float(loss_p.detach()) / cfg.grad_accum
-                    if gan_on:
+                # the losses in float32, outside autocast: SSIM's variances (E[x^2] - E[x]^2 of unclamped outputs)
+                # cancel catastrophically in bf16 and their NaNs or huge gradients wreck training
+                loss_l2 = F.mse_loss(pred, y)
+                loss = cfg.l2_weight * loss_l2
+                parts["l2"] = parts.get("l2", 0.0) + float(loss_l2.detach()) / cfg.grad_accum
+                if perceptual and cfg.perceptual_weight > 0:
+                    if perceptual == "lpips":
+                        loss_p = lpips_net(pred, y).mean()
+                    else:
+                        loss_p = 1 - ssim(pred, y, data_range=2.0)
+                    loss = loss + cfg.perceptual_weight * loss_p
+                    parts[perceptual] = parts.get(perceptual, 0.0) + float(loss_p.detach()) / cfg.grad_accum
+                if gan_on:
+                    with ctx:
                         loss_g = hinge_g_loss(disc(x, pred))
-                        loss = loss + cfg.gan_weight * loss_g
-                        parts["gan"] = parts.get("gan", 0.0) + float(loss_g.detach()) / cfg.grad_accum
+                    loss = loss + cfg.gan_weight * loss_g
+                    parts["gan"] = parts.get("gan", 0.0) + float(loss_g.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
                 parts["loss"] = parts.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
                 if gan_on:
