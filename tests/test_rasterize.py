@@ -527,7 +527,7 @@ def test_real_cosmx_crop(shared_data):
 
 def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled_stain():
     from st2he.pp._kernels import compose_rgb, compose_rgb_resampled, lut_planes, resample_bilinear
-    from st2he.pp._rasterize import _axis_weights
+    from st2he.pp._rasterize import _axis_weights, _source_window
 
     rng = np.random.default_rng(5)
     win = rng.integers(0, 4000, (70, 90)).astype(np.uint16)  # a DAPI window of 0.425 µm pixels
@@ -540,8 +540,30 @@ def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled
     grey = resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale)
     assert grey.min() == 0.0 and grey.max() == 1.0 and (grey[:, : int(np.argmax(inx))] == 0).all()
     expected = compose_rgb(grey, winners, planes, h, w)
-    got = compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w)
+    args = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w)
+    got = compose_rgb_resampled(_source_window(win, 1), *args)
     np.testing.assert_array_equal(got, expected)
+    # the window read in place from the source chunks it overlaps (2 x 2, 2 x 1, 1 x 2), never assembled; over
+    # 3 x 3 chunks, assembled
+    big = np.zeros((100, 130), np.uint16)
+    big[17:87, 23:113] = win  # the window within a source chunked by ys x xs pixels
+    for ys, xs in ((50, 60), (200, 60), (50, 200), (40, 50)):
+        yb, xb = [0, *range(ys, 100, ys), 100], [0, *range(xs, 130, xs), 130]
+        chunks = [
+            [big[a:b, c:d].copy() for c, d in zip(xb[:-1], xb[1:], strict=True)]
+            for a, b in zip(yb[:-1], yb[1:], strict=True)
+        ]
+        rows = [i for i in range(len(yb) - 1) if yb[i] < 87 and yb[i + 1] > 17]
+        cols = [j for j in range(len(xb) - 1) if xb[j] < 113 and xb[j + 1] > 23]
+        cut = (
+            [(max(17, yb[i]) - yb[i], min(87, yb[i + 1]) - yb[i]) for i in rows],
+            [(max(23, xb[j]) - xb[j], min(113, xb[j + 1]) - xb[j]) for j in cols],
+        )
+        window = ([[chunks[i][j] for j in cols] for i in rows], cut)
+        pieces = _source_window(window, 1)
+        in_place = len(rows) <= 2 and len(cols) <= 2
+        assert (pieces[0][0] is not pieces[0][3]) == in_place and (len(rows), len(cols)) != (1, 1)
+        np.testing.assert_array_equal(compose_rgb_resampled(pieces, *args), expected)
     # drawn pixels take the gene's colour, the others the stain's grey in all three channels
     drawn = (winners >= 0).reshape(h, w)
     assert (got[:, drawn] == planes[:, winners[winners >= 0]]).all()

@@ -104,7 +104,7 @@ def paint_winners(
             out[p] = max(out[p], key)  # branch-free
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _compose_row(winners, base, q, l0, l1, l2, black, o0, o1, o2):
     """One output row: the gene's colour where one is drawn, else ``q`` (the grey, int32 in 0..255).
 
@@ -122,7 +122,7 @@ def _compose_row(winners, base, q, l0, l1, l2, black, o0, o1, o2):
         o2[c] = np.uint8(np.int32(l2[idx]) | qc)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _quantize_row(grey, q):
     """Grey values in [0, 1] (clipped) to integers 0..255, rounded to nearest."""
     zero = np.float32(0.0)
@@ -500,26 +500,54 @@ def _inside(mask) -> tuple[int, int]:
     return lo, hi
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _interpolate_row(a, i0x, i1x, wx, c0, c1, line):
     """One source row interpolated at the output columns ``c0:c1`` (float32)."""
     for c in range(c0, c1):
-        v0 = np.float32(a[np.uintp(i0x[c])])
-        line[c] = v0 + (np.float32(a[np.uintp(i1x[c])]) - v0) * wx[c]
+        v0 = a[np.uintp(i0x[c])]
+        line[c] = v0 + (a[np.uintp(i1x[c])] - v0) * wx[c]
 
 
-@numba.njit(cache=True, nogil=True)
-def _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, out):
-    """Output row ``r`` of the separable bilinear resampling of ``win``, normalised: ``(v - lo) * scale`` in [0, 1].
+@numba.njit(cache=True, nogil=True, inline="always")
+def _source_row(pieces, offsets, ys, xs, width, s, buf):
+    """Row ``s`` of the source window into ``buf`` as float32 (exact for the source's small integers and float32).
 
-    Writes float32 values into ``out`` (0 outside the source: ``iny`` false, or outside columns ``c0:c1``, where
-    ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w float32)
-    and ``rows`` (the source rows they hold, initially -1) carry the x-interpolated source rows from one output
-    row to the next, so each source row is interpolated along x once. All arithmetic is float32, the same for
-    :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they give the same values.
+    The window is made of up to 2 x 2 pieces of the source's chunks, read in place (never assembled):
+    ``pieces`` = (top left, top right, bottom left, bottom right) chunks, each read from row ``offsets[k, 0]`` and
+    column ``offsets[k, 1]``; the top ones give the window's first ``ys`` rows, the left ones its first ``xs`` of
+    ``width`` columns. A single window is four times the same array.
     """
+    k = 0 if s < ys else 2
+    t = s if s < ys else s - ys
+    c0 = offsets[k, 1]
+    left = pieces[k][t + offsets[k, 0], c0 : c0 + xs]
+    for c in range(xs):
+        buf[c] = np.float32(left[c])
+    if width > xs:
+        c0 = offsets[k + 1, 1]
+        right = pieces[k + 1][t + offsets[k + 1, 0], c0 : c0 + width - xs]
+        rest = buf[xs:]
+        for c in range(width - xs):
+            rest[c] = np.float32(right[c])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, out):
+    """Output row ``r`` of the separable bilinear resampling of the source window, normalised to [0, 1].
+
+    The value is ``(v - lo) * scale``, clipped. ``window`` = (pieces, offsets, ys, xs, width): see
+    :func:`_source_row` (``buf`` holds one of its rows). Writes float32 values into ``out`` (0 outside the source:
+    ``iny`` false, or outside columns ``c0:c1``, where ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w float32) and ``rows`` (the source rows they hold, initially -1) carry the
+    x-interpolated source rows from one output row to the next, so each source row is interpolated along x once.
+    All arithmetic is float32, the same for :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they
+    give the same values.
+    """
+    pieces, offsets, ys, xs, width = window
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
     if not iny[r]:
-        out[:] = 0.0
+        for c in range(out.shape[0]):
+            out[c] = zero
         return
     s0 = i0y[r]
     s1 = i1y[r]
@@ -529,27 +557,29 @@ def _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines
         ta = 1
     else:
         ta = 1 if rows[0] == s1 else 0  # keep the slot holding s1
-        _interpolate_row(win[s0], i0x, i1x, wx, c0, c1, lines[ta])
+        _source_row(pieces, offsets, ys, xs, width, s0, buf)
+        _interpolate_row(buf, i0x, i1x, wx, c0, c1, lines[ta])
         rows[ta] = s0
     if rows[ta] == s1:
         tb = ta
     else:
         tb = 1 - ta
         if rows[tb] != s1:
-            _interpolate_row(win[s1], i0x, i1x, wx, c0, c1, lines[tb])
+            _source_row(pieces, offsets, ys, xs, width, s1, buf)
+            _interpolate_row(buf, i0x, i1x, wx, c0, c1, lines[tb])
             rows[tb] = s1
     fy = wy[r]
     gy = np.float32(1.0) - fy
     la = lines[ta]
     lb = lines[tb]
-    zero = np.float32(0.0)
-    one = np.float32(1.0)
-    out[:c0] = 0.0
+    for c in range(c0):
+        out[c] = zero
     for c in range(c0, c1):
         v = ((la[c] * gy + lb[c] * fy) - lo) * scale
         v = v if v > zero else zero  # a NaN of the source too
         out[c] = v if v < one else one
-    out[c1:] = 0.0
+    for c in range(c1, out.shape[0]):
+        out[c] = zero
 
 
 @numba.njit(cache=True, nogil=True)
@@ -563,29 +593,33 @@ def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
     out = np.empty((h, w), dtype=np.float32)
     lines = np.empty((2, w), dtype=np.float32)
     rows = np.array([-1, -1], dtype=np.int64)
+    buf = np.empty(max(win.shape[1], 1), dtype=np.float32)
+    window = ((win, win, win, win), np.zeros((4, 2), dtype=np.int64), win.shape[0], win.shape[1], win.shape[1])
     c0, c1 = _inside(inx)
     for r in range(h):
-        _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, out[r])
+        _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, out[r])
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def compose_rgb_resampled(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
+def compose_rgb_resampled(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
     """:func:`compose_rgb` over the stain resampled on the fly as :func:`resample_bilinear` does.
 
     The same arithmetic, so the same bytes, as composing over :func:`resample_bilinear`'s output, without the
-    float32 intermediate image. ``win`` may hold the source's small integers or float32 unconverted (exact
-    either way).
+    float32 intermediate image. The source window is ``(pieces, offsets, ys, xs, width)``: up to 2 x 2 of the
+    source's chunks, read in place (see :func:`_source_row`); they may hold the source's small integers or float32
+    unconverted (exact either way).
     """
     out = np.empty((3, h, w), dtype=np.uint8)
     black = planes.shape[1] - 1
     lines = np.empty((2, w), dtype=np.float32)
     rows = np.array([-1, -1], dtype=np.int64)
+    buf = np.empty(max(window[4], 1), dtype=np.float32)
     grey = np.empty(w, dtype=np.float32)
     q = np.empty(w, dtype=np.int32)
     c0, c1 = _inside(inx)
     for r in range(h):
-        _stain_row(win, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, grey)
+        _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, grey)
         _quantize_row(grey, q)
         _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
     return out

@@ -649,11 +649,45 @@ def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, rank_k
     if spec is None:
         return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, planes, h, w)
     window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
-    win = _pooled_window(window, k, raw_ok=True)
     scale = np.float32(1.0 / (hi - lo))
     return compose_rgb_resampled(
-        win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, planes, h, w
+        _source_window(window, k), i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, planes, h, w
     )
+
+
+def _source_window(window, k: int):
+    """The source window as :func:`st2he.pp._kernels.compose_rgb_resampled` reads it.
+
+    Returns ``(pieces, offsets, ys, xs, width)``. ``window`` is a 2-D array, or ``(chunks, (ycuts, xcuts))``: the source's chunks it overlaps (a list of rows)
+    and the rows and columns cut from each. Up to 2 x 2 chunks are read in place, without assembling the window
+    (a copy of megabytes per output chunk); more, or a ``k`` x ``k`` mean first, assemble it.
+    """
+    if isinstance(window, tuple):
+        chunks, (ycuts, xcuts) = window
+        arrays = [np.ascontiguousarray(c) for row in chunks for c in row]
+        kinds = {(a.dtype, a.ndim, a.flags.writeable) for a in arrays}
+        if k == 1 and len(chunks) <= 2 and len(xcuts) <= 2 and len(kinds) == 1 and arrays[0].dtype in _RAW_DTYPES:
+            nx = len(xcuts)
+            corners = (0, nx - 1, len(arrays) - nx, len(arrays) - 1)  # top left, top right, bottom left, bottom right
+            offsets = np.array(
+                [[ycuts[i // nx][0], xcuts[i % nx][0]] for i in corners],
+                dtype=np.int64,
+            )
+            width = sum(b - a for a, b in xcuts)
+            return (
+                tuple(arrays[i] for i in corners),
+                offsets,
+                ycuts[0][1] - ycuts[0][0],
+                xcuts[0][1] - xcuts[0][0],
+                width,
+            )
+        rows = [
+            [np.asarray(c)[ya:yb, xa:xb] for c, (xa, xb) in zip(row, xcuts, strict=True)]
+            for row, (ya, yb) in zip(chunks, ycuts, strict=True)
+        ]
+        window = rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else np.block(rows)
+    win = _pooled_window(window, k, raw_ok=True)
+    return (win, win, win, win), np.zeros((4, 2), dtype=np.int64), win.shape[0], win.shape[1], win.shape[1]
 
 
 _SCRATCH = threading.local()
@@ -729,16 +763,8 @@ def _window_pieces(arr, y0: int, y1: int, x0: int, x1: int):
 
 
 def _draw_from_pieces(draw_fn, pieces, cuts, rest, lo, hi, bi, bj, h, w):
-    ycuts, xcuts = cuts
-    rows = [
-        [np.asarray(p)[ya:yb, xa:xb] for p, (xa, xb) in zip(row, xcuts, strict=True)]
-        for row, (ya, yb) in zip(pieces, ycuts, strict=True)
-    ]
-    if len(rows) == 1 and len(rows[0]) == 1:
-        window = rows[0][0]
-    else:
-        window = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
-    return draw_fn((window, *rest), lo, hi, bi, bj, h, w)
+    chunks = [[np.asarray(p) for p in row] for row in pieces]
+    return draw_fn(((chunks, tuple(cuts)), *rest), lo, hi, bi, bj, h, w)
 
 
 def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
