@@ -53,23 +53,18 @@ def paint_winners(
     width: int,
     dy: np.ndarray,
     dx: np.ndarray,
-    lazy: bool,
     out: np.ndarray,
 ) -> None:
     """Draw one bucket of molecules into ``out`` (``height * width`` int32, ``-1`` where nothing is drawn).
 
     A molecule ``packed[i]`` = gene code << 16 | row << 8 | col, in a bucket whose first pixel lies at
     ``(row0, col0)`` relative to ``out`` and at ``(grow0, gcol0)`` on the global pixel lattice, covers the pixels
-    ``(row + dy[k], col + dx[k])``. Its gene's rank is ``rank_of[code]`` (``-1``: not drawn). Where molecules
-    meet, the one with the highest :func:`priority` (of its pixel and ``rank_key[rank]``, a hash of its gene's
-    name) wins (ties: the highest rank). The pixel value holds the winner's rank in its low 16 bits.
-
-    With ``lazy`` (for dots of one pixel, where molecules are sparse), the rank alone is stored and priorities are
-    computed only where molecules meet; otherwise ``priority << 16 | rank``. Every call drawing into one ``out``
-    must use the same mode.
+    ``(row + dy[k], col + dx[k])`` (those outside ``out`` are skipped). Its gene's rank is ``rank_of[code]``
+    (``-1``: not drawn). Where molecules meet, the one with the highest :func:`priority` (of its pixel and
+    ``rank_key[rank]``, a hash of its gene's name) wins (ties: the highest rank): each pixel keeps the maximum of
+    ``priority << 16 | rank``, without a branch.
     """
     nk = dy.shape[0]
-    single = lazy and nk == 1 and dy[0] == 0 and dx[0] == 0
     for i in range(packed.shape[0]):
         v = np.int64(packed[i])
         rank = rank_of[np.uintp(v >> 16)]
@@ -79,21 +74,6 @@ def paint_winners(
         c = v & (BUCKET - 1)
         r0 = r + row0
         c0 = c + col0
-        if single:
-            if r0 < 0 or r0 >= height or c0 < 0 or c0 >= width:
-                continue
-            p = np.uintp(r0 * width + c0)
-            cur = out[p]
-            if cur < 0:
-                out[p] = rank
-            elif cur != rank:
-                gr = grow0 + r
-                gc = gcol0 + c
-                new = (priority(gr, gc, rank_key[np.uintp(rank)]) << CODE_BITS) | rank
-                old = (priority(gr, gc, rank_key[np.uintp(cur)]) << CODE_BITS) | cur
-                if new > old:
-                    out[p] = rank
-            continue
         key = np.int32((priority(grow0 + r, gcol0 + c, rank_key[np.uintp(rank)]) << CODE_BITS) | rank)
         for k in range(nk):
             rr = r0 + dy[k]
@@ -101,7 +81,7 @@ def paint_winners(
             if rr < 0 or rr >= height or cc < 0 or cc >= width:
                 continue
             p = np.uintp(rr * width + cc)
-            out[p] = max(out[p], key)  # branch-free
+            out[p] = max(out[p], key)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -143,21 +123,30 @@ def lut_planes(lut: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def compose_rgb(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Compose one ``(3, h, w)`` uint8 chunk: the gene's colour where one is drawn, else the grey stain.
+def compose_rows(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, out: np.ndarray, r0: int) -> None:
+    """Compose rows ``r0 : r0 + len(winners) // width`` of the ``(3, h, width)`` uint8 chunk ``out``.
 
-    ``grey`` is ``(h, w)`` float in [0, 1], or empty for a black background. ``winners`` holds
-    :func:`paint_winners`' values (``-1`` or priority << 16 | rank); ``planes[:, rank]`` is the colour (see
+    Each pixel takes its gene's colour where one is drawn, else the grey stain. ``grey`` is the chunk's ``(h,
+    width)`` float grey in [0, 1], or empty for a black background. ``winners`` holds :func:`paint_winners`'
+    values for those rows (``-1`` or priority << 16 | rank); ``planes[:, rank]`` is the colour (see
     :func:`lut_planes`).
     """
-    out = np.empty((3, h, w), dtype=np.uint8)
-    has_grey = grey.shape[0] == h and grey.shape[1] == w and h * w > 0
+    w = out.shape[2]
+    has_grey = grey.shape[0] == out.shape[1] and grey.shape[1] == w and w > 0
     black = planes.shape[1] - 1
     q = np.zeros(w, dtype=np.int32)
-    for r in range(h):
+    for r in range(winners.shape[0] // max(w, 1)):
         if has_grey:
-            _quantize_row(grey[r], q)
-        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
+            _quantize_row(grey[r0 + r], q)
+        o = r0 + r
+        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, o], out[1, o], out[2, o])
+
+
+@numba.njit(cache=True, nogil=True)
+def compose_rgb(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Compose one ``(3, h, w)`` uint8 chunk from the winners of all its pixels (see :func:`compose_rows`)."""
+    out = np.empty((3, h, w), dtype=np.uint8)
+    compose_rows(grey, winners[: h * w], planes, out, 0)
     return out
 
 
@@ -601,27 +590,53 @@ def resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale):
     return out
 
 
+def resampling_state(w: int, width: int) -> tuple[np.ndarray, ...]:
+    """Work arrays of :func:`compose_rows_resampled` for one output chunk.
+
+    For a chunk ``w`` pixels wide over a source window ``width`` pixels wide: the two x-interpolated source rows,
+    which rows they hold, a source row, a grey row and its quantized values.
+    """
+    return (
+        np.empty((2, w), dtype=np.float32),
+        np.array([-1, -1], dtype=np.int64),
+        np.empty(max(width, 1), dtype=np.float32),
+        np.empty(w, dtype=np.float32),
+        np.empty(w, dtype=np.int32),
+    )
+
+
 @numba.njit(cache=True, nogil=True)
-def compose_rgb_resampled(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
-    """:func:`compose_rgb` over the stain resampled on the fly as :func:`resample_bilinear` does.
+def compose_rows_resampled(
+    window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, out, r0, lines, rows, buf, grey, q
+):
+    """:func:`compose_rows` over the stain resampled on the fly as :func:`resample_bilinear` does.
 
     The same arithmetic, so the same bytes, as composing over :func:`resample_bilinear`'s output, without the
     float32 intermediate image. The source window is ``(pieces, offsets, ys, xs, width)``: up to 2 x 2 of the
     source's chunks, read in place (see :func:`_source_row`); they may hold the source's small integers or float32
-    unconverted (exact either way).
+    unconverted (exact either way). ``lines`` .. ``q``: :func:`resampling_state`, kept from one call to the next
+    for one chunk (rows drawn in order).
+    """
+    w = out.shape[2]
+    black = planes.shape[1] - 1
+    c0, c1 = _inside(inx)
+    for r in range(winners.shape[0] // max(w, 1)):
+        o = r0 + r
+        _stain_row(window, o, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, grey)
+        _quantize_row(grey, q)
+        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, o], out[1, o], out[2, o])
+
+
+def compose_rgb_resampled(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
+    """Compose one ``(3, h, w)`` chunk over the resampled stain from its pixels' winners.
+
+    See :func:`compose_rows_resampled`.
     """
     out = np.empty((3, h, w), dtype=np.uint8)
-    black = planes.shape[1] - 1
-    lines = np.empty((2, w), dtype=np.float32)
-    rows = np.array([-1, -1], dtype=np.int64)
-    buf = np.empty(max(window[4], 1), dtype=np.float32)
-    grey = np.empty(w, dtype=np.float32)
-    q = np.empty(w, dtype=np.int32)
-    c0, c1 = _inside(inx)
-    for r in range(h):
-        _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, grey)
-        _quantize_row(grey, q)
-        _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, r], out[1, r], out[2, r])
+    state = resampling_state(w, window[4])
+    compose_rows_resampled(
+        window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners[: h * w], planes, out, 0, *state
+    )
     return out
 
 

@@ -23,8 +23,9 @@ from st2he._elements import ATTRS_KEY, add_image, check_key_free
 from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
 
 from ._kernels import (
-    compose_rgb,
-    compose_rgb_resampled,
+    BUCKET,
+    compose_rows,
+    compose_rows_resampled,
     count_molecules,
     disc_footprint,
     gene_keys,
@@ -32,6 +33,7 @@ from ._kernels import (
     paint_winners,
     pool_mean,
     resample_bilinear,
+    resampling_state,
 )
 from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source
 from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
@@ -635,28 +637,80 @@ def _draw_block(
     if not stain:  # no stain: a black background
         h = min(chunk, grid.height - bi * chunk)
         w = min(chunk, grid.width - bj * chunk)
-        stain = np.zeros((0, 0), dtype=np.float32)
+        grey = np.zeros((0, 0), dtype=np.float32)
     else:
-        stain = np.ascontiguousarray(stain[0][0], dtype=np.float32)
-        h, w = stain.shape
-    winners = _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx)
-    return compose_rgb(stain, winners, planes, h, w)
+        grey = np.ascontiguousarray(stain[0][0], dtype=np.float32)
+        h, w = grey.shape
+
+    def compose(out, r0, band):
+        compose_rows(grey, band, planes, out, r0)
+
+    return _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose)
 
 
 def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, rank_key, planes, dy, dx):
     """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
-    winners = _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx)
     if spec is None:
-        return compose_rgb(np.zeros((0, 0), dtype=np.float32), winners, planes, h, w)
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return _draw(
+            binned,
+            bi,
+            bj,
+            h,
+            w,
+            rank_of,
+            rank_key,
+            dy,
+            dx,
+            lambda out, r0, band: compose_rows(empty, band, planes, out, r0),
+        )
     window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
-    scale = np.float32(1.0 / (hi - lo))
-    return compose_rgb_resampled(
-        _source_window(window, k), i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), scale, winners, planes, h, w
-    )
+    window = _source_window(window, k)
+    resampling = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
+    state = resampling_state(w, window[4])
+
+    def compose(out, r0, band):
+        compose_rows_resampled(window, *resampling, band, planes, out, r0, *state)
+
+    return _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose)
+
+
+#: Rows drawn at a time: their winners (BAND x 1024 int32 = 1 MB in a 1024-pixel chunk) stay in the core's cache
+#: while the molecules are painted and the colours composed.
+BAND = BUCKET
+
+_SCRATCH = threading.local()
+
+
+def _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose) -> np.ndarray:
+    """The ``(3, h, w)`` uint8 chunk ``(bi, bj)``, drawn in bands of :data:`BAND` rows.
+
+    For each band, which gene wins each pixel is painted into a buffer reused by the thread's next band (a fresh
+    buffer costs a page fault per 4 kB), then ``compose(out, first_row, winners)`` writes the band's colours.
+    """
+    out = np.empty((3, h, w), dtype=np.uint8)
+    winners = getattr(_SCRATCH, "winners", None)
+    if winners is None or winners.shape[0] < BAND * w:
+        winners = _SCRATCH.winners = np.empty(BAND * w, dtype=np.int32)
+    pieces = []
+    reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
+    if binned is not None:
+        c = binned.chunk
+        pieces = list(binned.pieces(bi * c, bj * c, h, w, reach))
+    for r0 in range(0, h, BAND):
+        bh = min(BAND, h - r0)
+        band = winners[: bh * w]
+        band.fill(-1)
+        for packed, row0, col0, grow0, gcol0 in pieces:
+            # a bucket's molecules draw into its BUCKET rows, and ``reach`` beyond
+            if row0 - reach < r0 + bh and row0 + BUCKET + reach > r0:
+                paint_winners(packed, rank_of, rank_key, row0 - r0, col0, grow0, gcol0, bh, w, dy, dx, band)
+        compose(out, r0, band)
+    return out
 
 
 def _source_window(window, k: int):
-    """The source window as :func:`st2he.pp._kernels.compose_rgb_resampled` reads it.
+    """The source window as :func:`st2he.pp._kernels.compose_rows_resampled` reads it.
 
     Returns ``(pieces, offsets, ys, xs, width)``. ``window`` is a 2-D array, or ``(chunks, (ycuts, xcuts))``: the source's chunks it overlaps (a list of rows)
     and the rows and columns cut from each. Up to 2 x 2 chunks are read in place, without assembling the window
@@ -688,31 +742,6 @@ def _source_window(window, k: int):
         window = rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else np.block(rows)
     win = _pooled_window(window, k, raw_ok=True)
     return (win, win, win, win), np.zeros((4, 2), dtype=np.int64), win.shape[0], win.shape[1], win.shape[1]
-
-
-_SCRATCH = threading.local()
-
-
-def _winners(binned, bi, bj, h, w, rank_of, rank_key, dy, dx) -> np.ndarray:
-    """Which gene wins each pixel of chunk ``(bi, bj)``: a buffer reused by the thread's next chunk.
-
-    Reused because a fresh 4 MB buffer per chunk costs a page fault per 4 kB; it is only read before the
-    thread draws its next chunk.
-    """
-    winners = getattr(_SCRATCH, "winners", None)
-    if winners is None or winners.shape[0] < h * w:
-        winners = _SCRATCH.winners = np.empty(h * w, dtype=np.int32)
-    winners = winners[: h * w]
-    winners.fill(-1)
-    if binned is not None:
-        reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
-        c = binned.chunk
-        pieces = list(binned.pieces(bi * c, bj * c, h, w, reach))
-        # sparse molecules (under 1 in 2 pixels): compare priorities only where two meet; dense ones: store them
-        lazy = sum(len(p[0]) for p in pieces) < 0.5 * h * w
-        for packed, row0, col0, grow0, gcol0 in pieces:
-            paint_winners(packed, rank_of, rank_key, row0, col0, grow0, gcol0, h, w, dy, dx, lazy, winners)
-    return winners
 
 
 def _picture_over_image(element, grid: Grid, chunk: int, stain_range, **draw):
