@@ -181,3 +181,25 @@ def test_controls_are_left_out_of_the_panel():
     sd = SpatialData(points={"transcripts": PointsModel.parse(df, feature_key="gene")})
     assert list(st2he.pp.make_palette(sd, method="hue")) == ["A"]
     assert list(st2he.pp.make_palette(sd, method="hue", drop_controls=False)) == ["A", "Blank-1", "NegPrb3"]
+
+
+def test_correlation_is_the_same_from_dense_and_sparse_counts_and_bins_make_the_expected_matrix():
+    import scipy.sparse as sp
+
+    from st2he.pp._palette import BinCounts, correlation
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.gamma(0.5, 2.0, (400, 12)))  # overdispersed: some genes absent from many bins
+    counts[5] = 0  # an empty bin is left out
+    dense = correlation(counts)
+    np.testing.assert_allclose(dense, correlation(sp.csr_matrix(counts)), rtol=0, atol=1e-12)
+    assert dense.shape == (12, 12) and np.allclose(np.diag(dense), 1.0) and np.allclose(dense, dense.T)
+    # bins: counts of (bin, gene) pairs, bins in key order, whatever the order of the molecules
+    keys = np.repeat(np.arange(400) * 7919, counts.sum(axis=1))
+    codes = np.concatenate([np.repeat(np.arange(12), row) for row in counts])
+    order = rng.permutation(len(keys))
+    bins = BinCounts(budget=10**9)
+    bins.add(keys[order], codes[order].astype(np.int32))
+    m = bins.matrix(12)
+    assert isinstance(m, np.ndarray)
+    np.testing.assert_array_equal(m, counts[counts.sum(axis=1) > 0])

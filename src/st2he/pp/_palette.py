@@ -77,19 +77,29 @@ def correlation(counts) -> np.ndarray:
     import scipy.sparse as sp
     from threadpoolctl import threadpool_limits
 
-    x = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    if sp.issparse(counts):
+        x = sp.csr_matrix(counts, dtype=np.float64)
+        totals = np.asarray(x.sum(axis=1)).ravel()
+    else:  # dense: the same arithmetic without sparse conversions
+        x = np.asarray(counts, dtype=np.float64)
+        totals = x.sum(axis=1)
     keep = totals > 0
     x = x[keep]
     totals = totals[keep]
     n, n_genes = x.shape
     if n < 2:
         return np.zeros((n_genes, n_genes))
-    x = sp.diags(np.median(totals) / totals) @ x
-    x.data = np.log1p(x.data)
+    factors = np.median(totals) / totals
+    if sp.issparse(x):
+        x = sp.diags(factors) @ x
+        x.data = np.log1p(x.data)
+    else:
+        x = np.log1p(x * factors[:, None])
     mean = np.asarray(x.mean(axis=0)).ravel()
     with threadpool_limits(1):  # multi-threaded BLAS is slow on small problems and shared machines
-        if n * n_genes <= 30_000_000:
+        if not sp.issparse(x):
+            gram = x.T @ x
+        elif n * n_genes <= 30_000_000:
             dense = x.toarray()
             gram = dense.T @ dense
         else:
@@ -183,7 +193,7 @@ class BinCounts:
                 self.held += m
 
     def matrix(self, n_genes: int):
-        """Sparse bins x genes count matrix."""
+        """Bins x genes count matrix: dense (float64) while it holds at most 30 million entries, else sparse."""
         import scipy.sparse as sp
 
         if not self.keys:
@@ -192,7 +202,11 @@ class BinCounts:
         codes = np.concatenate(self.codes)
         ok = (codes >= 0) & (codes < n_genes)
         _, rows = np.unique(keys[ok], return_inverse=True)
-        m = sp.coo_matrix((np.ones(int(ok.sum())), (rows, codes[ok])), shape=(int(rows.max(initial=-1)) + 1, n_genes))
+        n_bins = int(rows.max(initial=-1)) + 1
+        if n_bins * n_genes <= 30_000_000:
+            flat = np.bincount(rows.astype(np.int64) * n_genes + codes[ok], minlength=n_bins * n_genes)
+            return flat.reshape(n_bins, n_genes).astype(np.float64)
+        m = sp.coo_matrix((np.ones(int(ok.sum())), (rows, codes[ok])), shape=(n_bins, n_genes))
         return m.tocsr()
 
 
