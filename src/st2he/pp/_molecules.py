@@ -605,7 +605,7 @@ class _Binner:
         binned, bins, grid, buffers = self.binned, self.bins, self.grid, self.buffers
         buffers.fit(len(x), bins is not None)
         # write straight into memory that is kept when this part is likely to stay in memory
-        keep_in_memory = self.in_memory + 4 * len(x) <= self.memory_limit
+        keep_in_memory = self.store and self.in_memory + 4 * len(x) <= self.memory_limit
         out = self.arena.reserve(len(x)) if keep_in_memory else buffers.out
         row0, col0, nbr, nbc, starts, n_in, n_kept, n_bins = bin_partition(
             x,
@@ -636,7 +636,7 @@ class _Binner:
             out,
             buffers.bin_keys,
             buffers.bin_codes,
-            MAX_BLOCKS,
+            MAX_BLOCKS if self.store else 0,  # not storing: no blocks, so no sort
         )
         binned.report.update(self.stats)
         binned.report.outside += int(n_kept) - int(n_in)
