@@ -168,6 +168,12 @@ def disc_footprint(dot_size: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- molecules
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bin_key(x, y, inv_bin):
+    """The key of the spatial bin (of ``1 / inv_bin`` µm, anchored at 0 µm) holding global point ``(x, y)``."""
+    return (np.int64(np.floor(x * inv_bin)) + (1 << 30)) * (1 << 31) + (np.int64(np.floor(y * inv_bin)) + (1 << 30))
+
+
 #: Per-molecule flags written by :func:`_classify`.
 _INSIDE = 1  # kept and inside the grid: bucketed
 _SAMPLED = 2  # kept, and its spatial bin is in the co-expression sample at the current level
@@ -257,9 +263,8 @@ def _classify(
         cols[i] = np.int32(col >> BUCKET_BITS)
         packed[i] = np.uint32((max(c, 0) << 16) | ((row & (BUCKET - 1)) << BUCKET_BITS) | (col & (BUCKET - 1)))
         # the co-expression sample: is the molecule's spatial bin (anchored at 0 µm) selected at this level?
-        kx = np.int64(np.floor(xi * inv_bin) if kept else 0.0) + (1 << 30)
-        ky = np.int64(np.floor(yi * inv_bin) if kept else 0.0) + (1 << 30)
-        sampled = kept & ((bin_hash(kx * (1 << 31) + ky) >> np.uint64(20)) & bin_mask == np.uint64(0))
+        key = _bin_key(xi if kept else 0.0, yi if kept else 0.0, inv_bin)
+        sampled = kept & ((bin_hash(key) >> np.uint64(20)) & bin_mask == np.uint64(0))
         flags[i] = np.uint8(inside) | (np.uint8(sampled) << np.uint8(1)) | (np.uint8(kept) << np.uint8(2))
     return rmin, rmax, cmin, cmax, n1, n2, n3, n4, n_in
 
@@ -360,9 +365,7 @@ def bin_partition(
                 yr = np.float64(y[i])
                 xi = a00 * xr + a01 * yr + a02
                 yi = a10 * xr + a11 * yr + a12
-                bin_keys[n_bins] = (np.int64(np.floor(xi * inv_bin)) + (1 << 30)) * (1 << 31) + (
-                    np.int64(np.floor(yi * inv_bin)) + (1 << 30)
-                )
+                bin_keys[n_bins] = _bin_key(xi, yi, inv_bin)
                 bin_codes[n_bins] = codes[i]
                 n_bins += 1
     stats[0] += n

@@ -3,7 +3,7 @@
 Whole slides hold hundreds of millions of molecules, so nothing here holds the slide in memory: the points are
 read once, one partition at a time, filtered (controls, low quality, non-finite coordinates), mapped to pixels of
 a lattice of the output pixel size and bucketed by 256 x 256 pixel blocks in compact form (one ``uint32`` a
-molecule: gene code and place in the block). The extent of the kept molecules is gathered in the same pass, so
+molecule: gene code and place in the block). The pixels holding kept molecules are found in the same pass, so
 the output grid can be chosen afterwards without reading the molecules again. Buckets are kept in memory up to
 ``memory_limit`` bytes and appended to one file in a temporary folder beyond that, read back per block with
 positional reads. Each chunk of the output image then touches only the molecules of the blocks it overlaps.
