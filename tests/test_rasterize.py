@@ -564,6 +564,17 @@ def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled
         in_place = len(rows) <= 2 and len(cols) <= 2
         assert (pieces[0][0] is not pieces[0][3]) == in_place and (len(rows), len(cols)) != (1, 1)
         np.testing.assert_array_equal(compose_rgb_resampled(pieces, *args), expected)
+        for row in window[0]:  # chunks read from a read-only file
+            for chunk in row:
+                chunk.flags.writeable = False
+        np.testing.assert_array_equal(compose_rgb_resampled(_source_window(window, 1), *args), expected)
+    # a 2 x 2 mean of a finer source first: the window is assembled, then pooled
+    fine = np.repeat(np.repeat(big, 2, axis=0), 2, axis=1)
+    halves = [[fine[:100, :130], fine[:100, 130:]], [fine[100:, :130], fine[100:, 130:]]]
+    cut = ([(34, 100), (0, 74)], [(46, 130), (0, 96)])  # rows 34:174 and columns 46:226 of the finer source
+    pooled = _source_window((halves, cut), 2)
+    np.testing.assert_array_equal(pooled[0][0], win)
+    np.testing.assert_array_equal(compose_rgb_resampled(pooled, *args), expected)
     # drawn pixels take the gene's colour, the others the stain's grey in all three channels
     drawn = (winners >= 0).reshape(h, w)
     assert (got[:, drawn] == planes[:, winners[winners >= 0]]).all()
