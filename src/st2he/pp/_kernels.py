@@ -310,13 +310,15 @@ def bin_partition(
     ``height <= 0`` every kept molecule is, and the blocks are those the partition touches.
 
     Four loops over caller-owned work arrays of at least ``len(x)`` entries (reused across partitions: memory
-    touched for the first time costs more than the work done in it, most of all in virtual machines): the gene
-    codes through the partition's table; :func:`_classify`, which filters, places and packs every molecule
-    without a branch (vectorised); the co-expression sample; and a counting sort that keeps the molecules' order. Writes the bucketed molecules to ``out_packed[:n_in]`` (gene code << 16 |
-    row_in_block << 8 | col_in_block; ``out_packed`` needs ``len(x)`` entries: the molecules not bucketed are
-    sorted after them), grows ``box`` = [col_min, row_min, col_max, row_max] (int64, lattice pixels) by the
-    pixels of the bucketed molecules and adds to ``stats``. With ``bin_size > 0`` it also writes the spatial-bin keys and codes of the kept molecules selected
-    at ``bin_level`` (see :func:`bin_hash`) for co-expression statistics to ``bin_keys``/``bin_codes``.
+    touched for the first time costs more than the work done in it, most of all in virtual machines): the gene codes
+    through the partition's table; :func:`_classify`, which filters, places and packs every molecule without a
+    branch (vectorised); the co-expression sample; and a counting sort that keeps the molecules' order.
+
+    Writes the bucketed molecules to ``out_packed[:n_in]`` (gene code << 16 | row_in_block << 8 | col_in_block;
+    ``out_packed`` needs ``len(x)`` entries: the molecules not bucketed are sorted after them), grows ``box`` =
+    [col_min, row_min, col_max, row_max] (int64, lattice pixels) by the pixels of the bucketed molecules and adds to
+    ``stats``. With ``bin_size > 0`` it also writes the spatial-bin keys and codes of the kept molecules selected at
+    ``bin_level`` (see :func:`bin_hash`) for co-expression statistics to ``bin_keys``/``bin_codes``.
 
     Returns ``(block_row0, block_col0, block_rows, block_cols, starts, n_in, n_kept, n_bins)``: the molecules of
     block ``(block_row0 + a, block_col0 + b)`` are ``starts[a * block_cols + b]:starts[a * block_cols + b + 1]``.
@@ -529,10 +531,10 @@ def _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, li
 
     The value is ``(v - lo) * scale``, clipped. ``window`` = (pieces, offsets, ys, xs, width): see
     :func:`_source_row` (``buf`` holds one of its rows). Writes float32 values into ``out`` (0 outside the source:
-    ``iny`` false, or outside columns ``c0:c1``, where ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w float32) and ``rows`` (the source rows they hold, initially -1) carry the
-    x-interpolated source rows from one output row to the next, so each source row is interpolated along x once.
-    All arithmetic is float32, the same for :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they
-    give the same values.
+    ``iny`` false, or outside columns ``c0:c1``, where ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w
+    float32) and ``rows`` (the source rows they hold, initially -1) carry the x-interpolated source rows from one
+    output row to the next, so each source row is interpolated along x once. All arithmetic is float32, the same for
+    :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they give the same values.
     """
     pieces, offsets, ys, xs, width = window
     zero = np.float32(0.0)

@@ -650,27 +650,20 @@ def _draw_block(
 
 def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, rank_key, planes, dy, dx):
     """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
-    if spec is None:
+    if spec is None:  # the chunk misses the stain image
         empty = np.zeros((0, 0), dtype=np.float32)
-        return _draw(
-            binned,
-            bi,
-            bj,
-            h,
-            w,
-            rank_of,
-            rank_key,
-            dy,
-            dx,
-            lambda out, r0, band: compose_rows(empty, band, planes, out, r0),
-        )
-    window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
-    window = _source_window(window, k)
-    resampling = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
-    state = resampling_state(w, window[4])
 
-    def compose(out, r0, band):
-        compose_rows_resampled(window, *resampling, band, planes, out, r0, *state)
+        def compose(out, r0, band):
+            compose_rows(empty, band, planes, out, r0)
+
+    else:
+        window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, k = spec
+        window = _source_window(window, k)
+        resampling = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, np.float32(lo), np.float32(1.0 / (hi - lo)))
+        state = resampling_state(w, window[4])
+
+        def compose(out, r0, band):
+            compose_rows_resampled(window, *resampling, band, planes, out, r0, *state)
 
     return _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose)
 
@@ -712,9 +705,10 @@ def _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose) -> np.ndarra
 def _source_window(window, k: int):
     """The source window as :func:`st2he.pp._kernels.compose_rows_resampled` reads it.
 
-    Returns ``(pieces, offsets, ys, xs, width)``. ``window`` is a 2-D array, or ``(chunks, (ycuts, xcuts))``: the source's chunks it overlaps (a list of rows)
-    and the rows and columns cut from each. Up to 2 x 2 chunks are read in place, without assembling the window
-    (a copy of megabytes per output chunk); more, or a ``k`` x ``k`` mean first, assemble it.
+    Returns ``(pieces, offsets, ys, xs, width)``. ``window`` is a 2-D array, or ``(chunks, (ycuts, xcuts))``: the
+    source's chunks it overlaps (a list of rows) and the rows and columns cut from each. Up to 2 x 2 chunks of one
+    kind are read in place, without assembling the window (a copy of megabytes per output chunk); more, or a
+    ``k`` x ``k`` mean first, assemble it.
     """
     if isinstance(window, tuple):
         chunks, (ycuts, xcuts) = window
