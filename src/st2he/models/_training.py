@@ -95,7 +95,10 @@ class PairSampler:
             [float((x.shape[1] - crop + 1) * (x.shape[2] - crop + 1)) for x in self.inputs], dtype=torch.float64
         )
 
-    def sample(self, n: int, generator: torch.Generator, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator, augment: bool = True, unit: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` aligned crops: in [-1, 1] (``unit``) or as uint8, which is a quarter of the bytes to move."""
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator).tolist()
         xs, ys = [], []
         for i in idx:
@@ -109,7 +112,8 @@ class PairSampler:
                 xc, yc = _dihedral(xc, k), _dihedral(yc, k)
             xs.append(xc)
             ys.append(yc)
-        return _to_unit(torch.stack(xs)), _to_unit(torch.stack(ys))
+        x, y = torch.stack(xs), torch.stack(ys)
+        return (_to_unit(x), _to_unit(y)) if unit else (x, y)
 
 
 def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -358,7 +362,7 @@ def train(
     if has_val and step == 0 and cfg.val_every > 0:
         history.append(val_record(0))
     bar = tqdm(total=cfg.steps, initial=step, desc="train generator", unit="step", disable=not progress)
-    running: dict[str, list[float]] = {}
+    running: dict[str, list[torch.Tensor]] = {}
     import time
 
     t_start, step_start = time.perf_counter(), step
@@ -385,7 +389,7 @@ def train(
             gan_on = disc is not None and step >= cfg.gan_start
             parts: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
-                x, y = sampler.sample(cfg.batch_size, gen, augment=cfg.augment)
+                x, y = sampler.sample(cfg.batch_size, gen, augment=cfg.augment, unit=False)
                 stochastic = cfg.stochastic_prob > 0 and float(torch.rand((), generator=gen)) < cfg.stochastic_prob
                 r = None
                 noise = None
@@ -395,7 +399,8 @@ def train(
                     noise = torch.randn(model.latent_shape(cfg.crop_size, cfg.crop_size, cfg.batch_size), generator=gen)
                 post_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
                 post_gen = torch.Generator(device=device).manual_seed(post_seed)
-                x, y = x.to(device), y.to(device)
+                # moved as uint8 and scaled there (the same values: one exact division and subtraction)
+                x, y = _to_unit(x.to(device, non_blocking=True)), _to_unit(y.to(device, non_blocking=True))
                 if use_cl:
                     x = x.contiguous(memory_format=torch.channels_last)
                 ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else _null()
@@ -407,26 +412,26 @@ def train(
                 # cancel catastrophically in bf16 and their NaNs or huge gradients wreck training
                 loss_l2 = F.mse_loss(pred, y)
                 loss = cfg.l2_weight * loss_l2
-                parts["l2"] = parts.get("l2", 0.0) + float(loss_l2.detach()) / cfg.grad_accum
+                parts["l2"] = parts.get("l2", 0.0) + loss_l2.detach() / cfg.grad_accum
                 if perceptual and cfg.perceptual_weight > 0:
                     if perceptual == "lpips":
                         loss_p = lpips_net(pred, y).mean()
                     else:
                         loss_p = 1 - ssim(pred, y, data_range=2.0)
                     loss = loss + cfg.perceptual_weight * loss_p
-                    parts[perceptual] = parts.get(perceptual, 0.0) + float(loss_p.detach()) / cfg.grad_accum
+                    parts[perceptual] = parts.get(perceptual, 0.0) + loss_p.detach() / cfg.grad_accum
                 if gan_on:
                     with ctx:
                         loss_g = hinge_g_loss(disc(x, pred))
                     loss = loss + cfg.gan_weight * loss_g
-                    parts["gan"] = parts.get("gan", 0.0) + float(loss_g.detach()) / cfg.grad_accum
+                    parts["gan"] = parts.get("gan", 0.0) + loss_g.detach() / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
-                parts["loss"] = parts.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+                parts["loss"] = parts.get("loss", 0.0) + loss.detach() / cfg.grad_accum
                 if gan_on:
                     with ctx:
                         d_loss = hinge_d_loss(disc(x, y), disc(x, pred.detach()))
                     (d_loss / cfg.grad_accum).backward()
-                    parts["critic"] = parts.get("critic", 0.0) + float(d_loss.detach()) / cfg.grad_accum
+                    parts["critic"] = parts.get("critic", 0.0) + d_loss.detach() / cfg.grad_accum
             if cfg.max_grad_norm:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -440,7 +445,8 @@ def train(
                 running.setdefault(k, []).append(v)
             bar.update(1)
             if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
-                rec = {"step": step, "lr": lr, **{k: float(np.mean(v)) for k, v in running.items()}}
+                # the losses stay on the device until logged: reading one each step would wait for the GPU
+                rec = {"step": step, "lr": lr, **{k: float(torch.stack(v).float().mean()) for k, v in running.items()}}
                 history.append(rec)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k not in ("step", "lr")})
                 running = {}
