@@ -525,9 +525,28 @@ def test_real_cosmx_crop(shared_data):
     _check_crop(sd, min_controls=1)  # NegPrb*
 
 
+def _compose_in_bands(compose, h, w, winners, band=16):
+    """A ``(3, h, w)`` chunk composed as the rasteriser does, ``band`` rows at a time."""
+    out = np.empty((3, h, w), np.uint8)
+    for r0 in range(0, h, band):
+        compose(out, r0, winners[r0 * w : min(h, r0 + band) * w])
+    return out
+
+
 def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled_stain():
-    from st2he.pp._kernels import compose_rgb, compose_rgb_resampled, lut_planes, resample_bilinear
+    from st2he.pp._kernels import compose_rows, compose_rows_resampled, lut_planes, resample_bilinear, resampling_state
     from st2he.pp._rasterize import _axis_weights, _source_window
+
+    def compose_rgb(grey, winners, planes, h, w):
+        return _compose_in_bands(lambda out, r0, band: compose_rows(grey, band, planes, out, r0), h, w, winners)
+
+    def compose_rgb_resampled(window, *resampling, winners, planes, h, w):
+        state = resampling_state(w, window[4])  # carried from one band to the next
+
+        def compose(out, r0, band):
+            compose_rows_resampled(window, *resampling, band, planes, out, r0, *state)
+
+        return _compose_in_bands(compose, h, w, winners)
 
     rng = np.random.default_rng(5)
     win = rng.integers(0, 4000, (70, 90)).astype(np.uint16)  # a DAPI window of 0.425 µm pixels
@@ -540,8 +559,9 @@ def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled
     grey = resample_bilinear(win, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale)
     assert grey.min() == 0.0 and grey.max() == 1.0 and (grey[:, : int(np.argmax(inx))] == 0).all()
     expected = compose_rgb(grey, winners, planes, h, w)
-    args = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w)
-    got = compose_rgb_resampled(_source_window(win, 1), *args)
+    args = (i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale)
+    kw = {"winners": winners, "planes": planes, "h": h, "w": w}
+    got = compose_rgb_resampled(_source_window(win, 1), *args, **kw)
     np.testing.assert_array_equal(got, expected)
     # the window read in place from the source chunks it overlaps (2 x 2, 2 x 1, 1 x 2), never assembled; over
     # 3 x 3 chunks, assembled
@@ -563,18 +583,18 @@ def test_composing_over_the_stain_on_the_fly_equals_composing_over_the_resampled
         pieces = _source_window(window, 1)
         in_place = len(rows) <= 2 and len(cols) <= 2
         assert (pieces[0][0] is not pieces[0][3]) == in_place and (len(rows), len(cols)) != (1, 1)
-        np.testing.assert_array_equal(compose_rgb_resampled(pieces, *args), expected)
+        np.testing.assert_array_equal(compose_rgb_resampled(pieces, *args, **kw), expected)
         for row in window[0]:  # chunks read from a read-only file
             for chunk in row:
                 chunk.flags.writeable = False
-        np.testing.assert_array_equal(compose_rgb_resampled(_source_window(window, 1), *args), expected)
+        np.testing.assert_array_equal(compose_rgb_resampled(_source_window(window, 1), *args, **kw), expected)
     # a 2 x 2 mean of a finer source first: the window is assembled, then pooled
     fine = np.repeat(np.repeat(big, 2, axis=0), 2, axis=1)
     halves = [[fine[:100, :130], fine[:100, 130:]], [fine[100:, :130], fine[100:, 130:]]]
     cut = ([(34, 100), (0, 74)], [(46, 130), (0, 96)])  # rows 34:174 and columns 46:226 of the finer source
     pooled = _source_window((halves, cut), 2)
     np.testing.assert_array_equal(pooled[0][0], win)
-    np.testing.assert_array_equal(compose_rgb_resampled(pooled, *args), expected)
+    np.testing.assert_array_equal(compose_rgb_resampled(pooled, *args, **kw), expected)
     # drawn pixels take the gene's colour, the others the stain's grey in all three channels
     drawn = (winners >= 0).reshape(h, w)
     assert (got[:, drawn] == planes[:, winners[winners >= 0]]).all()

@@ -142,14 +142,6 @@ def compose_rows(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, out:
         _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, o], out[1, o], out[2, o])
 
 
-@numba.njit(cache=True, nogil=True)
-def compose_rgb(grey: np.ndarray, winners: np.ndarray, planes: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Compose one ``(3, h, w)`` uint8 chunk from the winners of all its pixels (see :func:`compose_rows`)."""
-    out = np.empty((3, h, w), dtype=np.uint8)
-    compose_rows(grey, winners[: h * w], planes, out, 0)
-    return out
-
-
 def disc_footprint(dot_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel offsets ``(dy, dx)`` of a dot ``dot_size`` pixels across, centred on the molecule's pixel."""
     if dot_size <= 1:
@@ -177,7 +169,6 @@ def _bin_key(x, y, inv_bin):
 #: Per-molecule flags written by :func:`_classify`.
 _INSIDE = 1  # kept and inside the grid: bucketed
 _SAMPLED = 2  # kept, and its spatial bin is in the co-expression sample at the current level
-_KEPT = 4  # passed the filters
 
 
 @numba.njit(cache=True, nogil=True)
@@ -213,7 +204,7 @@ def _classify(
     ``affine`` = (a00, a01, a02, a10, a11, a12) maps to global µm (the identity is exact); ``origin`` = (x0, y0);
     ``limits`` = (lowest pixel, width, height): ``(0, w, h)`` keeps the molecules of a grid, ``(-inf, inf, inf)``
     all (pixel indices beyond 2**38, absurdly far, are held there, so that the caller sees the span and says so).
-    Writes block row and column, packed molecule and flags (:data:`_INSIDE`, :data:`_SAMPLED`, :data:`_KEPT`);
+    Writes block row and column, packed molecule and flags (:data:`_INSIDE`, :data:`_SAMPLED`);
     returns the pixel range ``(row_min, row_max, col_min, col_max)`` of the molecules inside and the counts dropped
     for each reason.
     """
@@ -265,7 +256,7 @@ def _classify(
         # the co-expression sample: is the molecule's spatial bin (anchored at 0 µm) selected at this level?
         key = _bin_key(xi if kept else 0.0, yi if kept else 0.0, inv_bin)
         sampled = kept & ((bin_hash(key) >> np.uint64(20)) & bin_mask == np.uint64(0))
-        flags[i] = np.uint8(inside) | (np.uint8(sampled) << np.uint8(1)) | (np.uint8(kept) << np.uint8(2))
+        flags[i] = np.uint8(inside) | (np.uint8(sampled) << np.uint8(1))
     return rmin, rmax, cmin, cmax, n1, n2, n3, n4, n_in
 
 
@@ -534,7 +525,7 @@ def _stain_row(window, r, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, li
     ``iny`` false, or outside columns ``c0:c1``, where ``inx`` is true; see :func:`_inside`). ``lines`` (2 x w
     float32) and ``rows`` (the source rows they hold, initially -1) carry the x-interpolated source rows from one
     output row to the next, so each source row is interpolated along x once. All arithmetic is float32, the same for
-    :func:`resample_bilinear` and :func:`compose_rgb_resampled`, so they give the same values.
+    :func:`resample_bilinear` and :func:`compose_rows_resampled`, so they give the same values.
     """
     pieces, offsets, ys, xs, width = window
     zero = np.float32(0.0)
@@ -630,19 +621,6 @@ def compose_rows_resampled(
         _stain_row(window, o, i0y, i1y, wy, iny, i0x, i1x, wx, c0, c1, lo, scale, lines, rows, buf, grey)
         _quantize_row(grey, q)
         _compose_row(winners, r * w, q, planes[0], planes[1], planes[2], black, out[0, o], out[1, o], out[2, o])
-
-
-def compose_rgb_resampled(window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners, planes, h, w):
-    """Compose one ``(3, h, w)`` chunk over the resampled stain from its pixels' winners.
-
-    See :func:`compose_rows_resampled`.
-    """
-    out = np.empty((3, h, w), dtype=np.uint8)
-    state = resampling_state(w, window[4])
-    compose_rows_resampled(
-        window, i0y, i1y, wy, iny, i0x, i1x, wx, inx, lo, scale, winners[: h * w], planes, out, 0, *state
-    )
-    return out
 
 
 @numba.njit(cache=True, nogil=True)
