@@ -315,9 +315,8 @@ class BinnedMolecules:
     genes: list[str]
     report: FilterReport
     grid: Grid | None = None
-    extent: tuple[float, float, float, float] | None = (
-        None  # µm bounds of the pixels holding molecules (see bin_molecules)
-    )
+    # µm bounds of the pixels holding molecules (see bin_molecules)
+    extent: tuple[float, float, float, float] | None = None
     parts: list[_Part] = field(default_factory=list)
     index: dict[tuple[int, int], list[tuple[int, int, int]]] = field(default_factory=dict)  # block -> (part, s, e)
     spill_dir: str | None = None
@@ -501,39 +500,26 @@ def bin_molecules(
         msg = "bin_molecules needs a grid or a pixel_size."
         raise ValueError(msg)
     codes_book = GeneCodes(genes)
-    report = FilterReport()
-    binned = None
     binner = None
-    affine, identity = _affine(source)
     for x, y, raw, lut, control_code, control_col, qv in _raw_partitions(
         source, codes_book, min_qv=min_qv, drop_controls=drop_controls
     ):
-        if origin is None:
-            box = np.array([np.inf, np.inf, -np.inf, -np.inf])
-            extent_of(x, y, affine, identity, box)
-            if not np.isfinite(box[0]):
-                box[:] = 0.0
-            origin = (
-                math.floor(box[0] / pixel_size + 1e-9) * pixel_size,
-                math.floor(box[1] / pixel_size + 1e-9) * pixel_size,
-            )
-        if binned is None:
-            binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
-        if len(codes_book.names) > MAX_GENES:
-            msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
-            raise ValueError(msg)
+        _check_panel(codes_book.names)
         if binner is None:
+            if origin is None:  # the lattice through the first molecules' pixel
+                affine, identity = _affine(source)
+                box = np.array([np.inf, np.inf, -np.inf, -np.inf])
+                extent_of(x, y, affine, identity, box)
+                origin = lattice_origin(box if np.isfinite(box[0]) else (0.0, 0.0), pixel_size)
+            binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, FilterReport())
             binner = _Binner(
                 binned,
-                source.key,
-                affine,
-                identity,
-                drop_controls,
-                min_qv,
-                origin,
+                source,
                 grid,
                 bins,
-                memory_limit,
+                drop_controls=drop_controls,
+                min_qv=min_qv,
+                memory_limit=memory_limit,
                 spill_dir=spill_dir,
                 store=store,
             )
@@ -542,14 +528,14 @@ def bin_molecules(
         for s in range(0, n, BATCH):
             e = min(n, s + BATCH)
             binner.add(*(a[s:e] if len(a) == n else a for a in (x, y, raw, control_col, qv)), lut, control_code)
-    if binned is None:  # no partition with molecules
+    _check_panel(codes_book.names)
+    if binner is None:  # no partition with molecules
         origin = origin if origin is not None else (0.0, 0.0)
-        binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, report)
-    if len(codes_book.names) > MAX_GENES:
-        msg = f"The molecules name {len(codes_book.names)} genes; st2he draws at most {MAX_GENES}."
-        raise ValueError(msg)
-    if binner is not None and binner.box[0] <= binner.box[2]:
-        binned.extent = binner.extent_um()
+        binned = BinnedMolecules(origin[0], origin[1], pixel_size, chunk, codes_book.names, FilterReport())
+    else:
+        binned = binner.binned
+        if binner.box[0] <= binner.box[2]:
+            binned.extent = binner.extent_um()
     if grid is not None:
         binned.place(grid)
     return binned
@@ -559,27 +545,26 @@ def bin_molecules(
 BATCH = 1 << 18
 
 
+def lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
+    """The point of the pixel lattice anchored at 0 µm at or before the top-left corner ``bounds[:2]`` (µm)."""
+    return (
+        math.floor(bounds[0] / pixel_size + 1e-9) * pixel_size,
+        math.floor(bounds[1] / pixel_size + 1e-9) * pixel_size,
+    )
+
+
+def _check_panel(names: Sequence[str]) -> None:
+    if len(names) > MAX_GENES:
+        msg = f"The molecules name {len(names)} genes; st2he draws at most {MAX_GENES}."
+        raise ValueError(msg)
+
+
 class _Binner:
     """The state of one binning pass: its options, running counts and extent, work arrays and kept memory."""
 
-    def __init__(
-        self,
-        binned,
-        key,
-        affine,
-        identity,
-        drop_controls,
-        min_qv,
-        origin,
-        grid,
-        bins,
-        memory_limit,
-        *,
-        spill_dir,
-        store,
-    ):
-        self.binned, self.key, self.bins, self.grid = binned, key, bins, grid
-        self.affine, self.identity, self.origin = affine, identity, origin
+    def __init__(self, binned, source, grid, bins, *, drop_controls, min_qv, memory_limit, spill_dir, store):
+        self.binned, self.key, self.bins, self.grid = binned, source.key, bins, grid
+        self.affine, self.identity = _affine(source)
         self.drop_controls = bool(drop_controls)
         self.min_qv = float(min_qv) if min_qv is not None else -np.inf
         self.memory_limit = memory_limit
@@ -594,9 +579,9 @@ class _Binner:
 
     def extent_um(self) -> tuple[float, float, float, float]:
         """The pixels of :attr:`box` as ``(x_min, y_min, x_max, y_max)`` µm, far edges exclusive."""
-        (c0, r0, c1, r1), ps = self.box.tolist(), self.binned.pixel_size
-        x0, y0 = self.origin
-        return (x0 + c0 * ps, y0 + r0 * ps, x0 + (c1 + 1) * ps, y0 + (r1 + 1) * ps)
+        (c0, r0, c1, r1), b = self.box.tolist(), self.binned
+        ps = b.pixel_size
+        return (b.x0 + c0 * ps, b.y0 + r0 * ps, b.x0 + (c1 + 1) * ps, b.y0 + (r1 + 1) * ps)
 
     def add(self, x, y, raw, control_col, qv, lut, control_code) -> None:
         """Bucket one batch of molecules into a new part of ``binned``."""
@@ -620,8 +605,8 @@ class _Binner:
             self.drop_controls,
             self.min_qv,
             self.stats,
-            self.origin[0],
-            self.origin[1],
+            binned.x0,
+            binned.y0,
             binned.pixel_size,
             grid.height if grid is not None else 0,
             grid.width if grid is not None else 0,

@@ -35,7 +35,7 @@ from ._kernels import (
     resample_bilinear,
     resampling_state,
 )
-from ._molecules import BinnedMolecules, bin_molecules, is_control_name, molecule_source
+from ._molecules import BinnedMolecules, bin_molecules, is_control_name, lattice_origin, molecule_source
 from ._palette import METHODS, BinCounts, check_mapping, coexpression_palette, hex_to_rgb, hue_palette, to_hex
 
 logger = logging.getLogger("st2he")
@@ -451,14 +451,6 @@ def _stain_bounds(sdata, stain_key) -> tuple[float, float, float, float] | None:
     return _geom(_scale0(sdata.images[key])).bounds
 
 
-def _lattice_origin(bounds, pixel_size: float) -> tuple[float, float]:
-    """The pixel-lattice point (anchored at 0 µm) at or before the top-left corner of ``bounds``."""
-    return (
-        math.floor(bounds[0] / pixel_size + 1e-9) * pixel_size,
-        math.floor(bounds[1] / pixel_size + 1e-9) * pixel_size,
-    )
-
-
 def _default_grid(mol, img, pixel_size) -> Grid:
     """Grid over the pixels of the kept molecules ``mol`` and the stain image's bounds ``img``.
 
@@ -472,7 +464,7 @@ def _default_grid(mol, img, pixel_size) -> Grid:
             "region=(x_min, y_min, x_max, y_max) in µm for a blank picture."
         )
         raise ValueError(msg)
-    x0, y0 = _lattice_origin((min(b[0] for b in boxes), min(b[1] for b in boxes)), pixel_size)
+    x0, y0 = lattice_origin((min(b[0] for b in boxes), min(b[1] for b in boxes)), pixel_size)
     width = height = 1
     for box in boxes:
         width = max(width, math.ceil((box[2] - x0) / pixel_size - 1e-6))
@@ -501,7 +493,7 @@ def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[B
     if region is not None:
         grid = _region_grid(region, pixel_size)
         return bin_molecules(source, grid, chunk=chunk, **options), grid
-    origin = _lattice_origin(img, pixel_size) if img is not None else None
+    origin = lattice_origin(img, pixel_size) if img is not None else None
     binned = bin_molecules(source, pixel_size=pixel_size, origin=origin, chunk=chunk, **options)
     grid = _default_grid(binned.extent, img, pixel_size)
     binned.place(grid)
