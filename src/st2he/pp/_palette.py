@@ -77,12 +77,12 @@ def correlation(counts) -> np.ndarray:
     import scipy.sparse as sp
     from threadpoolctl import threadpool_limits
 
-    if sp.issparse(counts):
-        x = sp.csr_matrix(counts, dtype=np.float64)
-        totals = np.asarray(x.sum(axis=1)).ravel()
-    else:  # dense: the same arithmetic without sparse conversions
-        x = np.asarray(counts, dtype=np.float64)
-        totals = x.sum(axis=1)
+    if sp.issparse(counts) and counts.shape[0] * counts.shape[1] > 30_000_000:
+        x = sp.csr_matrix(counts, dtype=np.float64)  # large: stays sparse
+    else:
+        x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    dense = isinstance(x, np.ndarray)
+    totals = np.asarray(x.sum(axis=1)).ravel()
     keep = totals > 0
     x = x[keep]
     totals = totals[keep]
@@ -90,20 +90,14 @@ def correlation(counts) -> np.ndarray:
     if n < 2:
         return np.zeros((n_genes, n_genes))
     factors = np.median(totals) / totals
-    if sp.issparse(x):
+    if dense:
+        x = np.log1p(x * factors[:, None])
+    else:
         x = sp.diags(factors) @ x
         x.data = np.log1p(x.data)
-    else:
-        x = np.log1p(x * factors[:, None])
     mean = np.asarray(x.mean(axis=0)).ravel()
     with threadpool_limits(1):  # multi-threaded BLAS is slow on small problems and shared machines
-        if not sp.issparse(x):
-            gram = x.T @ x
-        elif n * n_genes <= 30_000_000:
-            dense = x.toarray()
-            gram = dense.T @ dense
-        else:
-            gram = np.asarray((x.T @ x).todense())
+        gram = x.T @ x if dense else np.asarray((x.T @ x).todense())
     cov = gram / n - np.outer(mean, mean)
     sd = np.sqrt(np.clip(np.diag(cov), 0, None))
     ok = sd > 1e-12
