@@ -704,9 +704,9 @@ def _source_window(window, k: int):
     """
     if isinstance(window, tuple):
         chunks, (ycuts, xcuts) = window
-        arrays = [np.ascontiguousarray(c) for row in chunks for c in row]
+        arrays = [np.ascontiguousarray(c) for row in chunks for c in row] if k == 1 and len(chunks) <= 2 else []
         kinds = {(a.dtype, a.ndim, a.flags.writeable) for a in arrays}
-        if k == 1 and len(chunks) <= 2 and len(xcuts) <= 2 and len(kinds) == 1 and arrays[0].dtype in _RAW_DTYPES:
+        if arrays and len(xcuts) <= 2 and len(kinds) == 1 and arrays[0].dtype in _RAW_DTYPES:
             nx = len(xcuts)
             corners = (0, nx - 1, len(arrays) - nx, len(arrays) - 1)  # top left, top right, bottom left, bottom right
             offsets = np.array(
