@@ -10,7 +10,7 @@ from scipy import ndimage
 import st2he
 from st2he.models import Pix2PixTurbo, from_pretrained
 from st2he.models._training import PairSampler, train
-from st2he.tl._train import grid_tiles, prepare_pairs, resample_to_grid
+from st2he.tl._train import grid_tiles, prepare_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -133,15 +133,17 @@ def test_sampler_keeps_pairs_aligned():
 
 
 def test_resample_to_grid():
+    from st2he._elements import parse_image
     from st2he._grid import Grid
+    from st2he._raster import Raster
 
     img = np.arange(2 * 6 * 8, dtype=np.float32).reshape(2, 6, 8)
-    src = Grid(0.0, 0.0, 1.0, 6, 8)
+    src = Raster(parse_image(img, Grid(0.0, 0.0, 1.0, 6, 8), c_coords=("a", "b"), scale_factors=None))
     # whole-pixel offset: a copy, zero outside
-    out = resample_to_grid(img, src, Grid(2.0, 1.0, 1.0, 6, 8))
+    out = src.read(Grid(2.0, 1.0, 1.0, 6, 8))
     assert np.array_equal(out[:, :5, :6], img[:, 1:, 2:]) and (out[:, 5:] == 0).all()
     # half-size pixels: bilinear at the new centres
-    fine = resample_to_grid(img, src, Grid(0.0, 0.0, 0.5, 12, 16))
+    fine = src.read(Grid(0.0, 0.0, 0.5, 12, 16))
     assert fine.shape == (2, 12, 16)
     assert np.isclose(fine[0, 1:-1, 1:-1].mean(), img[0, :, :].mean(), atol=1.0)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._grid import COORDINATE_SYSTEM, Grid, _scale0
+from ._grid import COORDINATE_SYSTEM, Grid
 
 logger = logging.getLogger("st2he")
 
@@ -103,14 +103,19 @@ def add_image(
     return element
 
 
-def get_image(sdata, key: str, *, parameter: str = "image_key"):
-    """The full-resolution ``(c, y, x)`` DataArray of image ``key`` and its :class:`~st2he._grid.Grid`."""
+def get_image(sdata, key: str, *, parameter: str = "image_key", coordinate_system: str = COORDINATE_SYSTEM):
+    """The full-resolution ``(c, y, x)`` DataArray of image ``key`` and its axis-aligned :class:`~st2he._grid.Grid`.
+
+    For images st2he writes (input pictures, virtual H&E); read any other image through :class:`st2he._raster.Raster`.
+    """
+    from ._raster import Raster
+
     if key not in sdata.images:
         available = sorted(sdata.images)
         msg = f"{parameter}={key!r} is not an image of this SpatialData object; its images are {available}."
         raise KeyError(msg)
-    element = sdata.images[key]
-    return _scale0(element), Grid.from_element(element)
+    raster = Raster(sdata.images[key], coordinate_system, name=f"{parameter}={key!r}")
+    return raster.level0, raster.grid()
 
 
 def record_params(sdata, key: str, params: dict[str, Any]) -> None:

@@ -60,38 +60,13 @@ class Grid:
 
     @classmethod
     def from_element(cls, element, coordinate_system: str = COORDINATE_SYSTEM) -> Grid:
-        """Read the grid of a spatialdata image or labels element (scale 0) from its transformation.
+        """The full-resolution grid of an axis-aligned image or labels element with square pixels.
 
-        Only axis-aligned transformations with square pixels (scale plus translation) are supported.
+        Images st2he writes always have one; read any other element through :class:`st2he._raster.Raster`.
         """
-        from spatialdata.models import get_axes_names
-        from spatialdata.transformations import get_transformation
+        from ._raster import Raster
 
-        data = _scale0(element)
-        transformations = get_transformation(data, get_all=True)
-        if coordinate_system not in transformations:
-            msg = (
-                f"The image has no transformation to the coordinate system {coordinate_system!r} "
-                f"(it has {sorted(transformations)}). Add one with spatialdata.transformations.set_transformation."
-            )
-            raise ValueError(msg)
-        matrix = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-        sx, shx, tx = matrix[0]
-        shy, sy, ty = matrix[1]
-        if abs(shx) > 1e-9 or abs(shy) > 1e-9 or sx <= 0 or sy <= 0:
-            msg = (
-                "The image is rotated, sheared or flipped relative to the global coordinate system; st2he needs an "
-                "axis-aligned image. Resample it first (spatialdata.transform)."
-            )
-            raise ValueError(msg)
-        if not math.isclose(sx, sy, rel_tol=1e-6):
-            msg = f"The image has non-square pixels ({sx} x {sy} µm); st2he needs square pixels."
-            raise ValueError(msg)
-        axes = get_axes_names(data)
-        height = int(data.sizes["y"])
-        width = int(data.sizes["x"])
-        del axes
-        return cls(float(tx), float(ty), float(sx), height, width)
+        return Raster(element, coordinate_system).grid()
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from st2he._elements import check_key_free, get_image, record_params, set_element
+from st2he._elements import check_key_free, record_params, set_element
 from st2he._grid import COORDINATE_SYSTEM, Grid
+from st2he._raster import MAX_READ_PIXELS, Raster, check_pixel_size, check_region
 
 logger = logging.getLogger("st2he")
 
@@ -32,15 +34,18 @@ def evaluate_he(
     tile_size: int = 256,
     pixel_size: float | None = None,
     region: Sequence[float] | None = None,
+    coordinate_system: str = COORDINATE_SYSTEM,
     key_added: str = "he_metrics",
     overwrite: bool = False,
 ) -> pd.DataFrame:
     """Score a virtual H&E against a real H&E of the same section: MSE, PSNR and SSIM per tile and overall.
 
-    The two RGB images are compared over their common region in the coordinate system ``"global"`` (µm), on one
-    evaluation grid of ``pixel_size`` µm anchored at the region's top-left corner. Each image is resampled onto
-    it: by area averaging over the largest whole number of source pixels per evaluation pixel, then bilinear
-    interpolation at the evaluation pixel centres (an image already on the grid is read as it is, untouched).
+    The two RGB images are compared over their common region in ``coordinate_system`` (µm), on one axis-aligned
+    evaluation grid of ``pixel_size`` µm anchored at the region's top-left corner. Each image is read from its
+    coarsest pyramid level that resolves ``pixel_size`` and resampled onto the grid through its full affine
+    transformation (rotated, flipped, sheared or non-square images are fine): by area averaging over the largest
+    whole number of source pixels per evaluation pixel, then bilinear interpolation at the evaluation pixel centres
+    (an image already on the grid, or only rotated by a multiple of 90 degrees or flipped onto it, is read exactly).
     The grid is cut into square tiles of ``tile_size`` evaluation pixels (the last row and column may be
     smaller).
 
@@ -70,8 +75,10 @@ def evaluate_he(
     pixel_size
         Evaluation pixel size in µm. Default: the coarser of the two images' pixel sizes.
     region
-        ``(x_min, y_min, x_max, y_max)`` in global µm to restrict the comparison to (intersected with the common
+        ``(x_min, y_min, x_max, y_max)`` in µm to restrict the comparison to (intersected with the common
         region).
+    coordinate_system
+        The coordinate system both images are compared in.
     key_added
         Name of the table written (its tiles go to the shapes element ``{key_added}_tiles``, which it annotates).
     overwrite
@@ -91,12 +98,12 @@ def evaluate_he(
     tiles_key = f"{key_added}_tiles"
     check_key_free(sdata, key_added, overwrite=overwrite)
     check_key_free(sdata, tiles_key, overwrite=overwrite, parameter="key_added")
-    pred, pred_grid = get_image(sdata, pred_key, parameter="pred_key")
-    true, true_grid = get_image(sdata, true_key, parameter="true_key")
-    _check_rgb(pred, pred_key, "pred_key")
-    _check_rgb(true, true_key, "true_key")
+    pred = _raster(sdata, pred_key, "pred_key", coordinate_system)
+    true = _raster(sdata, true_key, "true_key", coordinate_system)
+    _check_rgb(pred.level0, pred_key, "pred_key")
+    _check_rgb(true.level0, true_key, "true_key")
 
-    grid = _evaluation_grid(pred_grid, true_grid, pixel_size, region, pred_key, true_key)
+    grid = _evaluation_grid(pred, true, pixel_size, region)
     rows = []
     sse_total = 0.0
     ssim_sum = 0.0
@@ -111,8 +118,8 @@ def evaluate_he(
             er0, ec0 = max(br - m, 0), max(bc - m, 0)
             er1, ec1 = min(br1 + m, grid.height), min(bc1 + m, grid.width)
             read = grid.crop(er0, er1, ec0, ec1)
-            a = _read_on_grid(pred, pred_grid, read)
-            b = _read_on_grid(true, true_grid, read)
+            a = _read_on_grid(pred, read)
+            b = _read_on_grid(true, read)
             smap = _ssim_map(a, b) if min(read.shape) >= _SSIM_WIN else None
             for r0 in range(br, br1, tile_size):
                 for c0 in range(bc, bc1, tile_size):
@@ -173,6 +180,7 @@ def evaluate_he(
         "tile_size": tile_size,
         "pixel_size": grid.pixel_size,
         "region": list(grid.bounds),
+        "coordinate_system": coordinate_system,
         "resampling": "area average (whole factor) + bilinear",
         "data_range": _DATA_RANGE,
         "ssim_window": _SSIM_WIN,
@@ -223,31 +231,37 @@ def _check_rgb(data, key: str, parameter: str) -> None:
         logger.warning("%s=%r has channels %s; reading them as r, g, b.", parameter, key, channels)
 
 
-def _evaluation_grid(pred_grid: Grid, true_grid: Grid, pixel_size, region, pred_key, true_key) -> Grid:
-    px0, py0, px1, py1 = pred_grid.bounds
-    tx0, ty0, tx1, ty1 = true_grid.bounds
+def _raster(sdata, key: str, parameter: str, coordinate_system: str) -> Raster:
+    if key not in sdata.images:
+        msg = f"{parameter}={key!r} is not an image of this SpatialData object; its images are {sorted(sdata.images)}."
+        raise KeyError(msg)
+    return Raster(sdata.images[key], coordinate_system, name=f"{parameter}={key!r}")
+
+
+def _evaluation_grid(pred: Raster, true: Raster, pixel_size, region) -> Grid:
+    """The evaluation grid over the two images' common region (and ``region``), at ``pixel_size``."""
+    import shapely
+
+    px0, py0, px1, py1 = pred.bounds
+    tx0, ty0, tx1, ty1 = true.bounds
     x0, y0, x1, y1 = max(px0, tx0), max(py0, ty0), min(px1, tx1), min(py1, ty1)
+    cs = pred.coordinate_system
     if x1 <= x0 or y1 <= y0:
         msg = (
-            f"{pred_key!r} (x {px0:.1f}..{px1:.1f}, y {py0:.1f}..{py1:.1f} µm) and {true_key!r} "
-            f"(x {tx0:.1f}..{tx1:.1f}, y {ty0:.1f}..{ty1:.1f} µm) do not overlap in the {COORDINATE_SYSTEM!r} "
+            f"{pred.name} (x {px0:.1f}..{px1:.1f}, y {py0:.1f}..{py1:.1f} µm) and {true.name} "
+            f"(x {tx0:.1f}..{tx1:.1f}, y {ty0:.1f}..{ty1:.1f} µm) do not overlap in the {cs!r} "
             "coordinate system; nothing to compare. Check their transformations."
         )
         raise ValueError(msg)
     if region is not None:
-        if len(region) != 4:
-            msg = f"region must be (x_min, y_min, x_max, y_max) in µm, got {region!r}."
-            raise ValueError(msg)
-        rx0, ry0, rx1, ry1 = (float(v) for v in region)
+        rx0, ry0, rx1, ry1 = check_region(region)
         x0, y0, x1, y1 = max(x0, rx0), max(y0, ry0), min(x1, rx1), min(y1, ry1)
         if x1 <= x0 or y1 <= y0:
-            msg = f"region {tuple(region)} does not overlap the common region of {pred_key!r} and {true_key!r}."
+            msg = f"region {tuple(region)} does not overlap the common region of {pred.name} and {true.name}."
             raise ValueError(msg)
     if pixel_size is None:
-        pixel_size = max(pred_grid.pixel_size, true_grid.pixel_size)
-    if not (np.isfinite(pixel_size) and pixel_size > 0):
-        msg = f"pixel_size must be a positive number of µm, got {pixel_size!r}."
-        raise ValueError(msg)
+        pixel_size = max(pred.pixel_size, true.pixel_size)
+    pixel_size = check_pixel_size(pixel_size)
     # whole pixels that fit in the common region (a hair of tolerance for floating point bounds)
     width = int(math.floor((x1 - x0) / pixel_size + 1e-6))
     height = int(math.floor((y1 - y0) / pixel_size + 1e-6))
@@ -257,52 +271,38 @@ def _evaluation_grid(pred_grid: Grid, true_grid: Grid, pixel_size, region, pred_
             f"{pixel_size} µm."
         )
         raise ValueError(msg)
-    return Grid(float(x0), float(y0), float(pixel_size), height, width)
+    if height * width > MAX_READ_PIXELS:
+        msg = (
+            f"An evaluation grid of {height} x {width} pixels at {pixel_size:g} µm is far too large "
+            f"(over {MAX_READ_PIXELS:,} pixels); pass a coarser pixel_size or a smaller region."
+        )
+        raise ValueError(msg)
+    grid = Grid(float(x0), float(y0), float(pixel_size), height, width)
+    # a rotated image's bounding box holds corners it does not cover: say so rather than score them as black
+    box = shapely.box(*grid.bounds)
+    for raster in (pred, true):
+        covered = box.intersection(_footprint(raster)).area / box.area
+        if covered < 0.999:
+            msg = (
+                f"{100 * (1 - covered):.1f} % of the evaluated region lies outside {raster.name} (its transformation "
+                "rotates or shears it); those pixels are scored as black. Pass region= to restrict the comparison to "
+                "where both images have data."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+    return grid
 
 
-def _read_on_grid(data, src: Grid, dst: Grid) -> np.ndarray:
-    """Values of image ``data`` (on ``src``) resampled onto ``dst``: float64 ``(H, W, 3)``."""
-    from scipy import ndimage
+def _footprint(raster: Raster):
+    import shapely
 
-    ratio = dst.pixel_size / src.pixel_size
-    # source position (in source pixels, continuous, 0 = first pixel's top-left edge) of dst's top-left corner
-    oy = (dst.y0 - src.y0) / src.pixel_size
-    ox = (dst.x0 - src.x0) / src.pixel_size
-    # on the same grid: read the pixels as they are
-    if abs(ratio - 1) < 1e-9 and abs(oy - round(oy)) < 1e-6 and abs(ox - round(ox)) < 1e-6:
-        r0, c0 = round(oy), round(ox)
-        window = _read_window(data, src, r0, r0 + dst.height, c0, c0 + dst.width)
-        return window
-    # area averaging by the largest whole factor not above the ratio
-    factor = max(1, int(math.floor(ratio + 1e-9)))
-    # source window needed (with one pixel to spare for the bilinear step)
-    r_lo = max(0, int(math.floor(oy)) - factor)
-    c_lo = max(0, int(math.floor(ox)) - factor)
-    r_hi = min(src.height, int(math.ceil(oy + dst.height * ratio)) + factor + 1)
-    c_hi = min(src.width, int(math.ceil(ox + dst.width * ratio)) + factor + 1)
-    window = _read_window(data, src, r_lo, r_hi, c_lo, c_hi)
-    if factor > 1:
-        h = (window.shape[0] // factor) * factor
-        w = (window.shape[1] // factor) * factor
-        window = window[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
-    step = factor
-    # dst pixel centres in coordinates of the (coarsened) window, where index k is centred at k + 0.5
-    rows = (oy + (np.arange(dst.height) + 0.5) * ratio - r_lo) / step - 0.5
-    cols = (ox + (np.arange(dst.width) + 0.5) * ratio - c_lo) / step - 0.5
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    out = np.empty((dst.height, dst.width, 3), dtype=np.float64)
-    for ch in range(3):
-        out[..., ch] = ndimage.map_coordinates(window[..., ch], [rr, cc], order=1, mode="nearest")
-    return out
+    h, w = raster.levels[0].shape
+    corners = raster.affine @ np.array([[0, w, w, 0], [0, 0, h, h], [1, 1, 1, 1]], dtype=np.float64)
+    return shapely.Polygon(corners[:2].T)
 
 
-def _read_window(data, src: Grid, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    r0, r1 = max(r0, 0), min(r1, src.height)
-    c0, c1 = max(c0, 0), min(c1, src.width)
-    values = data.data[:3, r0:r1, c0:c1]
-    if hasattr(values, "compute"):
-        values = values.compute()
-    return np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1)
+def _read_on_grid(raster: Raster, dst: Grid) -> np.ndarray:
+    """Values of the RGB image resampled onto ``dst``: float64 ``(H, W, 3)``."""
+    return np.moveaxis(raster.read(dst, channels=slice(0, 3), dtype=np.float64), 0, -1)
 
 
 def _psnr(mse: float) -> float:

@@ -11,71 +11,39 @@ from typing import Any
 import numpy as np
 
 from st2he._elements import get_image, get_params
-from st2he._grid import Grid
+from st2he._grid import COORDINATE_SYSTEM
+from st2he._raster import Raster
 
 logger = logging.getLogger("st2he")
 
 
-def resample_to_grid(data, src: Grid, dst: Grid, *, order: int = 1) -> np.ndarray:
-    """Read image ``data`` (``(c, h, w)`` on grid ``src``) on grid ``dst``: ``(c, dst.height, dst.width)``.
-
-    Same pixel size and a whole-pixel offset: a plain copy (zero outside ``src``). Otherwise bilinear
-    (``order=1``) interpolation at the centres of ``dst``'s pixels, reading only the part of ``data`` it needs.
-    """
-    from scipy import ndimage
-
-    arr = data.data if hasattr(data, "dims") else data
-    c = arr.shape[0]
-    out = np.zeros((c, dst.height, dst.width), dtype=arr.dtype)
-    same_px = math.isclose(src.pixel_size, dst.pixel_size, rel_tol=1e-9)
-    dr = (dst.y0 - src.y0) / src.pixel_size
-    dc = (dst.x0 - src.x0) / src.pixel_size
-    if same_px and abs(dr - round(dr)) < 1e-6 and abs(dc - round(dc)) < 1e-6:
-        dr, dc = round(dr), round(dc)
-        a0, a1 = max(dr, 0), min(dr + dst.height, src.height)
-        b0, b1 = max(dc, 0), min(dc + dst.width, src.width)
-        if a1 > a0 and b1 > b0:
-            block = arr[:, a0:a1, b0:b1]
-            block = block.compute() if hasattr(block, "compute") else block
-            out[:, a0 - dr : a1 - dr, b0 - dc : b1 - dc] = np.asarray(block)
-        return out
-    ys, xs = dst.pixel_centers()
-    rows = (ys - src.y0) / src.pixel_size - 0.5
-    cols = (xs - src.x0) / src.pixel_size - 0.5
-    r0, r1 = max(int(np.floor(rows.min())) - 1, 0), min(int(np.ceil(rows.max())) + 2, src.height)
-    c0, c1 = max(int(np.floor(cols.min())) - 1, 0), min(int(np.ceil(cols.max())) + 2, src.width)
-    if r1 <= r0 or c1 <= c0:
-        return out
-    block = arr[:, r0:r1, c0:c1]
-    block = np.asarray(block.compute() if hasattr(block, "compute") else block, dtype=np.float32)
-    rr, cc = np.meshgrid(rows - r0, cols - c0, indexing="ij")
-    inside = (rows[:, None] >= -0.5) & (rows[:, None] <= src.height - 0.5) & (cols[None] >= -0.5)
-    inside &= cols[None] <= src.width - 0.5
-    for k in range(c):
-        vals = ndimage.map_coordinates(block[k], [rr, cc], order=order, mode="nearest")
-        if np.issubdtype(out.dtype, np.integer):
-            vals = np.clip(np.rint(vals), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
-        out[k] = np.where(inside, vals, 0).astype(out.dtype)
-    return out
-
-
-def aligned_pair(sdata, *, input_key: str = "st2he_input", target_key: str = "he_image"):
+def aligned_pair(
+    sdata, *, input_key: str = "st2he_input", target_key: str = "he_image", coordinate_system: str = COORDINATE_SYSTEM
+):
     """Return the input picture and the real H&E of ``sdata`` on the input's grid: ``(input, target, grid)``, uint8.
 
-    Both are cut to the part of the input grid that the H&E covers; ``grid`` is that part.
+    Both are cut to the part of the input grid that the H&E's footprint covers; ``grid`` is that part. The H&E is
+    read through its full affine transformation (:class:`st2he._raster.Raster`); where a rotated H&E leaves pixels
+    of that part uncovered, both images are black there.
     """
-    x, grid = get_image(sdata, input_key, parameter="input_key")
-    y, tgrid = get_image(sdata, target_key, parameter="target_key")
-    if x.shape[0] != 3 or y.shape[0] != 3:
-        msg = f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels, {target_key!r} has {y.shape[0]}."
+    x, grid = get_image(sdata, input_key, parameter="input_key", coordinate_system=coordinate_system)
+    if target_key not in sdata.images:
+        msg = f"target_key={target_key!r} is not an image of this SpatialData object; its images are {sorted(sdata.images)}."
+        raise KeyError(msg)
+    target = Raster(sdata.images[target_key], coordinate_system, name=f"target_key={target_key!r}")
+    if x.shape[0] != 3 or target.level0.shape[0] != 3:
+        msg = (
+            f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels, {target_key!r} has "
+            f"{target.level0.shape[0]}."
+        )
         raise ValueError(msg)
-    # keep the input pixels whose centres the H&E covers
+    # keep the input pixels whose centres the H&E's footprint covers
     ys, xs = grid.pixel_centers()
-    tx0, ty0, tx1, ty1 = tgrid.bounds
+    tx0, ty0, tx1, ty1 = target.bounds
     rows = np.flatnonzero((ys >= ty0) & (ys < ty1))
     cols = np.flatnonzero((xs >= tx0) & (xs < tx1))
     if not len(rows) or not len(cols):
-        msg = f"{input_key!r} and {target_key!r} do not overlap in the global coordinate system."
+        msg = f"{input_key!r} and {target_key!r} do not overlap in the {coordinate_system!r} coordinate system."
         raise ValueError(msg)
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     sub = grid.crop(r0, r1, c0, c1)
@@ -84,9 +52,11 @@ def aligned_pair(sdata, *, input_key: str = "st2he_input", target_key: str = "he
     if xin.dtype != np.uint8:
         msg = f"{input_key!r} must be uint8 (as st2he.pp.rasterize_transcripts writes), got {xin.dtype}."
         raise TypeError(msg)
-    yt = resample_to_grid(y, tgrid, sub)
-    if yt.dtype != np.uint8:
-        yt = np.clip(yt, 0, 255).astype(np.uint8)
+    yt = target.read(sub, dtype=np.uint8)
+    if not target.is_axis_aligned():
+        covered = target.read(sub, channels=[0], fill=-1.0, dtype=np.float32)[0] >= 0
+        if not covered.all():
+            xin = np.where(covered, xin, 0).astype(np.uint8)
     return xin, yt, sub
 
 
@@ -117,12 +87,13 @@ def prepare_pairs(
     validation: float | Sequence | None = 0.2,
     tile_size: int = 256,
     min_tissue_fraction: float = 0.05,
+    coordinate_system: str = COORDINATE_SYSTEM,
 ) -> dict[str, Any]:
     """Training images and validation tiles from paired SpatialData objects, split by region or by sample.
 
     ``validation`` a fraction: in each object, the right-most band of that fraction of the width is held out (a gap
     of half a tile keeps training crops off its tiles); a list of SpatialData objects: those are held out whole;
-    ``None``: no validation. Returns a dict with ``train_inputs`` / ``train_targets`` (lists of ``(3, H, W)``
+    ``None``: no validation. Both images are placed in ``coordinate_system``. Returns a dict with ``train_inputs`` / ``train_targets`` (lists of ``(3, H, W)``
     uint8), ``val_inputs`` / ``val_targets`` (``(n, 3, S, S)`` uint8 tiles), ``pixel_size`` and ``palette``.
     """
     objs = [sdatas] if not isinstance(sdatas, list | tuple) else list(sdatas)
@@ -143,7 +114,7 @@ def prepare_pairs(
     train_x, train_y, val_x, val_y = [], [], [], []
     pixel_sizes, palette = [], None
     for sd in objs:
-        x, y, grid = aligned_pair(sd, input_key=input_key, target_key=target_key)
+        x, y, grid = aligned_pair(sd, input_key=input_key, target_key=target_key, coordinate_system=coordinate_system)
         pixel_sizes.append(grid.pixel_size)
         palette = palette or get_params(sd, input_key).get("palette")
         if frac > 0:
@@ -166,7 +137,7 @@ def prepare_pairs(
             train_x.append(x)
             train_y.append(y)
     for sd in held:
-        x, y, _ = aligned_pair(sd, input_key=input_key, target_key=target_key)
+        x, y, _ = aligned_pair(sd, input_key=input_key, target_key=target_key, coordinate_system=coordinate_system)
         vx, _ = grid_tiles(x, tile_size)
         vy, _ = grid_tiles(y, tile_size)
         val_x.append(vx)
@@ -226,6 +197,7 @@ def train_generator(
     resume: str | Path | bool | None = None,
     device: str = "auto",
     seed: int = 0,
+    coordinate_system: str = COORDINATE_SYSTEM,
     progress: bool = True,
     **train_kwargs,
 ):
@@ -236,7 +208,7 @@ def train_generator(
     sdatas
         One SpatialData object or a list, each with the input picture ``input_key`` (from
         :func:`st2he.pp.rasterize_transcripts`) and an aligned real H&E ``target_key`` (resampled onto the input's
-        grid where their pixels differ).
+        grid where their pixels differ; any affine transformation, rotated or flipped H&E included).
     model
         ``"small"`` / ``"tiny"`` / a config dict (trained from scratch), a :class:`~st2he.models.Pix2PixTurbo`
         (e.g. SD-Turbo from :func:`st2he.models.from_pretrained`, fine-tuned with LoRA), or a checkpoint path.
@@ -267,6 +239,10 @@ def train_generator(
         ``"auto"``: CUDA when available (bf16 autocast), else CPU.
     seed
         Seed of the initial weights and of every random draw (crops, flips, noise).
+    coordinate_system
+        The coordinate system in which the H&E is placed over the input picture.
+    progress
+        Show a progress bar.
     train_kwargs
         Further fields of :class:`st2he.models._training.TrainConfig` (e.g. ``warmup_steps``, ``lr_schedule``,
         ``stochastic_prob``, ``mixed_precision``, ``log_every``, ``gan_start``).
@@ -289,6 +265,7 @@ def train_generator(
         sdatas,
         input_key=input_key,
         target_key=target_key,
+        coordinate_system=coordinate_system,
         validation=validation,
         tile_size=tile_size,
         min_tissue_fraction=min_tissue_fraction,
