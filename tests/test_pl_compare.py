@@ -92,8 +92,52 @@ def test_big_images_are_read_from_a_coarser_level(sample):
     dapi = sample.images["morphology_focus"]
     full = dapi["scale0"].image.shape[1]
     axes = st2he.pl.compare(
-        sample, input_key=None, pred_key=None, true_key="morphology_focus", genes=[], max_pixels=400
+        sample, input_key=None, pred_key=None, true_key="morphology_focus", genes=[], max_pixels=250
     )
     shown = axes[0].get_images()[0].get_array()
     assert shown.ndim == 2  # a single-channel image in grey
-    assert max(shown.shape) <= full // 2 + 1 < full
+    assert max(shown.shape) <= 250 < full  # at most max_pixels across
+    # read from the coarser level that resolves 250 px across: the same values as that level resampled
+    from st2he._raster import Raster, region_grid
+
+    raster = Raster(dapi)
+    x0, y0, x1, y1 = raster.bounds
+    pixel = max(x1 - x0, y1 - y0) / 250
+    assert raster.level_for(pixel) >= 1
+    want = raster.read(region_grid(raster.bounds, pixel), level=raster.level_for(pixel), dtype=np.float32)[0]
+    np.testing.assert_allclose(np.asarray(shown), want, rtol=1e-6)
+
+
+def test_rotated_he_and_odd_sized_pyramids_plot(sample, tmp_path):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Affine
+
+    from st2he._raster import Raster
+
+    he = Raster(sample.images["he_image"])
+    data = np.asarray(he.level0.values)[:, :-1, :-3]  # odd height and width
+    h, w = data.shape[1:]
+    s, x0, y0 = he.affine[0, 0], he.affine[0, 2], he.affine[1, 2]
+    rotated = np.ascontiguousarray(np.rot90(data, k=1, axes=(1, 2)))
+    m = np.array([[0.0, -s, x0 + w * s], [s, 0.0, y0], [0, 0, 1]])
+    sample.images["he_rotated"] = Image2DModel.parse(
+        rotated,
+        dims=("c", "y", "x"),
+        scale_factors=[2, 2],
+        transformations={"global": Affine(m, input_axes=("x", "y"), output_axes=("x", "y"))},
+    )
+    try:
+        region = (x0 + 5, y0 + 7, x0 + 45, y0 + 37)
+        axes = st2he.pl.compare(
+            sample, input_key=None, pred_key="he_rotated", true_key="he_image", genes=[], region=region,
+            save=tmp_path / "rotated.png",
+        )
+        a = axes[0].get_images()[0].get_array()
+        b = axes[1].get_images()[0].get_array()
+        np.testing.assert_array_equal(a, b)  # the rotated copy shows exactly the axis-aligned picture
+        assert (tmp_path / "rotated.png").stat().st_size > 1000
+        # coarse reads of the odd-sized pyramid (levels with x and y scales a hair apart) work too
+        axes = st2he.pl.compare(sample, input_key=None, pred_key="he_rotated", true_key=None, genes=[], max_pixels=50)
+        assert max(axes[0].get_images()[0].get_array().shape[:2]) <= 50
+    finally:
+        del sample["he_rotated"]

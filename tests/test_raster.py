@@ -258,3 +258,25 @@ def test_training_pairs_from_a_rotated_he_are_the_same():
     np.testing.assert_array_equal(a["train_inputs"][0], b["train_inputs"][0])
     np.testing.assert_array_equal(a["val_targets"], b["val_targets"])
     assert a["train_targets"][0].std() > 10  # real content, not an empty picture
+
+
+def test_one_ssim_training_equals_scikit_image_and_evaluate_he(picture):
+    """The training loss / validation SSIM is scikit-image's, the one evaluate_he reports."""
+    import torch
+    from skimage.metrics import structural_similarity
+
+    from st2he.models._losses import ssim
+
+    rng = np.random.default_rng(1)
+    a = picture[:, :96, :128]
+    b = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    want = structural_similarity(a, b, channel_axis=0, data_range=255)
+    # training maps its [-1, 1] images to [0, 1] for SSIM (its luminance term is not offset-invariant)
+    ta = torch.from_numpy(a.astype(np.float32) / 255)[None]
+    tb = torch.from_numpy(b.astype(np.float32) / 255)[None]
+    assert float(ssim(ta, tb, data_range=1.0)) == pytest.approx(want, abs=1e-5)
+    assert float(ssim(ta * 2 - 1, tb * 2 - 1, data_range=2.0)) != pytest.approx(want, abs=1e-5)
+    grid = Grid(X0, Y0, PS, 96, 128)
+    sdata = SpatialData(images={"pred": parse_image(b, grid), "true": parse_image(a, grid)})
+    df = st2he.tl.evaluate_he(sdata, pred_key="pred", true_key="true", tile_size=512)
+    assert df.loc["overall", "ssim"] == pytest.approx(want, abs=1e-9)

@@ -14,6 +14,7 @@ import shapely
 import torch
 
 import st2he
+from st2he._raster import Raster
 from st2he._elements import parse_image
 from st2he._grid import Grid
 from st2he.tl import _zero_shot as zs
@@ -218,11 +219,11 @@ def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
 
 def test_tiles_are_read_from_a_coarser_level_when_the_model_sees_less_detail(tiny_clip):
     sdata = _toy_sdata(with_cells=False)
-    assert len(zs._levels(sdata.images["he"])) == 1
+    assert len(Raster(sdata.images["he"]).levels) == 1
     # a 4-level pyramid of the same picture
     from spatialdata import SpatialData
 
-    data = zs._levels(sdata.images["he"])[0].data
+    data = Raster(sdata.images["he"]).level0.data
     grid = Grid.from_element(sdata.images["he"])
     big = parse_image(data, grid, scale_factors=[2, 2])
     from spatialdata.models import ShapesModel
@@ -372,7 +373,7 @@ def test_read_he_image_places_tiles_and_slides_in_micrometres(shared_data):
     sdata = st2he.io.read_he_image(png, pixel_size=0.5, origin=(10.0, 20.0), key="tile")
     assert Grid.from_element(sdata.images["tile"]) == Grid(10.0, 20.0, 0.5, 224, 224)
     np.testing.assert_array_equal(
-        np.moveaxis(np.asarray(zs._levels(sdata.images["tile"])[0]), 0, -1), np.asarray(Image.open(png).convert("RGB"))
+        np.moveaxis(np.asarray(Raster(sdata.images["tile"]).level0), 0, -1), np.asarray(Image.open(png).convert("RGB"))
     )
     with pytest.raises(KeyError, match="already exists"):
         st2he.io.read_he_image(png, pixel_size=0.5, key="tile", sdata=sdata)
@@ -384,7 +385,7 @@ def test_real_slide_through_the_tile_pipeline(shared_data, tiny_clip):
     sdata = st2he.io.read_he_image(shared_data / "he_cmu1_small_region.svs")
     grid = Grid.from_element(sdata.images["he_image"])
     assert grid.pixel_size == pytest.approx(0.499) and grid.shape == (2967, 2220)
-    assert len(zs._levels(sdata.images["he_image"])) == 4
+    assert len(Raster(sdata.images["he_image"]).levels) == 4
     # 160 µm tiles for a 64 px model: 2.5 µm/px suffices, read from the 4x level (~2 µm/px)
     slide = st2he.tl.zero_shot(
         sdata, image_key="he_image", classes="breast", model=tiny_clip, tile_size_um=160.0, progress=False

@@ -219,6 +219,40 @@ class Raster:
         dtype
             Output dtype; integer types are rounded and clipped to their range.
         """
+        plan = self._plan(grid, level, channels, order)
+        window = None if plan.empty else _read_window(plan.data, plan.channels, *plan.window)
+        return _finish(plan, window, fill, np.dtype(dtype))
+
+    def read_many(self, grids, *, level: int | str = "auto", **kwargs) -> list[np.ndarray]:
+        """:meth:`read` for many grids (tiles) at once: their chunks are computed together, each once.
+
+        ``level="auto"`` picks one level for all, from the median pixel size of the grids.
+        """
+        grids = list(grids)
+        if not grids:
+            return []
+        if level == "auto":
+            level = self.level_for(float(np.median([g.pixel_size for g in grids])))
+        channels, order = kwargs.pop("channels", None), kwargs.pop("order", 1)
+        fill, dtype = kwargs.pop("fill", 0.0), np.dtype(kwargs.pop("dtype", np.float32))
+        if kwargs:
+            msg = f"read_many got unexpected options {sorted(kwargs)}."
+            raise TypeError(msg)
+        plans = [self._plan(g, level, channels, order) for g in grids]
+        lazy = [None if p.empty else _window(p.data, p.channels, *p.window) for p in plans]
+        todo = [i for i, block in enumerate(lazy) if block is not None and hasattr(block, "dask")]
+        if todo:
+            import dask
+
+            for i, block in zip(todo, dask.compute(*[lazy[i] for i in todo]), strict=True):
+                lazy[i] = block
+        return [
+            _finish(p, None if block is None else np.asarray(block, dtype=np.float64), fill, dtype)
+            for p, block in zip(plans, lazy, strict=True)
+        ]
+
+    def _plan(self, grid: Grid, level, channels, order: int) -> _Plan:
+        """Which level and window to read for ``grid``, and the affine map from the grid to that window."""
         if grid.height * grid.width > MAX_READ_PIXELS:
             msg = (
                 f"Reading {self.name} onto {grid.height} x {grid.width} pixels of {grid.pixel_size:g} µm is too "
@@ -230,8 +264,7 @@ class Raster:
         n_channels = int(lvl.data.shape[0]) if lvl.data.ndim == 3 else 1
         chan = slice(None) if channels is None else channels
         n_out = len(range(n_channels)[chan]) if isinstance(chan, slice) else len(chan)
-        out_dtype = np.dtype(dtype)
-        # target pixel (i, j) -> continuous source pixel index (row, col) where index k is centred on k + 0.5 - 0.5
+        # target pixel (i, j) -> continuous source pixel index (row, col), index k covering [k - 0.5, k + 0.5)
         inv = np.linalg.inv(lvl.affine)
         ps = grid.pixel_size
         cx, cy = grid.x0 + 0.5 * ps, grid.y0 + 0.5 * ps
@@ -254,28 +287,50 @@ class Raster:
         # pooling blocks aligned to multiples of k in the level, so a result never depends on the window
         r_lo, c_lo = max(0, r_lo) // k_row * k_row, max(0, c_lo) // k_col * k_col
         r_hi, c_hi = min(height, r_hi), min(width, c_hi)
-        out = np.full((n_out, grid.height, grid.width), fill, dtype=out_dtype)
-        if r_hi <= r_lo or c_hi <= c_lo or grid.height == 0 or grid.width == 0:
-            return out
-        window = _read_window(lvl.data, chan, r_lo, r_hi, c_lo, c_hi)
-        exact = _signed_permutation(matrix) and k_row == 1 and k_col == 1 and np.allclose(offset, np.round(offset))
-        if exact or order == 0:
-            values, inside = _gather(window, matrix, offset - [r_lo, c_lo], grid.shape, nearest=not exact)
-        else:
-            if k_row > 1 or k_col > 1:
-                window = _pool(window, k_row, k_col)
-                scale = np.array([k_row, k_col], dtype=np.float64)
-                shift = (scale - 1) / 2
-                matrix = matrix / scale[:, None]
-                offset = (offset - [r_lo, c_lo] - shift) / scale
-            else:
-                offset = offset - [r_lo, c_lo]
-            values, inside = _bilinear(window, matrix, offset, grid.shape)
-        if np.issubdtype(out_dtype, np.integer):
-            info = np.iinfo(out_dtype)
-            values = np.clip(np.rint(values), info.min, info.max)
-        out[:] = np.where(inside, values, fill).astype(out_dtype, copy=False)
+        empty = r_hi <= r_lo or c_hi <= c_lo or grid.height == 0 or grid.width == 0
+        return _Plan(lvl.data, chan, n_out, grid.shape, (r_lo, r_hi, c_lo, c_hi), matrix, offset, k_row, k_col, order, empty)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    data: object
+    channels: object
+    n_out: int
+    shape: tuple[int, int]
+    window: tuple[int, int, int, int]
+    matrix: np.ndarray
+    offset: np.ndarray
+    k_row: int
+    k_col: int
+    order: int
+    empty: bool
+
+
+def _finish(plan: _Plan, window: np.ndarray | None, fill: float, out_dtype: np.dtype) -> np.ndarray:
+    """Resample a plan's window (float64) onto its grid."""
+    out = np.full((plan.n_out, *plan.shape), fill, dtype=out_dtype)
+    if plan.empty or window is None:
         return out
+    r_lo, _, c_lo, _ = plan.window
+    matrix, offset, k_row, k_col = plan.matrix, plan.offset, plan.k_row, plan.k_col
+    exact = _signed_permutation(matrix) and k_row == 1 and k_col == 1 and np.allclose(offset, np.round(offset))
+    if exact or plan.order == 0:
+        values, inside = _gather(window, matrix, offset - [r_lo, c_lo], plan.shape, nearest=not exact)
+    else:
+        if k_row > 1 or k_col > 1:
+            window = _pool(window, k_row, k_col)
+            scale = np.array([k_row, k_col], dtype=np.float64)
+            shift = (scale - 1) / 2
+            matrix = matrix / scale[:, None]
+            offset = (offset - [r_lo, c_lo] - shift) / scale
+        else:
+            offset = offset - [r_lo, c_lo]
+        values, inside = _bilinear(window, matrix, offset, plan.shape)
+    if np.issubdtype(out_dtype, np.integer):
+        info = np.iinfo(out_dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    out[:] = np.where(inside, values, fill).astype(out_dtype, copy=False)
+    return out
 
 
 def region_grid(region, pixel_size: float) -> Grid:
@@ -319,10 +374,15 @@ def _is_multiscale(element) -> bool:
     return hasattr(element, "children") and "scale0" in getattr(element, "children", {})
 
 
+def _window(data, chan, r0: int, r1: int, c0: int, c1: int):
+    """The (lazy where the level is) ``(c, r1 - r0, c1 - c0)`` window of a level."""
+    arr = data.data
+    return arr[chan, r0:r1, c0:c1] if arr.ndim == 3 else arr[None, r0:r1, c0:c1]
+
+
 def _read_window(data, chan, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
     """``(c, r1 - r0, c1 - c0)`` float64 values of a level, reading only the chunks under the window."""
-    arr = data.data
-    block = arr[chan, r0:r1, c0:c1] if arr.ndim == 3 else arr[None, r0:r1, c0:c1]
+    block = _window(data, chan, r0, r1, c0, c1)
     if hasattr(block, "compute"):
         block = block.compute()
     return np.asarray(block, dtype=np.float64)

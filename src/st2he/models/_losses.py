@@ -12,30 +12,34 @@ from torch import nn
 logger = logging.getLogger("st2he")
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    w = (g[:, None] * g[None, :]).to(dtype)
-    return w.expand(channels, 1, size, size).contiguous()
+#: The SSIM of st2he, everywhere: scikit-image's ``structural_similarity`` defaults (7 x 7 uniform window, sample
+#: covariances, K1 = 0.01, K2 = 0.03, mean over the map without its 3-pixel border, channels averaged).
+SSIM_WINDOW = 7
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 2.0, reduction: str = "mean") -> torch.Tensor:
-    """Structural similarity of image batches ``(B, C, H, W)`` (Gaussian window 11, sigma 1.5, as Wang et al. 2004).
+def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Structural similarity of image batches ``(B, C, H, W)``, exactly :func:`skimage.metrics.structural_similarity`.
 
-    ``data_range`` is the span of the values (2 for images in ``[-1, 1]``). ``reduction="none"`` gives one value per
-    image (mean over channels and pixels).
+    The same definition as :func:`st2he.tl.evaluate_he` (7 x 7 uniform window, sample covariances, the map's
+    3-pixel border left out, channels averaged), differentiable, so the training loss, the validation metric and
+    the evaluation agree. Give images on a scale that starts at 0, as scikit-image sees uint8 images (SSIM's
+    luminance term is not invariant to an offset): images in ``[-1, 1]`` as ``(x + 1) / 2`` with ``data_range=1``.
+    ``reduction="none"`` gives one value per image.
     """
     a = a.float()
     b = b.float()
     c = a.shape[1]
-    win = _gaussian_window(11, 1.5, c, a.device, a.dtype)
-    pad = 5
-    mu_a = F.conv2d(F.pad(a, (pad,) * 4, mode="reflect"), win, groups=c)
-    mu_b = F.conv2d(F.pad(b, (pad,) * 4, mode="reflect"), win, groups=c)
-    aa = F.conv2d(F.pad(a * a, (pad,) * 4, mode="reflect"), win, groups=c) - mu_a**2
-    bb = F.conv2d(F.pad(b * b, (pad,) * 4, mode="reflect"), win, groups=c) - mu_b**2
-    ab = F.conv2d(F.pad(a * b, (pad,) * 4, mode="reflect"), win, groups=c) - mu_a * mu_b
+    w = SSIM_WINDOW
+    if min(a.shape[-2:]) < w:
+        msg = f"SSIM needs images of at least {w} x {w} pixels, got {tuple(a.shape[-2:])}."
+        raise ValueError(msg)
+    win = torch.full((c, 1, w, w), 1.0 / (w * w), device=a.device, dtype=a.dtype)
+    cov_norm = w * w / (w * w - 1)
+    mu_a = F.conv2d(a, win, groups=c)
+    mu_b = F.conv2d(b, win, groups=c)
+    aa = cov_norm * (F.conv2d(a * a, win, groups=c) - mu_a**2)
+    bb = cov_norm * (F.conv2d(b * b, win, groups=c) - mu_b**2)
+    ab = cov_norm * (F.conv2d(a * b, win, groups=c) - mu_a * mu_b)
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (aa + bb + c2))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from st2he._elements import get_params
-from st2he._grid import Grid
+from st2he._grid import COORDINATE_SYSTEM
+from st2he._raster import Raster, check_region
+
+from ._common import draw_image, save_figure, scale_bar, set_um_axes
 
 logger = logging.getLogger("st2he")
 
@@ -26,17 +28,21 @@ def compare(
     n_genes: int = 2,
     points_key: str = "transcripts",
     region: Sequence[float] | None = None,
-    scale_bar_um: float | None = None,
+    scale_bar_um: float | str | None = "auto",
     max_pixels: int = 1200,
     max_points: int = 200_000,
     dot_size: float | None = None,
+    coordinate_system: str = COORDINATE_SYSTEM,
+    um_axes: bool = False,
     figsize: tuple[float, float] | None = None,
     ax=None,
+    save=None,
 ):
     """Show the input picture, the virtual H&E, the real H&E and the expression of genes over the same region.
 
-    Every panel shows the same box of the coordinate system ``"global"`` with axes in µm and a scale bar. Large
-    images are read from the pyramid level that gives at most ``max_pixels`` pixels across the region.
+    Every panel shows the same box of ``coordinate_system`` (µm) with a scale bar. Images are read through their full
+    transformation (rotated or flipped H&E included) from the coarsest pyramid level that gives at most
+    ``max_pixels`` pixels across the region.
 
     Parameters
     ----------
@@ -60,17 +66,23 @@ def compare(
     region
         ``(x_min, y_min, x_max, y_max)`` in µm. Default: the extent of the first image shown (else of the molecules).
     scale_bar_um
-        Length of the scale bar in µm. Default: a round number near a fifth of the region's width.
+        Length of the scale bar in µm; ``"auto"``: a round number near a fifth of the region's width; ``None``: none.
     max_pixels
         Largest number of image pixels across the region; coarser pyramid levels are used above it.
     max_points
         Largest number of molecules drawn per gene panel (a random subset beyond it, the same in every call).
     dot_size
         Marker size of the molecules (points²). Default: from the region's size.
+    coordinate_system
+        The coordinate system of ``region`` and of every panel.
+    um_axes
+        Label the axes with coordinates in µm (default: no ticks; the scale bar gives the size).
     figsize
         Figure size when the axes are made here. Default: 4 inches per panel.
     ax
         Axes to draw into, one per panel (a sequence or an array), or ``None`` to make a figure.
+    save
+        Path to write the figure to (format from the suffix), or ``None``.
 
     Returns
     -------
@@ -98,12 +110,12 @@ def compare(
         panels.append(("image", key))
 
     if region is None:
-        region = _default_region(sdata, [k for _, k in panels], points_key)
-    region = _check_region(region)
+        region = _default_region(sdata, [k for _, k in panels], points_key, coordinate_system)
+    region = check_region(region)
 
     molecules = None
     if genes is None or len(genes):
-        molecules = _molecules(sdata, points_key, region, need=genes is not None)
+        molecules = _molecules(sdata, points_key, region, need=genes is not None, coordinate_system=coordinate_system)
     palette = get_params(sdata, input_key).get("palette", {}) if input_key is not None else {}
     if genes is None:
         genes = _top_genes(molecules, n_genes, region) if molecules is not None else []
@@ -133,43 +145,29 @@ def compare(
             msg = f"ax holds {len(axes)} axes but there are {len(panels)} panels ({[p[1] for p in panels]})."
             raise ValueError(msg)
 
-    if scale_bar_um is None:
-        scale_bar_um = _nice_length(width / 5)
     titles = {input_key: "input", pred_key: "virtual H&E", true_key: "H&E"}
     for axis, (kind, key) in zip(axes, panels, strict=True):
         if kind == "image":
-            dark = _draw_image(axis, sdata.images[key], region, max_pixels)
+            dark = draw_image(
+                axis, sdata.images[key], region, max_pixels=max_pixels, coordinate_system=coordinate_system, name=key
+            )
             axis.set_title(f"{titles.get(key, key)} ({key})")
         else:
             n = _draw_gene(axis, molecules, key, palette.get(key, _DEFAULT_DOT_COLOR), region, max_points, dot_size)
             axis.set_title(f"{key} ({n:,} molecules)")
             dark = True
-        axis.set_xlim(region[0], region[2])
-        axis.set_ylim(region[3], region[1])  # row = y: y grows downwards, as in the images
-        axis.set_aspect("equal")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        _scale_bar(axis, scale_bar_um, height / 120, color="white" if dark else "black")
+        set_um_axes(axis, region, ticks=um_axes)
+        scale_bar(axis, region, scale_bar_um, color="white" if dark else "black")
+    save_figure(axes[0].figure, save)
     return np.asarray(axes, dtype=object)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _check_region(region) -> tuple[float, float, float, float]:
-    if len(region) != 4:
-        msg = f"region must be (x_min, y_min, x_max, y_max) in µm, got {region!r}."
-        raise ValueError(msg)
-    x0, y0, x1, y1 = (float(v) for v in region)
-    if not (np.all(np.isfinite([x0, y0, x1, y1])) and x1 > x0 and y1 > y0):
-        msg = f"region must be a non-empty box (x_min < x_max, y_min < y_max) in µm, got {region!r}."
-        raise ValueError(msg)
-    return (x0, y0, x1, y1)
-
-
-def _default_region(sdata, image_keys, points_key):
+def _default_region(sdata, image_keys, points_key, coordinate_system):
     for key in image_keys:
-        return Grid.from_element(sdata.images[key]).bounds
+        return Raster(sdata.images[key], coordinate_system, name=key).bounds
     if points_key in sdata.points:
         pts = sdata.points[points_key]
         x = pts["x"].compute().to_numpy()
@@ -181,58 +179,8 @@ def _default_region(sdata, image_keys, points_key):
     raise ValueError(msg)
 
 
-def _levels(element):
-    """Full-resolution-first list of ``(DataArray, Grid)`` of a single- or multi-scale image."""
-    if hasattr(element, "children") and len(getattr(element, "children", {})):
-        arrays = [next(iter(element[k].ds.data_vars.values())) for k in sorted(element.children)]
-    else:
-        arrays = [element]
-    return [(a, Grid.from_element(a)) for a in arrays]
-
-
-def _draw_image(axis, element, region, max_pixels) -> bool:
-    """Draw the region of an image from the coarsest-enough level; return True when it is dark (fluorescence)."""
-    levels = _levels(element)
-    width_um = region[2] - region[0]
-    height_um = region[3] - region[1]
-    data, grid = levels[0]
-    for arr, g in levels:
-        data, grid = arr, g
-        if max(width_um, height_um) / g.pixel_size <= max_pixels:
-            break
-    r0 = max(0, int(math.floor((region[1] - grid.y0) / grid.pixel_size)))
-    c0 = max(0, int(math.floor((region[0] - grid.x0) / grid.pixel_size)))
-    r1 = min(grid.height, int(math.ceil((region[3] - grid.y0) / grid.pixel_size)))
-    c1 = min(grid.width, int(math.ceil((region[2] - grid.x0) / grid.pixel_size)))
-    axis.set_facecolor("black")
-    if r1 <= r0 or c1 <= c0:
-        return True
-    values = np.asarray(data.data[:, r0:r1, c0:c1])
-    extent = (
-        grid.x0 + c0 * grid.pixel_size,
-        grid.x0 + c1 * grid.pixel_size,
-        grid.y0 + r1 * grid.pixel_size,
-        grid.y0 + r0 * grid.pixel_size,
-    )
-    if values.shape[0] == 3 and values.dtype == np.uint8:
-        picture = np.moveaxis(values, 0, -1)
-        dark = float(picture.mean()) < 128
-        axis.imshow(picture, extent=extent, interpolation="nearest")
-        return dark
-    if values.shape[0] >= 3:
-        picture = np.moveaxis(values[:3].astype(np.float32), 0, -1)
-        lo, hi = np.nanpercentile(picture, (1, 99.5))
-        picture = np.clip((picture - lo) / max(hi - lo, 1e-12), 0, 1)
-        axis.imshow(picture, extent=extent, interpolation="nearest")
-        return float(picture.mean()) < 0.5
-    grey = values[0].astype(np.float32)
-    lo, hi = np.nanpercentile(grey, (1, 99.5))
-    axis.imshow(grey, extent=extent, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-12), interpolation="nearest")
-    return True
-
-
-def _molecules(sdata, points_key, region, need: bool):
-    """Molecules in ``region``: ``{"x", "y", "gene" (codes), "panel" (names), "control" (bool per name)}``."""
+def _molecules(sdata, points_key, region, need: bool, coordinate_system: str = COORDINATE_SYSTEM):
+    """Molecules in ``region`` (positions in ``coordinate_system``): ``{"x", "y", "gene", "panel", "control"}``."""
     if points_key not in sdata.points:
         if need:
             msg = f"points_key={points_key!r} is not a points element (points: {sorted(sdata.points)}); no gene panels."
@@ -248,9 +196,19 @@ def _molecules(sdata, points_key, region, need: bool):
             msg = f"The points element {points_key!r} has no gene column (no feature_key)."
             raise ValueError(msg)
         return None
+    from spatialdata.transformations import get_transformation
+
+    transformations = get_transformation(points, get_all=True)
+    if coordinate_system not in transformations:
+        msg = f"The points element {points_key!r} has no transformation to {coordinate_system!r} ({sorted(transformations)})."
+        raise ValueError(msg)
+    m = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     x0, y0, x1, y1 = region
     columns = ["x", "y", feature_key] + (["is_control"] if "is_control" in points.columns else [])
     sub = points[columns]
+    if not np.allclose(m, np.eye(3)):
+        x, y = sub["x"], sub["y"]
+        sub = sub.assign(x=m[0, 0] * x + m[0, 1] * y + m[0, 2], y=m[1, 0] * x + m[1, 1] * y + m[1, 2])
     sub = sub[(sub["x"] >= x0) & (sub["x"] < x1) & (sub["y"] >= y0) & (sub["y"] < y1)].compute()
     genes = sub[feature_key]
     if not hasattr(genes, "cat"):
@@ -352,35 +310,3 @@ def _visible_on_black(color) -> tuple[float, float, float]:
             break
         rgb = rgb + 0.25 * (1 - rgb)
     return tuple(float(v) for v in rgb)
-
-
-def _nice_length(length: float) -> float:
-    """Round ``length`` down to 1, 2 or 5 times a power of ten."""
-    if not (np.isfinite(length) and length > 0):
-        return 1.0
-    power = 10 ** math.floor(math.log10(length))
-    for step in (5, 2, 1):
-        if step * power <= length:
-            return float(step * power)
-    return float(power)
-
-
-def _scale_bar(axis, length_um: float, thickness_um: float, color: str) -> None:
-    from matplotlib.font_manager import FontProperties
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-
-    label = f"{length_um:g} µm" if length_um < 1000 else f"{length_um / 1000:g} mm"
-    bar = AnchoredSizeBar(
-        axis.transData,
-        length_um,
-        label,
-        loc="lower right",
-        pad=0.4,
-        sep=3,
-        color=color,
-        frameon=False,
-        size_vertical=thickness_um,
-        fontproperties=FontProperties(size=8),
-    )
-    bar.set_gid("scale_bar")
-    axis.add_artist(bar)

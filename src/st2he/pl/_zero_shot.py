@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from st2he._grid import Grid
+from st2he._grid import COORDINATE_SYSTEM
+from st2he._raster import Raster
+
+from ._common import draw_image, save_figure, scale_bar, set_um_axes
 
 
 def zero_shot(
@@ -19,9 +22,12 @@ def zero_shot(
     cmap: str = "magma",
     alpha: float = 0.7,
     max_pixels: int = 1500,
-    scalebar_um: float | None = "auto",
-    axes: Sequence | None = None,
+    scale_bar_um: float | str | None = "auto",
+    coordinate_system: str = COORDINATE_SYSTEM,
+    um_axes: bool = False,
     figsize: tuple[float, float] | None = None,
+    ax: Sequence | None = None,
+    save=None,
 ):
     """Show the probability of one class per tile over the tissue, next to the H&E it was read from.
 
@@ -41,12 +47,18 @@ def zero_shot(
         Opacity of the tiles over a faded copy of the H&E.
     max_pixels
         Longest side of the displayed H&E in pixels (a coarser pyramid level is read for big slides).
-    scalebar_um
-        Length of the scale bar in µm; ``"auto"`` picks a round length, ``None`` draws none.
-    axes
-        Two matplotlib axes to draw into; new ones otherwise.
+    scale_bar_um
+        Length of the scale bar in µm (on both panels); ``"auto"`` picks a round length, ``None`` draws none.
+    coordinate_system
+        The coordinate system shown (the tiles are placed in it through their transformation).
+    um_axes
+        Label the axes with coordinates in µm (default: no ticks; the scale bar gives the size).
     figsize
         Size of a new figure.
+    ax
+        Two matplotlib axes to draw into; new ones otherwise.
+    save
+        Path to write the figure to (format from the suffix), or ``None``.
 
     Returns
     -------
@@ -67,17 +79,23 @@ def zero_shot(
         msg = f"class_name={class_name!r} is not one of the classes {classes}."
         raise KeyError(msg)
     image_key = image_key or str(info["params"]["image_key"])
-    rgb, extent = _display_image(sdata, image_key, max_pixels)
-    if axes is None:
-        width = rgb.shape[1] / rgb.shape[0] if rgb.size else 1.0
+    if image_key not in sdata.images:
+        msg = f"image_key={image_key!r} is not an image; images are {sorted(sdata.images)}."
+        raise KeyError(msg)
+    region = Raster(sdata.images[image_key], coordinate_system, name=image_key).bounds
+    if ax is None:
+        width = (region[2] - region[0]) / max(region[3] - region[1], 1e-12)
         figsize = figsize or (min(16.0, 2 * 5.0 * width + 1.5), 5.0)
-        fig, axes = plt.subplots(1, 2, figsize=figsize, sharex=True, sharey=True, layout="constrained")
-    ax_he, ax_map = axes
-    ax_he.imshow(rgb, extent=extent, interpolation="antialiased")
+        fig, ax = plt.subplots(1, 2, figsize=figsize, sharex=True, sharey=True, layout="constrained")
+    ax_he, ax_map = ax
+    draw_image(ax_he, sdata.images[image_key], region, max_pixels=max_pixels, coordinate_system=coordinate_system)
     ax_he.set_title(f"H&E ({image_key})")
-    faded = (255 - (255 - rgb.astype(np.float32)) * 0.35).astype(np.uint8)
-    ax_map.imshow(faded, extent=extent, interpolation="antialiased")
-    boxes = tile_boxes(sdata, adata)
+    draw_image(ax_map, sdata.images[image_key], region, max_pixels=max_pixels, coordinate_system=coordinate_system)
+    for im in ax_map.get_images():  # a faded copy of the H&E under the tiles
+        rgba = np.array(im.get_array(), dtype=np.float32)
+        rgba[..., :3] = 1 - (1 - rgba[..., :3]) * 0.35
+        im.set_data(rgba)
+    boxes = tile_boxes(sdata, adata, coordinate_system=coordinate_system)
     probs = np.asarray(adata.X)[:, classes.index(class_name)]
     patches = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
     coll = PatchCollection(patches, cmap=cmap, alpha=alpha, linewidths=0)
@@ -88,14 +106,10 @@ def zero_shot(
     p_slide = float(slide["probabilities"][class_name])
     ax_map.set_title(f"P({class_name}) per tile; slide: {slide['class']} (P({class_name})={p_slide:.2f})")
     ax_map.figure.colorbar(coll, ax=ax_map, shrink=0.8, label=f"P({class_name})")
-    for ax in (ax_he, ax_map):
-        ax.set_xlim(extent[0], extent[1])
-        ax.set_ylim(extent[2], extent[3])
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if scalebar_um is not None:
-        _scalebar(ax_he, extent, scalebar_um)
+    for axis in (ax_he, ax_map):
+        set_um_axes(axis, region, ticks=um_axes)
+        scale_bar(axis, region, scale_bar_um, color="black")
+    save_figure(ax_he.figure, save)
     return [ax_he, ax_map]
 
 
@@ -175,42 +189,3 @@ def roc(
     ax.legend(loc="lower right", fontsize="small")
     ax.set_aspect("equal")
     return ax
-
-
-def _display_image(sdata, image_key: str, max_pixels: int):
-    """RGB ``(h, w, 3)`` uint8 of the coarsest-enough pyramid level and its extent ``(x0, x1, y1, y0)`` in µm."""
-    from st2he.tl._zero_shot import _levels, _to_uint8
-
-    if image_key not in sdata.images:
-        msg = f"image_key={image_key!r} is not an image; images are {sorted(sdata.images)}."
-        raise KeyError(msg)
-    element = sdata.images[image_key]
-    grid = Grid.from_element(element)
-    levels = _levels(element)
-    chosen = levels[-1]
-    for data in levels:
-        if max(data.sizes["y"], data.sizes["x"]) <= max_pixels:
-            chosen = data
-            break
-    arr = np.asarray(chosen.data[:3])
-    step = max(1, int(np.ceil(max(arr.shape[1:]) / max_pixels)))
-    arr = arr[:, ::step, ::step]
-    rgb = _to_uint8(np.moveaxis(arr, 0, -1))
-    x0, y0, x1, y1 = grid.bounds
-    return rgb, (x0, x1, y1, y0)
-
-
-def _scalebar(ax, extent, length) -> None:
-    x0, x1, y1, y0 = extent
-    width = x1 - x0
-    if length == "auto":
-        target = width / 5
-        exp = 10 ** np.floor(np.log10(target)) if target > 0 else 1
-        length = max(v * exp for v in (1, 2, 5) if v * exp <= target) if target >= exp else exp
-    length = float(length)
-    pad = 0.04 * width
-    xs = [x1 - pad - length, x1 - pad]
-    y = y1 - 0.05 * (y1 - y0)
-    ax.plot(xs, [y, y], color="black", lw=3, solid_capstyle="butt")
-    label = f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm"
-    ax.text(np.mean(xs), y - 0.015 * (y1 - y0), label, ha="center", va="bottom", fontsize="small")

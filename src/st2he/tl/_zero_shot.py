@@ -14,6 +14,7 @@ import pandas as pd
 
 from st2he._elements import check_key_free, get_image, record_params
 from st2he._grid import COORDINATE_SYSTEM, Grid
+from st2he._raster import Raster
 
 from ._prompts import build_prompts, resolve_classes, resolve_templates
 
@@ -344,57 +345,60 @@ def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
     return 1.0 - background.reshape(len(tiles), -1).mean(axis=1)
 
 
-def read_tiles(sdata, image_key: str, boxes: np.ndarray, *, out_size: int | None = None, level: int | str = "auto"):
-    """Read RGB tiles of an image over boxes in global µm, from the coarsest sufficient pyramid level.
+def read_tiles(
+    sdata,
+    image_key: str,
+    boxes: np.ndarray,
+    *,
+    out_size: int | None = None,
+    level: int | str = "auto",
+    coordinate_system: str = COORDINATE_SYSTEM,
+):
+    """Read RGB tiles of an image over boxes in µm, from the coarsest sufficient pyramid level.
 
     Parameters
     ----------
     sdata
         SpatialData object.
     image_key
-        RGB image element.
+        RGB image element (any affine transformation: it is read through :class:`st2he._raster.Raster`).
     boxes
-        ``(n, 4)`` array of ``x_min, y_min, x_max, y_max`` in µm of the ``global`` coordinate system.
+        ``(n, 4)`` array of ``x_min, y_min, x_max, y_max`` in µm of ``coordinate_system``.
     out_size
         Pixels the tiles will be resampled to; picks the coarsest level whose pixels are no larger than
-        ``box width / out_size``. ``None`` reads scale 0.
+        ``box edge / out_size``. ``None`` reads scale 0.
     level
         ``"auto"`` (above) or a level index.
+    coordinate_system
+        The coordinate system of ``boxes``.
 
     Returns
     -------
-    A list of ``(h, w, 3)`` uint8 arrays (regions outside the image are white), and the level's pixel size (µm).
+    A list of ``(h, w, 3)`` uint8 arrays at the level's pixel size (regions outside the image are white), and that
+    pixel size (µm). The tiles of an axis-aligned image start on its pixel lattice and are its pixels, untouched.
     """
-    import dask
-
-    levels = _levels(sdata.images[image_key])
-    grid = Grid.from_element(sdata.images[image_key])
+    raster = Raster(sdata.images[image_key], coordinate_system, name=f"image_key={image_key!r}")
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if level == "auto":
-        level = _pick_level(levels, grid, boxes, out_size)
-    data = levels[int(level)]
-    factor = grid.width / data.sizes["x"]
-    px = grid.pixel_size * factor
-    height, width = int(data.sizes["y"]), int(data.sizes["x"])
-    arr = data.data
-    lazy, shapes = [], []
+        level = _pick_level(raster, boxes, out_size)
+    lvl = raster.levels[int(level)]
+    px = lvl.pixel_size
+    grids = []
     for x0, y0, x1, y1 in boxes:
-        c0 = int(np.floor((x0 - grid.x0) / px + 0.5))
-        r0 = int(np.floor((y0 - grid.y0) / px + 0.5))
-        nc = max(1, int(round((x1 - x0) / px)))
-        nr = max(1, int(round((y1 - y0) / px)))
-        rr0, rr1 = min(max(r0, 0), height), min(max(r0 + nr, 0), height)
-        cc0, cc1 = min(max(c0, 0), width), min(max(c0 + nc, 0), width)
-        lazy.append(arr[:3, rr0:rr1, cc0:cc1])
-        shapes.append((r0, c0, nr, nc, rr0, rr1, cc0, cc1))
-    computed = dask.compute(*lazy) if lazy and hasattr(arr, "dask") else [np.asarray(a) for a in lazy]
-    out = []
-    for block, (r0, c0, nr, nc, rr0, rr1, cc0, cc1) in zip(computed, shapes, strict=True):
-        tile = np.full((nr, nc, 3), 255, dtype=np.uint8)
-        if block.size:
-            tile[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = _to_uint8(np.moveaxis(np.asarray(block), 0, -1))
-        out.append(tile)
-    return out, px
+        if raster.is_axis_aligned(int(level)):  # snap to the level's pixel lattice: tiles are its pixels
+            gx, gy = lvl.affine[0, 2], lvl.affine[1, 2]
+            x0 = gx + math.floor((x0 - gx) / px + 0.5) * px
+            y0 = gy + math.floor((y0 - gy) / px + 0.5) * px
+        nc = max(1, int(round((x1 - x0) / px))) if np.isfinite(x1 - x0) else 1
+        nr = max(1, int(round((y1 - y0) / px))) if np.isfinite(y1 - y0) else 1
+        grids.append(Grid(float(x0), float(y0), px, nr, nc))
+    uint8 = raster.level0.dtype == np.uint8
+    tiles = raster.read_many(
+        grids, level=int(level), channels=slice(0, 3), fill=255 if uint8 else np.nan, dtype=np.uint8 if uint8 else np.float32
+    )
+    if not uint8:
+        tiles = [_to_uint8(t, raster.level0.dtype) for t in tiles]
+    return [np.ascontiguousarray(np.moveaxis(t, 0, -1)) for t in tiles], px
 
 
 def embed_tiles(
@@ -421,9 +425,7 @@ def embed_tiles(
 
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = len(boxes)
-    levels = _levels(sdata.images[image_key])
-    grid = Grid.from_element(sdata.images[image_key])
-    level = _pick_level(levels, grid, boxes, clip.image_size)
+    level = _pick_level(Raster(sdata.images[image_key], name=image_key), boxes, clip.image_size)
     tissue = np.zeros(n, dtype=np.float64)
     keep = np.zeros(n, dtype=bool)
     chunks: list[np.ndarray] = []
@@ -582,15 +584,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _to_uint8(block: np.ndarray) -> np.ndarray:
-    if block.dtype == np.uint8:
-        return block
-    if np.issubdtype(block.dtype, np.floating):
+def _to_uint8(block: np.ndarray, source_dtype) -> np.ndarray:
+    """Values read from an image of ``source_dtype`` as uint8 (NaN, outside the image, is white)."""
+    source_dtype = np.dtype(source_dtype)
+    if np.issubdtype(source_dtype, np.floating):
         scale = 255.0 if np.nanmax(block, initial=0) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(block * scale, nan=255.0), 0, 255).round().astype(np.uint8)
-    if block.dtype == np.uint16:
-        return (block // 257).astype(np.uint8)
-    return np.clip(block, 0, 255).astype(np.uint8)
+    elif source_dtype == np.uint16:
+        scale = 1 / 257
+    else:
+        scale = 1.0
+    return np.clip(np.nan_to_num(block * scale, nan=255.0), 0, 255).round().astype(np.uint8)
 
 
 def _resize(tile: np.ndarray, size: int) -> np.ndarray:
@@ -605,33 +608,17 @@ def _resize(tile: np.ndarray, size: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _levels(element) -> list:
-    """Return the DataArrays of a single- or multi-scale image, finest first."""
-    if hasattr(element, "children") and "scale0" in getattr(element, "children", {}):
-        names = sorted(element.children, key=lambda s: int(s.replace("scale", "")))
-        return [next(iter(element[name].ds.data_vars.values())) for name in names]
-    return [element]
-
-
-def _pick_level(levels, grid: Grid, boxes: np.ndarray, out_size: int | None) -> int:
-    """Coarsest level whose pixel is no larger than the typical (median) box edge / ``out_size`` (1 % slack)."""
-    if out_size is None or len(levels) == 1 or len(boxes) == 0:
+def _pick_level(raster: Raster, boxes: np.ndarray, out_size: int | None) -> int:
+    """Coarsest level whose pixel is no larger than the typical (median) box edge / ``out_size``."""
+    if out_size is None or len(boxes) == 0:
         return 0
     edge = float(np.median(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
-    target = edge / out_size
-    best = 0
-    for i, data in enumerate(levels):
-        px = grid.pixel_size * grid.width / data.sizes["x"]
-        if px <= target * 1.01:
-            best = i
-    return best
+    return raster.level_for(edge / out_size)
 
 
 def _read_mpp(sdata, image_key, boxes, out_size) -> float:
-    levels = _levels(sdata.images[image_key])
-    grid = Grid.from_element(sdata.images[image_key])
-    level = _pick_level(levels, grid, boxes, out_size)
-    return float(grid.pixel_size * grid.width / levels[level].sizes["x"])
+    raster = Raster(sdata.images[image_key], name=image_key)
+    return raster.levels[_pick_level(raster, boxes, out_size)].pixel_size
 
 
 def _make_tiles(sdata, image_key: str, grid: Grid, tile_size_um: float, *, key: str, overwrite: bool) -> None:
@@ -656,20 +643,20 @@ def _tile_boxes(sdata, tiles_key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(shapes.geometry.bounds, dtype=np.float64), np.asarray(shapes.index)
 
 
-def _shapes_in_global(sdata, key: str):
+def _shapes_in_global(sdata, key: str, coordinate_system: str = COORDINATE_SYSTEM):
     from spatialdata import transform
     from spatialdata.transformations import get_transformation
 
     shapes = sdata.shapes[key]
     transformations = get_transformation(shapes, get_all=True)
-    if COORDINATE_SYSTEM not in transformations:
-        msg = f"The shapes element {key!r} has no transformation to the {COORDINATE_SYSTEM!r} coordinate system."
+    if coordinate_system not in transformations:
+        msg = f"The shapes element {key!r} has no transformation to the {coordinate_system!r} coordinate system."
         raise ValueError(msg)
     if "radius" in shapes.columns:
         shapes = shapes.copy()
         shapes["geometry"] = shapes.geometry.buffer(shapes["radius"])
         shapes = shapes.drop(columns="radius")
-    return transform(shapes, to_coordinate_system=COORDINATE_SYSTEM)
+    return transform(shapes, to_coordinate_system=coordinate_system)
 
 
 def _find_cell_table(sdata, cells_table, *, exclude: str) -> str | None:
@@ -794,11 +781,15 @@ def _zero_shot_table(sdata, key: str):
     return adata
 
 
-def tile_boxes(sdata, adata) -> np.ndarray:
-    """``(n, 4)`` boxes (µm) of the tiles of a zero-shot table: from its tiles element, else squares around the centres."""
+def tile_boxes(sdata, adata, *, coordinate_system: str = COORDINATE_SYSTEM) -> np.ndarray:
+    """``(n, 4)`` boxes (µm) of the tiles of a zero-shot table: from its tiles element, else squares around the centres.
+
+    With its tiles element, the boxes are the tiles' bounds in ``coordinate_system``; the centres fallback is in
+    ``"global"``.
+    """
     region = str(adata.obs[REGION_KEY].iloc[0]) if adata.n_obs else ""
     if region in sdata.shapes:
-        bounds = _shapes_in_global(sdata, region).geometry.bounds
+        bounds = _shapes_in_global(sdata, region, coordinate_system).geometry.bounds
         found = bounds.reindex(pd.Index(adata.obs[INSTANCE_KEY].to_numpy()))
         if not found.isna().any().any():
             return found.to_numpy()
