@@ -280,3 +280,20 @@ def test_one_ssim_training_equals_scikit_image_and_evaluate_he(picture):
     sdata = SpatialData(images={"pred": parse_image(b, grid), "true": parse_image(a, grid)})
     df = st2he.tl.evaluate_he(sdata, pred_key="pred", true_key="true", tile_size=512)
     assert df.loc["overall", "ssim"] == pytest.approx(want, abs=1e-9)
+
+
+def test_one_tissue_rule_for_tiles_and_zero_shot():
+    """make_tiles (on a pyramid, lazily) and zero-shot (on tiles as read) count the same pixels as tissue."""
+    from st2he._tissue import tissue_mask
+    from st2he.tl._zero_shot import tissue_fraction
+
+    # glass (white), padding (black), pink tissue, a dark-purple nucleus and a near-white but tissue pixel
+    px = np.array([[255, 255, 255], [0, 0, 0], [230, 150, 200], [60, 20, 90], [225, 210, 220], [20, 20, 30]], np.uint8)
+    want = np.array([False, False, True, True, True, True])  # mean 218 < 220 is tissue; (20,20,30) reaches 25
+    np.testing.assert_array_equal(tissue_mask(px.T, "brightfield"), want)
+    tile = np.tile(px[None], (6, 1, 1))  # (6, 6, 3): each column one kind
+    assert tissue_fraction(tile)[0] == pytest.approx(4 / 6)
+    grid = Grid(0.0, 0.0, 1.0, 6, 6)
+    sdata = SpatialData(images={"he": parse_image(np.moveaxis(tile, -1, 0), grid)})
+    st2he.pp.make_tiles(sdata, "he", tile_size=6, min_tissue_fraction=0.0, key_added="t")
+    assert float(sdata.shapes["t"]["tissue_fraction"].iloc[0]) == pytest.approx(4 / 6)

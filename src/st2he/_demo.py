@@ -95,14 +95,10 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
             st2he.tl.evaluate_he(sdata, pred_key="virtual_he_stain", true_key="he_image", key_added="he_metrics_stain")
             metrics = {"virtual_he": metrics, "stain_baseline": dict(sdata.tables["he_metrics_stain"].uns["overall"])}
 
-    axes = st2he.pl.compare(sdata, input_key="st2he_input", pred_key="virtual_he", true_key="he_image")
-    fig = axes.flat[0].figure
-    figure_path = out / "st2he_compare.png"
-    fig.savefig(figure_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
+    # the store and the metrics first: a plotting error loses nothing
     store = out / "st2he.zarr"
     sdata.write(store, overwrite=True)
+    figure_path = out / "st2he_compare.png"
     summary = {
         "source": source,
         "method": method,
@@ -112,6 +108,9 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
         "timings": timings,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+
+    axes = st2he.pl.compare(sdata, input_key="st2he_input", pred_key="virtual_he", true_key="he_image", save=figure_path)
+    plt.close(axes.flat[0].figure)
     return summary
 
 

@@ -4,6 +4,16 @@ Importing this package never imports spatialdata, so the training core runs wher
 and peft are installed.
 """
 
+from importlib.util import find_spec as _find_spec
+
+_missing = [name for name in ("torch", "diffusers", "peft", "transformers", "open_clip", "safetensors") if _find_spec(name) is None]
+if _missing:
+    _msg = (
+        f"st2he.models needs {', '.join(_missing)}, which are not installed. Install the models extra: "
+        "pip install 'st2he[models]' (reading, rasterising and evaluating work without it)."
+    )
+    raise ImportError(_msg)
+
 from ._clip import ClipModel, load_clip
 from ._config import CONFIGS, get_config
 from ._io import from_pretrained, load_model, read_published, save_base, save_pretrained, save_published

@@ -10,6 +10,7 @@ import numpy as np
 
 from st2he._elements import ATTRS_KEY, check_key_free, get_image, record_params, set_element
 from st2he._grid import Grid
+from st2he._tissue import tissue_mask, value_scale
 
 logger = logging.getLogger("st2he")
 
@@ -58,16 +59,7 @@ def _tissue_map(element, tile_size: int, rule: str) -> tuple[np.ndarray, float]:
     arr = level.data
     if "c" not in level.dims:
         arr = arr[None]
-    if rule == "not_white":
-        rgb = arr[:3].astype(np.float32)
-        scale = 1.0 if np.issubdtype(arr.dtype, np.floating) else 255.0 / float(np.iinfo(arr.dtype).max)
-        grey = rgb.mean(axis=0) * scale
-        mask = grey < 220.0
-    else:
-        v = arr.max(axis=0).astype(np.float32)
-        if np.issubdtype(arr.dtype, np.integer):
-            v = v / float(np.iinfo(arr.dtype).max)
-        mask = v > 10.0 / 255.0
+    mask = tissue_mask(arr, "brightfield" if rule == "not_white" else "fluorescence", scale=value_scale(arr.dtype))
     k = max(1, int(math.floor(target / factor)))
     frac = mask.astype(np.float32)
     if k > 1:

@@ -60,9 +60,11 @@ def aligned_pair(
     return xin, yt, sub
 
 
-def tissue_fraction(tiles: np.ndarray, threshold: int = 10) -> np.ndarray:
-    """Fraction of pixels of each ``(n, 3, S, S)`` input tile that are not background (black)."""
-    return (tiles.max(axis=1) > threshold).mean(axis=(1, 2))
+def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
+    """Fraction of pixels of each ``(n, 3, S, S)`` input tile that are tissue (st2he's rule for a black background)."""
+    from st2he._tissue import tissue_mask
+
+    return tissue_mask(tiles, "fluorescence", channel_axis=1).mean(axis=(1, 2))
 
 
 def grid_tiles(image: np.ndarray, tile: int, stride: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:

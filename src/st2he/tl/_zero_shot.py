@@ -15,16 +15,12 @@ import pandas as pd
 from st2he._elements import check_key_free, get_image, record_params
 from st2he._grid import COORDINATE_SYSTEM, Grid
 from st2he._raster import Raster
+from st2he._tissue import tissue_mask
 
 from ._prompts import build_prompts, resolve_classes, resolve_templates
 
 logger = logging.getLogger("st2he")
 
-#: A pixel of an H&E tile is background when the mean of its RGB values (0-255) is at least this: glass is white
-#: (the same rule as the ``"not_white"`` tissue of :func:`st2he.pp.make_tiles`).
-WHITE_LEVEL = 220
-#: ... or when all three channels are darker than this (padding outside the scanned area, black borders).
-BLACK_LEVEL = 25
 REGION_KEY = "region"
 INSTANCE_KEY = "tile_id"
 
@@ -84,8 +80,8 @@ def zero_shot(
         ``f"{key_added}_tiles"``. With ``tiles_key`` each tile is read over its bounding box.
     min_tissue_fraction
         Tiles whose tissue fraction is below this are skipped (not embedded, not in the table). A pixel is
-        background when the mean of its RGB values is at least :data:`WHITE_LEVEL` (220 of 255: glass) or all its
-        channels are below :data:`BLACK_LEVEL` (25: padding); the tissue fraction is the share of the other
+        background when the mean of its RGB values is at least 220 of 255 (glass) or all its channels are below
+        25 (padding), the rule :func:`st2he.pp.make_tiles` uses too; the tissue fraction is the share of the other
         pixels, measured on the tile as read. Tiles of a tiles element whose ``tissue_fraction`` column (as
         :func:`st2he.pp.make_tiles` writes it) is 0 are skipped without being read.
     batch_size
@@ -335,14 +331,12 @@ def pool_top_k(similarity: np.ndarray, classes: Sequence[str], *, top_k: int = 5
 
 
 def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
-    """Share of tissue pixels in each of ``(n, h, w, 3)`` uint8 H&E tiles (see :data:`WHITE_LEVEL`, :data:`BLACK_LEVEL`)."""
+    """Share of tissue pixels in each of ``(n, h, w, 3)`` uint8 H&E tiles (st2he's brightfield tissue rule)."""
     tiles = np.asarray(tiles)
     if tiles.ndim == 3:
         tiles = tiles[None]
-    grey = tiles[..., :3].mean(axis=-1, dtype=np.float32)
-    hi = tiles[..., :3].max(axis=-1)
-    background = (grey >= WHITE_LEVEL) | (hi < BLACK_LEVEL)
-    return 1.0 - background.reshape(len(tiles), -1).mean(axis=1)
+    tissue = tissue_mask(tiles[..., :3], "brightfield", channel_axis=-1)
+    return tissue.reshape(len(tiles), -1).mean(axis=1)
 
 
 def read_tiles(
