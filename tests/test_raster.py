@@ -297,3 +297,40 @@ def test_one_tissue_rule_for_tiles_and_zero_shot():
     sdata = SpatialData(images={"he": parse_image(np.moveaxis(tile, -1, 0), grid)})
     st2he.pp.make_tiles(sdata, "he", tile_size=6, min_tissue_fraction=0.0, key_added="t")
     assert float(sdata.shapes["t"]["tissue_fraction"].iloc[0]) == pytest.approx(4 / 6)
+
+
+def test_read_he_image_keeps_the_slides_own_pyramid(shared_data, tmp_path):
+    """A pyramidal slide's levels become the element's levels, untouched; odd sizes plot and evaluate."""
+    import matplotlib
+    import tifffile
+
+    matplotlib.use("Agg")
+    svs = shared_data / "he_cmu1_small_region.svs"
+    full = tifffile.imread(svs, series=0, level=0)  # (2967, 2220, 3): odd height
+    levels = [full]
+    for _ in range(2):  # the slide's own downsampled levels (not what spatialdata would compute: every 2nd pixel)
+        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(full, subifds=2, tile=(256, 256), photometric="rgb", metadata={"PhysicalSizeX": 0.499, "PhysicalSizeY": 0.499})
+        for lv in levels[1:]:
+            tif.write(lv, subfiletype=1, tile=(256, 256), photometric="rgb")
+    sdata = st2he.io.read_he_image(path, origin=(100.0, 200.0))
+    raster = Raster(sdata.images["he_image"])
+    assert [lv.shape for lv in raster.levels] == [(2967, 2220), (1484, 1110), (742, 555)]
+    for lv, want in zip(raster.levels, levels, strict=True):
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(lv.data.data[:, :300, :200]), 0, -1), want[:300, :200])
+    assert raster.pixel_size == pytest.approx(0.499)
+    assert raster.bounds == pytest.approx((100.0, 200.0, 100.0 + 2220 * 0.499, 200.0 + 2967 * 0.499))
+    assert raster.levels[2].pixel_sizes[0] == pytest.approx(0.499 * 2220 / 555)
+    assert raster.level_for(2.0) == 2
+    # a read at 2 µm per pixel comes from level 2: its pixels, not a pooled level 0
+    region = (100.0, 200.0, 100.0 + 40 * raster.levels[2].pixel_sizes[0], 200.0 + 30 * raster.levels[2].pixel_sizes[1])
+    got = raster.read_region(region, pixel_size=raster.levels[2].pixel_sizes[0] * 1.001, dtype=np.float64)
+    assert np.abs(np.moveaxis(got, 0, -1)[2:-2, 2:-2] - levels[2][2:28, 2:38]).mean() < 3
+    # odd-sized levels plot (the old square-pixel check failed on every coarse level) and evaluate against themselves
+    axes = st2he.pl.compare(sdata, input_key=None, pred_key=None, genes=[], max_pixels=300)
+    assert max(axes[0].get_images()[0].get_array().shape[:2]) <= 300
+    sdata.images["copy"] = sdata.images["he_image"]
+    df = st2he.tl.evaluate_he(sdata, pred_key="copy", true_key="he_image", pixel_size=4.0)
+    assert df.loc["overall", "mse"] == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from st2he._elements import RGB, check_key_free, parse_image, record_params, set_element
-from st2he._grid import Grid
+from st2he._grid import COORDINATE_SYSTEM, Grid
 
 _TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
 
@@ -26,9 +26,10 @@ def read_he_image(
 ):
     """Read an RGB H&E image as a SpatialData image element on a grid of known µm per pixel.
 
-    Whole-slide TIFFs (Aperio ``.svs``, OME-TIFF, generic pyramidal TIFF) are read lazily at full resolution with
-    ``tifffile`` (JPEG tiles need ``imagecodecs``); PNG and JPEG tiles with Pillow. A multiscale pyramid is built
-    so that tools can read coarser levels.
+    Whole-slide TIFFs (Aperio ``.svs``, OME-TIFF, generic pyramidal TIFF) are read lazily with ``tifffile`` (JPEG
+    tiles need ``imagecodecs``); PNG and JPEG tiles with Pillow. A slide's own pyramid levels become the element's
+    levels (nothing is recomputed from full resolution); an image without one gets a multiscale pyramid built so
+    that tools can read coarser levels.
 
     Parameters
     ----------
@@ -62,8 +63,10 @@ def read_he_image(
         raise FileNotFoundError(msg)
     if sdata is not None:
         check_key_free(sdata, key, overwrite=overwrite, parameter="key")
+    levels: list = []
     if path.suffix.lower() in _TIFF_SUFFIXES:
-        data, found = _read_tiff(path)
+        levels, found = _read_tiff(path)
+        data = levels[0]
     else:
         from PIL import Image
 
@@ -88,7 +91,10 @@ def read_he_image(
     grid = Grid(float(origin[0]), float(origin[1]), pixel_size, int(data.shape[0]), int(data.shape[1]))
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(chunks, chunks, 3))
-    element = parse_image(da.moveaxis(data, -1, 0), grid, c_coords=RGB, chunks=chunks)
+    if len(levels) > 1:
+        element = _slide_pyramid([data] + [lv[..., :3] for lv in levels[1:]], grid, chunks)
+    else:
+        element = parse_image(da.moveaxis(data, -1, 0), grid, c_coords=RGB, chunks=chunks)
     if sdata is None:
         sdata = SpatialData(images={key: element})
     else:
@@ -98,6 +104,7 @@ def read_he_image(
 
 
 def _read_tiff(path: Path):
+    """The slide's pyramid levels, full resolution first, as ``(y, x, c)`` arrays (lazy where tiled), and its µm/px."""
     import dask.array as da
     import tifffile
     import zarr
@@ -105,13 +112,39 @@ def _read_tiff(path: Path):
     with tifffile.TiffFile(path) as tif:
         found = _tiff_pixel_size(tif)
         series = tif.series[0]
-        shape = series.levels[0].shape if series.levels else series.shape
-    if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
+        shapes = [lv.shape for lv in series.levels] if series.levels else [series.shape]
+    if len(shapes[0]) == 3 and shapes[0][0] in (3, 4) and shapes[0][-1] not in (3, 4):
         # planar (c, y, x) layout
         arr = tifffile.imread(path, series=0, level=0)
-        return np.moveaxis(arr, 0, -1), found
-    store = tifffile.imread(path, aszarr=True, series=0, level=0)
-    return da.from_zarr(zarr.open(store, mode="r")), found
+        return [np.moveaxis(arr, 0, -1)], found
+    levels = []
+    for i, shape in enumerate(shapes):
+        if i and (len(shape) != 3 or shape[-1] not in (3, 4) or shape[0] >= shapes[i - 1][0]):
+            break  # keep only levels that are RGB(A) and shrink
+        store = tifffile.imread(path, aszarr=True, series=0, level=i)
+        levels.append(da.from_zarr(zarr.open(store, mode="r")))
+    return levels, found
+
+
+def _slide_pyramid(levels, grid: Grid, chunks: int):
+    """A multiscale image element from a slide's own levels ``(y, x, 3)``, each placed by its size ratio."""
+    import dask.array as da
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import set_transformation
+
+    tree = xr.DataTree.from_dict(
+        {
+            f"scale{i}": xr.Dataset(
+                {"image": xr.DataArray(da.moveaxis(lv, -1, 0).rechunk((3, chunks, chunks)), dims=("c", "y", "x"), coords={"c": list(RGB)})}
+            )
+            for i, lv in enumerate(levels)
+        }
+    )
+    # spatialdata scales every level by its size ratio to scale0
+    set_transformation(tree, {COORDINATE_SYSTEM: grid.transformation()}, set_all=True)
+    Image2DModel().validate(tree)
+    return tree
 
 
 def _tiff_pixel_size(tif) -> float | None:
