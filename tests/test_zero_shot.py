@@ -151,8 +151,9 @@ def test_top_k_pooling_is_the_mean_of_the_k_best_tiles_per_class():
 def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
     sdata = _toy_sdata()
     classes = {"tumour": ["tumor", "carcinoma"], "stroma": ["stroma"], "lymph": ["lymphocytes"]}
-    slide = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
-    table = sdata.tables["zero_shot"]
+    table = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
+    assert table is sdata.tables["zero_shot"]  # the call returns the table it stored
+    slide = table.uns["zero_shot"]["slide"]
     # the four tiles on glass are skipped; the rest annotate the tiles element by its index
     assert table.n_obs == 12
     attrs = table.uns["spatialdata_attrs"]
@@ -204,10 +205,11 @@ def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
 def test_existing_key_needs_overwrite(tiny_clip):
     sdata = _toy_sdata(with_cells=False)
     kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "tiles_key": "tiles"}
-    first = st2he.tl.zero_shot(sdata, **kwargs, progress=False)
+    first = st2he.tl.zero_shot(sdata, **kwargs, progress=False).uns["zero_shot"]["slide"]
     with pytest.raises(KeyError, match="overwrite"):
         st2he.tl.zero_shot(sdata, **kwargs)
-    assert st2he.tl.zero_shot(sdata, **kwargs, overwrite=True, progress=False) == first
+    again = st2he.tl.zero_shot(sdata, **kwargs, overwrite=True, progress=False)
+    assert again is sdata.tables["zero_shot"] and again.uns["zero_shot"]["slide"] == first
 
 
 def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
@@ -245,7 +247,9 @@ def test_tiles_are_read_from_a_coarser_level_when_the_model_sees_less_detail(tin
 
 def test_default_tiles_from_make_tiles(tiny_clip):
     sdata = _toy_sdata(with_cells=False)
-    slide = st2he.tl.zero_shot(sdata, image_key="he", classes="breast", model=tiny_clip, progress=False)
+    table = st2he.tl.zero_shot(sdata, image_key="he", classes="breast", model=tiny_clip, progress=False)
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     assert "zero_shot_tiles" in sdata.shapes
     tiles = sdata.shapes["zero_shot_tiles"]
     bounds = tiles.geometry.bounds
@@ -339,10 +343,11 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     # classify with the colorectal prompt set
     clip = st2he.models.load_clip(tiny_checkpoint, mpp=112.0 / 64)  # the tiny model sees each tile whole
     assert clip.tile_size_um == pytest.approx(112.0)
-    slide = st2he.tl.zero_shot(
+    table = st2he.tl.zero_shot(
         sdata, image_key="he", classes="crc", model=clip, tiles_key="kather", min_tissue_fraction=0.0, progress=False
     )
-    table = sdata.tables["zero_shot"]
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     assert table.n_obs == 32 and table.n_vars == 9 and slide["class"] in table.var_names
     with pytest.warns(UserWarning, match="left out"):
         # no background (BACK) tiles here, and labels that are not classes are left out with a warning
@@ -386,10 +391,11 @@ def test_real_slide_through_the_tile_pipeline(shared_data, tiny_clip):
     assert grid.pixel_size == pytest.approx(0.499) and grid.shape == (2967, 2220)
     assert len(zs._levels(sdata.images["he_image"])) == 4
     # 160 µm tiles for a 64 px model: 2.5 µm/px suffices, read from the 4x level (~2 µm/px)
-    slide = st2he.tl.zero_shot(
+    table = st2he.tl.zero_shot(
         sdata, image_key="he_image", classes="breast", model=tiny_clip, tile_size_um=160.0, progress=False
     )
-    table = sdata.tables["zero_shot"]
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     params = table.uns["zero_shot"]["params"]
     assert params["read_mpp"] == pytest.approx(0.499 * 4, rel=0.01)
     n_tiles = len(sdata.shapes["zero_shot_tiles"])
@@ -544,5 +550,5 @@ def test_fine_tuned_tiny_model_classifies_held_out_tiles(tiny_checkpoint, tmp_pa
             model=st2he.models.load_clip(model_arg, mpp=TILE_UM / 64),
             top_k=5,
             progress=False,
-        )
+        ).uns["zero_shot"]["slide"]
         assert slide["class"] == subtype, slide
