@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from st2he._elements import check_key_free, get_image, record_params, set_element
+from st2he._elements import check_key_free, get_image, write_elements
 from st2he._grid import COORDINATE_SYSTEM, Grid
 
 logger = logging.getLogger("st2he")
@@ -89,8 +89,11 @@ def evaluate_he(
         raise ValueError(msg)
     tile_size = int(tile_size)
     tiles_key = f"{key_added}_tiles"
-    check_key_free(sdata, key_added, overwrite=overwrite)
-    check_key_free(sdata, tiles_key, overwrite=overwrite, parameter="key_added")
+    inputs, written = {pred_key, true_key}, {key_added, tiles_key}
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="tables", inputs=inputs, replaced=written)
+    check_key_free(
+        sdata, tiles_key, overwrite=overwrite, parameter="key_added", kind="shapes", inputs=inputs, replaced=written
+    )
     pred, pred_grid = get_image(sdata, pred_key, parameter="pred_key")
     true, true_grid = get_image(sdata, true_key, parameter="true_key")
     _check_rgb(pred, pred_key, "pred_key")
@@ -345,6 +348,12 @@ def _store(sdata, tiles, overall, mean_over_tiles, params, key_added, tiles_key,
     adata.uns["mean_over_tiles"] = dict(mean_over_tiles)
     adata.uns["params"] = dict(params)
     table = TableModel.parse(adata, region=tiles_key, region_key="region", instance_key="tile_id")
-    set_element(sdata, tiles_key, shapes, overwrite=overwrite)
-    set_element(sdata, key_added, table, overwrite=overwrite)
-    record_params(sdata, key_added, params)
+    # the tiles and the table that annotates them are stored together, or neither
+    write_elements(
+        sdata,
+        {tiles_key: shapes, key_added: table},
+        overwrite=overwrite,
+        inputs={params["pred_key"], params["true_key"]},
+        parameters={tiles_key: "key_added", key_added: "key_added"},
+        params={key_added: params},
+    )

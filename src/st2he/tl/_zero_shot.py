@@ -680,7 +680,8 @@ def _check_tile_pixels(boxes: np.ndarray, grid: Grid, clip, image_key: str, what
     if small.any():
         msg = (
             f"{what}: {int(small.sum())} of {len(boxes)} tiles span fewer than {need:g} pixels of {image_key!r} "
-            f"(the smallest: {edges.min():.3g} px of {grid.pixel_size:.4g} µm, {edges.min() * grid.pixel_size:.4g} µm); "
+            f"(the smallest: {edges.min():.3g} px of {grid.pixel_size:.4g} µm, "
+            f"{edges.min() * grid.pixel_size:.4g} µm); "
             f"the model reads {clip.image_size} px tiles, so these would be upscaled more than twice. Use tiles of "
             f"at least {need * grid.pixel_size:.4g} µm (the model's field of view is {clip.tile_size_um:.4g} µm), "
             "or an image with finer pixels."
