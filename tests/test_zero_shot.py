@@ -212,6 +212,57 @@ def test_existing_key_needs_overwrite(tiny_clip):
     assert again is sdata.tables["zero_shot"] and again.uns["zero_shot"]["slide"] == first
 
 
+def test_failed_overwrite_keeps_the_old_tiles_and_table(tiny_clip, monkeypatch):
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "progress": False}
+    first = st2he.tl.zero_shot(sdata, **kwargs)
+    tiles = sdata.shapes["zero_shot_tiles"]
+    # the model fails half-way through a second run with other tiles: the old tiles and table are kept as they were
+    def broken(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiny_clip, "encode_image", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    monkeypatch.undo()
+    assert sdata.shapes["zero_shot_tiles"] is tiles and len(tiles) == 16
+    assert sdata.tables["zero_shot"] is first
+    assert first.uns["spatialdata_attrs"]["region"] == "zero_shot_tiles"
+    assert set(first.obs["tile_id"]) <= set(tiles.index)
+    # a name of another type is never taken; tiles another table annotates are not replaced
+    with pytest.raises(KeyError, match="names an image"):
+        st2he.tl.zero_shot(sdata, **kwargs, key_added="he", overwrite=True)
+    with pytest.raises(KeyError, match="names a shapes element"):
+        st2he.tl.zero_shot(sdata, **kwargs, key_added="tiles", overwrite=True)
+    sdata.tables["other"] = sdata.tables["zero_shot"].copy()  # a second table annotating the same tiles
+    with pytest.raises(ValueError, match=r"\['other'\] annotate"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    del sdata.tables["other"]
+    assert sdata.shapes["zero_shot_tiles"] is tiles and sdata.tables["zero_shot"] is first
+    # a successful overwrite replaces both, together
+    table = st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    assert table is sdata.tables["zero_shot"] and len(sdata.shapes["zero_shot_tiles"]) == 4
+    assert set(table.obs["tile_id"]) <= set(sdata.shapes["zero_shot_tiles"].index)
+
+
+def test_tiles_far_below_the_model_input_are_refused(tiny_clip):
+    # the tiny model reads 64 px tiles; the toy image has 0.5 µm pixels: tiles under 16 µm (32 px) are refused
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "progress": False}
+    with pytest.raises(ValueError, match=r"fewer than 32 pixels.*at least 16 µm"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=8.0)
+    small = [shapely.box(100 + 4 * i, 200, 104 + 4 * i, 204) for i in range(3)]
+    from spatialdata.models import ShapesModel
+
+    sdata["small"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=small))
+    with pytest.raises(ValueError, match=r"tiles_key='small'.*3 of 3 tiles"):
+        st2he.tl.zero_shot(sdata, **kwargs, tiles_key="small")
+    assert "zero_shot" not in sdata and "zero_shot_tiles" not in sdata
+    # half the model's input is enough
+    table = st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=16.0, min_tissue_fraction=0.0)
+    assert table.uns["zero_shot"]["params"]["tile_size_um"] == 16.0
+
+
 def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
     boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], float)
     pts = np.array([[6.0, 5.0], [9.0, 5.0], [2.0, 2.0], [18.0, 18.0], [np.nan, 1.0], [10.0, 5.0]])

@@ -12,8 +12,9 @@ Every st2he function that writes elements follows one rule, implemented here:
 - an element that a table annotates is replaced only together with that table (else the table would annotate
   elements it was not made from);
 - only the object in memory changes. When it is backed by a zarr store (``sdata.is_backed()``) nothing is deleted
-  from or written to the store: the old element stays on disk until you write the new one yourself
-  (``sdata.write_element(key, overwrite=True)``).
+  from or written to the store: the old element stays on disk until you save the object yourself (safest to a new
+  store, ``sdata.write(new_path)``; spatialdata's ``delete_element_from_disk`` followed by ``write_element`` loses
+  the element if the write fails).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def check_key_free(
     if kind is not None and held is not None and held != kind:
         msg = (
             f"{parameter}={key!r} names {_TYPE_NAMES[held]} of this SpatialData object, and this call writes "
-            f"{_TYPE_NAMES[kind]}: element names are shared by all types, so it would replace the {held} element. "
+            f"{_TYPE_NAMES[kind]}: element names are shared by all types, so it would replace that element. "
             f"Pick another {parameter} (overwrite=True never replaces an element of another type)."
         )
         raise KeyError(msg)
