@@ -227,3 +227,18 @@ def test_backed_store_keeps_the_old_element_until_written(sample, tmp_path):
     # saving is the user's step, e.g. to a new store
     backed.write(tmp_path / "new.zarr")
     assert len(read_zarr(tmp_path / "new.zarr").shapes["tiles"]) == 16
+
+
+def test_evaluate_he_returns_the_values_it_stored(sample):
+    st2he.pp.rasterize_transcripts(sample, pixel_size=2.0, palette="hue")
+    st2he.tl.virtual_he(sample, method="stain")
+    frame = st2he.tl.evaluate_he(sample, tile_size=24)
+    table = sample.tables["he_metrics"]
+    tiles = frame.drop(index=["mean_over_tiles", "overall"])
+    assert list(tiles.index.astype(str)) == list(table.obs_names) == list(sample.shapes["he_metrics_tiles"].index)
+    np.testing.assert_array_equal(tiles[["mse", "psnr", "ssim"]].to_numpy(), np.asarray(table.X))
+    for row in ("overall", "mean_over_tiles"):
+        assert frame.loc[row, ["mse", "psnr", "ssim"]].tolist() == pytest.approx(
+            [table.uns[row][m] for m in ("mse", "psnr", "ssim")]
+        )
+

@@ -81,8 +81,9 @@ def evaluate_he(
     -------
     Data frame with one row per tile (index ``tile_id``; columns ``mse``, ``psnr``, ``ssim``, the tile's pixel
     offsets ``row0``, ``col0``, size ``height``, ``width`` and bounds ``x_min``, ``y_min``, ``x_max``, ``y_max`` in
-    µm), followed by the rows ``"mean_over_tiles"`` and ``"overall"``. The table ``sdata.tables[key_added]`` holds
-    the tiles (metrics in ``X`` and ``obs``) and ``uns["overall"]``, ``uns["mean_over_tiles"]``, ``uns["params"]``.
+    µm), followed by the rows ``"mean_over_tiles"`` and ``"overall"``: the values of the new table
+    ``sdata.tables[key_added]`` as one frame. That table holds the tiles (metrics in ``X`` and ``obs``) and
+    ``uns["overall"]``, ``uns["mean_over_tiles"]``, ``uns["params"]``.
     """
     if int(tile_size) != tile_size or tile_size < 1:
         msg = f"tile_size must be a whole number of pixels >= 1, got {tile_size!r}."
