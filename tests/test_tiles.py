@@ -102,3 +102,15 @@ def test_bad_input():
     assert len(st2he.pp.make_tiles(sd, "he", tile_size=32, overwrite=True)) == 20
     # an image smaller than a tile: one tile at its origin
     assert len(st2he.pp.make_tiles(sd, "he", tile_size=512, key_added="big")) == 1
+
+
+def test_non_finite_centres_are_refused_naming_the_rows():
+    sd = _he()
+    centres = np.array([[110.0, 60.0], [np.nan, np.nan], [120.0, np.inf], [130.0, 70.0]])
+    with pytest.raises(ValueError, match=r"2 of 4 rows .*rows 1, 2"):
+        st2he.pp.make_tiles(sd, "he", tile_size=16, centers=centres, key_added="centred")
+    assert "centred" not in sd  # nothing written, no tile at the origin
+    # the finite rows alone give their tiles, and the call returns the element it stored
+    tiles = st2he.pp.make_tiles(sd, "he", tile_size=16, centers=centres[[0, 3]], key_added="centred")
+    assert tiles is sd.shapes["centred"]
+    assert list(tiles["center_index"]) == [0, 1]

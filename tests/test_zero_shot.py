@@ -152,8 +152,9 @@ def test_top_k_pooling_is_the_mean_of_the_k_best_tiles_per_class():
 def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
     sdata = _toy_sdata()
     classes = {"tumour": ["tumor", "carcinoma"], "stroma": ["stroma"], "lymph": ["lymphocytes"]}
-    slide = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
-    table = sdata.tables["zero_shot"]
+    table = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
+    assert table is sdata.tables["zero_shot"]  # the call returns the table it stored
+    slide = table.uns["zero_shot"]["slide"]
     # the four tiles on glass are skipped; the rest annotate the tiles element by its index
     assert table.n_obs == 12
     attrs = table.uns["spatialdata_attrs"]
@@ -205,10 +206,62 @@ def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
 def test_existing_key_needs_overwrite(tiny_clip):
     sdata = _toy_sdata(with_cells=False)
     kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "tiles_key": "tiles"}
-    first = st2he.tl.zero_shot(sdata, **kwargs, progress=False)
+    first = st2he.tl.zero_shot(sdata, **kwargs, progress=False).uns["zero_shot"]["slide"]
     with pytest.raises(KeyError, match="overwrite"):
         st2he.tl.zero_shot(sdata, **kwargs)
-    assert st2he.tl.zero_shot(sdata, **kwargs, overwrite=True, progress=False) == first
+    again = st2he.tl.zero_shot(sdata, **kwargs, overwrite=True, progress=False)
+    assert again is sdata.tables["zero_shot"] and again.uns["zero_shot"]["slide"] == first
+
+
+def test_failed_overwrite_keeps_the_old_tiles_and_table(tiny_clip, monkeypatch):
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "progress": False}
+    first = st2he.tl.zero_shot(sdata, **kwargs)
+    tiles = sdata.shapes["zero_shot_tiles"]
+    # the model fails half-way through a second run with other tiles: the old tiles and table are kept as they were
+    def broken(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiny_clip, "encode_image", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    monkeypatch.undo()
+    assert sdata.shapes["zero_shot_tiles"] is tiles and len(tiles) == 16
+    assert sdata.tables["zero_shot"] is first
+    assert first.uns["spatialdata_attrs"]["region"] == "zero_shot_tiles"
+    assert set(first.obs["tile_id"]) <= set(tiles.index)
+    # a name of another type is never taken; tiles another table annotates are not replaced
+    with pytest.raises(KeyError, match="names an image"):
+        st2he.tl.zero_shot(sdata, **kwargs, key_added="he", overwrite=True)
+    with pytest.raises(KeyError, match="names a shapes element"):
+        st2he.tl.zero_shot(sdata, **kwargs, key_added="tiles", overwrite=True)
+    sdata.tables["other"] = sdata.tables["zero_shot"].copy()  # a second table annotating the same tiles
+    with pytest.raises(ValueError, match=r"\['other'\] annotate"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    del sdata.tables["other"]
+    assert sdata.shapes["zero_shot_tiles"] is tiles and sdata.tables["zero_shot"] is first
+    # a successful overwrite replaces both, together
+    table = st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=64.0, overwrite=True)
+    assert table is sdata.tables["zero_shot"] and len(sdata.shapes["zero_shot_tiles"]) == 4
+    assert set(table.obs["tile_id"]) <= set(sdata.shapes["zero_shot_tiles"].index)
+
+
+def test_tiles_far_below_the_model_input_are_refused(tiny_clip):
+    # the tiny model reads 64 px tiles; the toy image has 0.5 µm pixels: tiles under 16 µm (32 px) are refused
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "progress": False}
+    with pytest.raises(ValueError, match=r"fewer than 32 pixels.*at least 16 µm"):
+        st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=8.0)
+    small = [shapely.box(100 + 4 * i, 200, 104 + 4 * i, 204) for i in range(3)]
+    from spatialdata.models import ShapesModel
+
+    sdata["small"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=small))
+    with pytest.raises(ValueError, match=r"tiles_key='small'.*3 of 3 tiles"):
+        st2he.tl.zero_shot(sdata, **kwargs, tiles_key="small")
+    assert "zero_shot" not in sdata and "zero_shot_tiles" not in sdata
+    # half the model's input is enough
+    table = st2he.tl.zero_shot(sdata, **kwargs, tile_size_um=16.0, min_tissue_fraction=0.0)
+    assert table.uns["zero_shot"]["params"]["tile_size_um"] == 16.0
 
 
 def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
@@ -246,7 +299,9 @@ def test_tiles_are_read_from_a_coarser_level_when_the_model_sees_less_detail(tin
 
 def test_default_tiles_from_make_tiles(tiny_clip):
     sdata = _toy_sdata(with_cells=False)
-    slide = st2he.tl.zero_shot(sdata, image_key="he", classes="breast", model=tiny_clip, progress=False)
+    table = st2he.tl.zero_shot(sdata, image_key="he", classes="breast", model=tiny_clip, progress=False)
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     assert "zero_shot_tiles" in sdata.shapes
     tiles = sdata.shapes["zero_shot_tiles"]
     bounds = tiles.geometry.bounds
@@ -340,10 +395,11 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     # classify with the colorectal prompt set
     clip = st2he.models.load_clip(tiny_checkpoint, mpp=112.0 / 64)  # the tiny model sees each tile whole
     assert clip.tile_size_um == pytest.approx(112.0)
-    slide = st2he.tl.zero_shot(
+    table = st2he.tl.zero_shot(
         sdata, image_key="he", classes="crc", model=clip, tiles_key="kather", min_tissue_fraction=0.0, progress=False
     )
-    table = sdata.tables["zero_shot"]
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     assert table.n_obs == 32 and table.n_vars == 9 and slide["class"] in table.var_names
     with pytest.warns(UserWarning, match="left out"):
         # no background (BACK) tiles here, and labels that are not classes are left out with a warning
@@ -387,10 +443,11 @@ def test_real_slide_through_the_tile_pipeline(shared_data, tiny_clip):
     assert grid.pixel_size == pytest.approx(0.499) and grid.shape == (2967, 2220)
     assert len(Raster(sdata.images["he_image"]).levels) == 4
     # 160 µm tiles for a 64 px model: 2.5 µm/px suffices, read from the 4x level (~2 µm/px)
-    slide = st2he.tl.zero_shot(
+    table = st2he.tl.zero_shot(
         sdata, image_key="he_image", classes="breast", model=tiny_clip, tile_size_um=160.0, progress=False
     )
-    table = sdata.tables["zero_shot"]
+    assert table is sdata.tables["zero_shot"]
+    slide = table.uns["zero_shot"]["slide"]
     params = table.uns["zero_shot"]["params"]
     assert params["read_mpp"] == pytest.approx(0.499 * 4, rel=0.01)
     n_tiles = len(sdata.shapes["zero_shot_tiles"])
@@ -545,5 +602,5 @@ def test_fine_tuned_tiny_model_classifies_held_out_tiles(tiny_checkpoint, tmp_pa
             model=st2he.models.load_clip(model_arg, mpp=TILE_UM / 64),
             top_k=5,
             progress=False,
-        )
+        ).uns["zero_shot"]["slide"]
         assert slide["class"] == subtype, slide

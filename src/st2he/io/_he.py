@@ -62,7 +62,7 @@ def read_he_image(
         msg = f"H&E image file not found: {path}"
         raise FileNotFoundError(msg)
     if sdata is not None:
-        check_key_free(sdata, key, overwrite=overwrite, parameter="key")
+        check_key_free(sdata, key, overwrite=overwrite, parameter="key", kind="images")
     levels: list = []
     if path.suffix.lower() in _TIFF_SUFFIXES:
         levels, found = _read_tiff(path)
@@ -98,7 +98,7 @@ def read_he_image(
     if sdata is None:
         sdata = SpatialData(images={key: element})
     else:
-        set_element(sdata, key, element, overwrite=overwrite)
+        set_element(sdata, key, element, overwrite=overwrite, parameter="key")
     record_params(sdata, key, {"path": str(path), "pixel_size": pixel_size, "origin": list(origin)})
     return sdata
 

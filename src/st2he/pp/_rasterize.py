@@ -823,7 +823,7 @@ def rasterize_transcripts(
     chunk: int = 1024,
     key_added: str = "st2he_input",
     overwrite: bool = False,
-) -> None:
+):
     """Draw the ST2HE input picture: the nuclear stain in grey and every kept transcript as a coloured dot.
 
     The picture is written to ``sdata.images[key_added]`` as a multiscale uint8 RGB image (channels r, g, b)
@@ -881,12 +881,18 @@ def rasterize_transcripts(
     key_added
         Name of the image element written.
     overwrite
-        Replace an existing element ``key_added``; otherwise an existing one raises a :class:`KeyError`.
+        Replace an existing image ``key_added``; otherwise an existing one raises a :class:`KeyError`. Never
+        replaced, even so: an element of another type, or one the picture is drawn from (the points, the stain).
+
+    Returns
+    -------
+    The new image element, ``sdata.images[key_added]``.
     """
     if style not in STYLES:
         msg = f"style must be one of {STYLES}, got {style!r}."
         raise ValueError(msg)
-    check_key_free(sdata, key_added, overwrite=overwrite)
+    named = {k for k in (points_key, stain_key, boundaries_key) if isinstance(k, str) and k != "auto"}
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="images", inputs=named)
     pixel_size = _check_pixel_size(pixel_size)
     if int(dot_size) != dot_size or dot_size < 1:
         msg = f"dot_size must be a whole number of pixels >= 1, got {dot_size!r}."
@@ -986,11 +992,12 @@ def rasterize_transcripts(
         "dy": dy,
         "dx": dx,
     }
+    # the picture reads these lazily: they are never replaced by it
+    inputs = {k for k in (params["points_key"], stain_info["stain_key"]) if k is not None}
     if stain_info["stain_kind"] == "images":
         image = sdata.images[stain_info["stain_key"]]
         data = _picture_over_image(image, grid, chunk, stain_info["stain_range"], **options)
-        add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
-        return
+        return add_image(sdata, key_added, data, grid, overwrite=overwrite, inputs=inputs, chunks=chunk, params=params)
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     # the options go in a partial: dask would otherwise walk through the molecules' index looking for collections
     draw = functools.partial(_draw_block, chunk=chunk, grid=grid, **options)
@@ -1001,7 +1008,7 @@ def rasterize_transcripts(
         dtype=np.uint8,
         meta=np.empty((0, 0, 0), dtype=np.uint8),
     )
-    add_image(sdata, key_added, data, grid, overwrite=overwrite, chunks=chunk, params=params)
+    return add_image(sdata, key_added, data, grid, overwrite=overwrite, inputs=inputs, chunks=chunk, params=params)
 
 
 def transcript_density(
@@ -1017,16 +1024,21 @@ def transcript_density(
     dtype: str = "float32",
     key_added: str = "transcript_density",
     overwrite: bool = False,
-) -> None:
+):
     """Write a multi-channel image of molecule counts per pixel, for models that take channels.
 
     One channel per gene (``genes`` a list), per gene group (a mapping ``{name: [genes]}``; a gene in several
     groups counts in each) or one ``"total"`` channel (``genes=None``); channel names are the ``c`` coordinates.
     Counts are exact (no pyramid: downsampling would blur counts), ``float32`` or ``uint16`` (saturating).
     Placed on the same kind of grid as :func:`rasterize_transcripts` (same ``region`` and ``pixel_size`` give the
-    same pixels), computed lazily chunk by chunk.
+    same pixels), computed lazily chunk by chunk. ``key_added`` names the image written; an existing image of that
+    name is replaced only with ``overwrite=True`` (never ``points_key`` or an element of another type).
+
+    Returns
+    -------
+    The new image element, ``sdata.images[key_added]``.
     """
-    check_key_free(sdata, key_added, overwrite=overwrite)
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="images", inputs={points_key})
     pixel_size = _check_pixel_size(pixel_size)
     if dtype not in ("float32", "uint16"):
         msg = f"dtype must be 'float32' or 'uint16', got {dtype!r}."
@@ -1051,12 +1063,13 @@ def transcript_density(
         "dtype": dtype,
         "molecules": binned.report.as_dict(),
     }
-    add_image(
+    return add_image(
         sdata,
         key_added,
         data,
         grid,
         overwrite=overwrite,
+        inputs={points_key},
         c_coords=channels,
         scale_factors=None,
         chunks=chunk,

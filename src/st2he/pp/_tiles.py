@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from st2he._elements import ATTRS_KEY, check_key_free, get_image, record_params, set_element
+from st2he._elements import ATTRS_KEY, check_key_free, get_image, write_elements
 from st2he._grid import Grid
 from st2he._tissue import tissue_mask, value_scale
 
@@ -99,6 +99,14 @@ def _centres(sdata, centers) -> np.ndarray:
     if xy.ndim != 2 or xy.shape[1] != 2:
         msg = f"centers must be a shapes key or an (n, 2) array of (x, y) in µm, got shape {xy.shape}."
         raise ValueError(msg)
+    bad = np.flatnonzero(~np.isfinite(xy).all(axis=1))
+    if len(bad):
+        rows = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        msg = (
+            f"centers has {len(bad)} of {len(xy)} rows that are not finite (NaN or infinite), rows {rows}; "
+            "a tile needs a position: drop those rows (e.g. xy[np.isfinite(xy).all(axis=1)])."
+        )
+        raise ValueError(msg)
     return xy
 
 
@@ -143,20 +151,57 @@ def make_tiles(
     key_added
         Name of the shapes element; an existing one raises a :class:`KeyError` unless ``overwrite``.
     overwrite
-        Replace an existing element ``key_added``.
+        Replace an existing shapes element ``key_added``. Never replaced, even so: an element of another type,
+        ``image_key`` or ``centers``, and shapes that a table annotates (e.g. the cell boundaries of the cell
+        table).
 
     Returns
     -------
-    The tiles as a GeoDataFrame (also stored as ``sdata.shapes[key_added]``) with columns ``tile_id``, ``row0``,
+    The new shapes element, ``sdata.shapes[key_added]``: a GeoDataFrame with columns ``tile_id``, ``row0``,
     ``col0`` (top-left pixel in scale 0), ``tile_size``, ``tissue_fraction`` and, for centred tiles,
     ``center_index``.
     """
+    inputs = {image_key} | ({centers} if isinstance(centers, str) else set())
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="shapes", inputs=inputs)
+    element, params = build_tiles(
+        sdata,
+        image_key,
+        tile_size=tile_size,
+        overlap=overlap,
+        min_tissue_fraction=min_tissue_fraction,
+        centers=centers,
+        tissue=tissue,
+    )
+    stored = write_elements(
+        sdata, {key_added: element}, overwrite=overwrite, inputs=inputs, params={key_added: params}
+    )[key_added]
+    logger.info(
+        "make_tiles: %d tiles of %d px over %r (%d dropped below tissue fraction %g).",
+        params["n_tiles"],
+        params["tile_size"],
+        image_key,
+        params["n_dropped"],
+        min_tissue_fraction,
+    )
+    return stored
+
+
+def build_tiles(
+    sdata,
+    image_key: str,
+    *,
+    tile_size: int = 512,
+    overlap: int = 0,
+    min_tissue_fraction: float = 0.0,
+    centers: str | Sequence | np.ndarray | None = None,
+    tissue: str = "auto",
+):
+    """Make the tiles of :func:`make_tiles` without storing them: ``(shapes element, parameters to record)``."""
     import geopandas as gpd
     import shapely
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity
 
-    check_key_free(sdata, key_added, overwrite=overwrite)
     if int(tile_size) != tile_size or tile_size < 1:
         msg = f"tile_size must be a positive whole number of pixels, got {tile_size!r}."
         raise ValueError(msg)
@@ -212,32 +257,19 @@ def make_tiles(
     )
     gdf.index = gdf["tile_id"].astype(str)
     element = ShapesModel.parse(gdf, transformations={"global": Identity()})
-    set_element(sdata, key_added, element, overwrite=overwrite)
-    record_params(
-        sdata,
-        key_added,
-        {
-            "image_key": image_key,
-            "tile_size": tile_size,
-            "overlap": int(overlap),
-            "min_tissue_fraction": float(min_tissue_fraction),
-            "tissue": rule,
-            "centers": centers if isinstance(centers, str) else (None if centers is None else "array"),
-            "pixel_size": ps,
-            "grid": [grid.x0, grid.y0, grid.pixel_size, grid.height, grid.width],
-            "n_tiles": len(gdf),
-            "n_dropped": int((~keep).sum()),
-        },
-    )
-    logger.info(
-        "make_tiles: %d tiles of %d px over %r (%d dropped below tissue fraction %g).",
-        len(gdf),
-        tile_size,
-        image_key,
-        int((~keep).sum()),
-        min_tissue_fraction,
-    )
-    return sdata.shapes[key_added]
+    params = {
+        "image_key": image_key,
+        "tile_size": tile_size,
+        "overlap": int(overlap),
+        "min_tissue_fraction": float(min_tissue_fraction),
+        "tissue": rule,
+        "centers": centers if isinstance(centers, str) else (None if centers is None else "array"),
+        "pixel_size": ps,
+        "grid": [grid.x0, grid.y0, grid.pixel_size, grid.height, grid.width],
+        "n_tiles": len(gdf),
+        "n_dropped": int((~keep).sum()),
+    }
+    return element, params
 
 
 def tile_grid(grid: Grid, row0: int, col0: int, tile_size: int) -> Grid:

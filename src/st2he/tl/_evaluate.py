@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from st2he._elements import check_key_free, record_params, set_element
+from st2he._elements import check_key_free, write_elements
 from st2he._grid import COORDINATE_SYSTEM, Grid
 from st2he._raster import MAX_READ_PIXELS, Raster, check_pixel_size, check_region
 
@@ -88,16 +88,20 @@ def evaluate_he(
     -------
     Data frame with one row per tile (index ``tile_id``; columns ``mse``, ``psnr``, ``ssim``, the tile's pixel
     offsets ``row0``, ``col0``, size ``height``, ``width`` and bounds ``x_min``, ``y_min``, ``x_max``, ``y_max`` in
-    µm), followed by the rows ``"mean_over_tiles"`` and ``"overall"``. The table ``sdata.tables[key_added]`` holds
-    the tiles (metrics in ``X`` and ``obs``) and ``uns["overall"]``, ``uns["mean_over_tiles"]``, ``uns["params"]``.
+    µm), followed by the rows ``"mean_over_tiles"`` and ``"overall"``: the values of the new table
+    ``sdata.tables[key_added]`` as one frame. That table holds the tiles (metrics in ``X`` and ``obs``) and
+    ``uns["overall"]``, ``uns["mean_over_tiles"]``, ``uns["params"]``.
     """
     if int(tile_size) != tile_size or tile_size < 1:
         msg = f"tile_size must be a whole number of pixels >= 1, got {tile_size!r}."
         raise ValueError(msg)
     tile_size = int(tile_size)
     tiles_key = f"{key_added}_tiles"
-    check_key_free(sdata, key_added, overwrite=overwrite)
-    check_key_free(sdata, tiles_key, overwrite=overwrite, parameter="key_added")
+    inputs, written = {pred_key, true_key}, {key_added, tiles_key}
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="tables", inputs=inputs, replaced=written)
+    check_key_free(
+        sdata, tiles_key, overwrite=overwrite, parameter="key_added", kind="shapes", inputs=inputs, replaced=written
+    )
     pred = _raster(sdata, pred_key, "pred_key", coordinate_system)
     true = _raster(sdata, true_key, "true_key", coordinate_system)
     _check_rgb(pred.level0, pred_key, "pred_key")
@@ -345,6 +349,12 @@ def _store(sdata, tiles, overall, mean_over_tiles, params, key_added, tiles_key,
     adata.uns["mean_over_tiles"] = dict(mean_over_tiles)
     adata.uns["params"] = dict(params)
     table = TableModel.parse(adata, region=tiles_key, region_key="region", instance_key="tile_id")
-    set_element(sdata, tiles_key, shapes, overwrite=overwrite)
-    set_element(sdata, key_added, table, overwrite=overwrite)
-    record_params(sdata, key_added, params)
+    # the tiles and the table that annotates them are stored together, or neither
+    write_elements(
+        sdata,
+        {tiles_key: shapes, key_added: table},
+        overwrite=overwrite,
+        inputs={params["pred_key"], params["true_key"]},
+        parameters={tiles_key: "key_added", key_added: "key_added"},
+        params={key_added: params},
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from st2he._elements import add_image, check_key_free, get_params
+from st2he._elements import check_key_free, get_params, parse_image, write_elements
 from st2he._grid import Grid
 
 logger = logging.getLogger("st2he")
@@ -98,8 +98,10 @@ def generate_he(
         msg = f"n_samples must be at least 1, got {n_samples}."
         raise ValueError(msg)
     spread_key = f"{key_added}_uncertainty"
+    written = {key_added, spread_key} if n_samples > 1 else {key_added}
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="images", inputs={input_key}, replaced=written)
     if n_samples > 1:
-        check_key_free(sdata, spread_key, overwrite=overwrite)
+        check_key_free(sdata, spread_key, overwrite=overwrite, kind="images", inputs={input_key}, replaced=written)
     if data.ndim != 3 or data.shape[0] != 3:
         channels = data.shape[0] if data.ndim == 3 else data.ndim
         msg = (
@@ -203,19 +205,18 @@ def generate_he(
         rgb = _as_dask(rgb_out, chunk)
         spread = _as_dask(spread_out, chunk) if spread_out is not None else None
 
-    element = add_image(sdata, key_added, rgb, grid, overwrite=overwrite, params=params, chunks=min(chunk, 1024))
+    # both images are made before either is stored: the mean and its spread are stored together or not at all
+    elements = {key_added: parse_image(rgb, grid, chunks=min(chunk, 1024))}
+    element_params = {key_added: params}
     if spread is not None:
-        add_image(
-            sdata,
-            spread_key,
-            spread,
-            grid,
-            overwrite=overwrite,
-            c_coords=["uncertainty"],
-            params={**params, "of": key_added, "what": "per-pixel standard deviation across samples, 0..1"},
-            chunks=min(chunk, 1024),
-        )
-    return element
+        elements[spread_key] = parse_image(spread, grid, c_coords=["uncertainty"], chunks=min(chunk, 1024))
+        element_params[spread_key] = {
+            **params,
+            "of": key_added,
+            "what": "per-pixel standard deviation across samples, 0..1",
+        }
+    stored = write_elements(sdata, elements, overwrite=overwrite, inputs={input_key}, params=element_params)
+    return stored[key_added]
 
 
 def _dask_reader(arr, block, tile, shape):

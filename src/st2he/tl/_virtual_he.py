@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from st2he._elements import add_image, check_key_free, get_image
+from st2he._elements import add_image, check_key_free, get_image, get_params
 
 logger = logging.getLogger("st2he")
 
@@ -73,7 +73,8 @@ def virtual_he(
     key_added
         Name of the new image element.
     overwrite
-        Replace an existing element named ``key_added``.
+        Replace an existing image named ``key_added`` (never ``input_key``, an element the picture is made from, or
+        an element of another type). With ``n_samples > 1`` the image and its uncertainty are stored together.
     progress
         Show a progress bar.
     lazy
@@ -84,12 +85,13 @@ def virtual_he(
 
     Returns
     -------
-    The new image element (a multiscale uint8 RGB image carrying the transformation of ``input_key``).
+    The new image element, ``sdata.images[key_added]`` (a multiscale uint8 RGB image carrying the transformation of
+    ``input_key``).
     """
     if method not in _METHODS:
         msg = f"method must be one of {_METHODS}, got {method!r}."
         raise ValueError(msg)
-    check_key_free(sdata, key_added, overwrite=overwrite)
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="images", inputs={input_key})
     data, grid = get_image(sdata, input_key, parameter="input_key")
 
     if method == "stain":
@@ -98,7 +100,10 @@ def virtual_he(
         kwargs = {} if chunk is None else {"chunk": chunk}
         rgb = stain_he(sdata, input_key=input_key, **kwargs)
         params = {"method": "stain", "input_key": input_key}
-        return add_image(sdata, key_added, rgb, grid, overwrite=overwrite, params=params)
+        # the baseline reads the stain and the molecules the input picture was drawn from, lazily
+        made_from = get_params(sdata, input_key)
+        inputs = {input_key} | {made_from[k] for k in ("points_key", "stain_key") if made_from.get(k)}
+        return add_image(sdata, key_added, rgb, grid, overwrite=overwrite, inputs=inputs, params=params)
 
     from ._generate import generate_he
 

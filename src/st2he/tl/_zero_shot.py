@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import warnings
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from st2he._elements import check_key_free, get_image, record_params
+from st2he._elements import check_key_free, get_image, write_elements
 from st2he._grid import COORDINATE_SYSTEM, Grid
 from st2he._raster import Raster
 from st2he._tissue import tissue_mask
@@ -96,15 +95,18 @@ def zero_shot(
     key_added
         Name of the tile table written to ``sdata.tables``; also the prefix of the cell-table columns.
     overwrite
-        Replace an existing ``key_added`` table (and its tiles and cell columns).
+        Replace an existing ``key_added`` table (and its tiles and cell columns). Never replaced, even so: an element
+        of another type, an element the call reads (``image_key``, ``tiles_key``, ``cells_table``) or tiles another
+        table annotates. The table and its tiles are stored only when the call succeeds, both at once.
     progress
         Show a progress bar.
 
     Returns
     -------
-    The slide-level result, also stored in ``sdata.tables[key_added].uns[key_added]["slide"]``: a dict with
-    ``"class"`` (the predicted class), ``"probabilities"`` (class -> probability), ``"scores"`` (class -> pooled
-    cosine similarity), ``"top_k"`` (the k used) and ``"n_tiles"`` (tiles classified).
+    The new tile table, ``sdata.tables[key_added]`` (see Notes). The slide-level result is
+    ``table.uns[key_added]["slide"]``: a dict with ``"class"`` (the predicted class), ``"probabilities"``
+    (class -> probability), ``"scores"`` (class -> pooled cosine similarity), ``"top_k"`` (the k used) and
+    ``"n_tiles"`` (tiles classified).
 
     Notes
     -----
@@ -140,13 +142,26 @@ def zero_shot(
     if "c" in image.dims and image.sizes["c"] not in (3, 4):
         msg = f"Image {image_key!r} has {image.sizes['c']} channels; zero-shot classification needs an RGB H&E image."
         raise ValueError(msg)
-    check_key_free(sdata, key_added, overwrite=overwrite)
     if tiles_key is not None and tiles_key not in sdata.shapes:
         msg = f"tiles_key={tiles_key!r} is not a shapes element of this SpatialData object; its shapes are {sorted(sdata.shapes)}."
         raise KeyError(msg)
     own_tiles_key = f"{key_added}_tiles"
+    # what the call reads is never replaced; what it writes is checked now, before any work, and stored at the end
+    inputs = {image_key} | ({tiles_key} if tiles_key is not None else set())
+    if cells_table not in (None, "auto"):
+        inputs.add(cells_table)
+    written = {key_added} | ({own_tiles_key} if tiles_key is None else set())
+    check_key_free(sdata, key_added, overwrite=overwrite, kind="tables", inputs=inputs, replaced=written)
     if tiles_key is None:
-        check_key_free(sdata, own_tiles_key, overwrite=overwrite, parameter="key_added (for its tiles)")
+        check_key_free(
+            sdata,
+            own_tiles_key,
+            overwrite=overwrite,
+            parameter="key_added (for its tiles)",
+            kind="shapes",
+            inputs=inputs,
+            replaced=written,
+        )
     cell_key = _find_cell_table(sdata, cells_table, exclude=key_added)
     if cell_key is not None and not overwrite:
         clash = [c for c in sdata.tables[cell_key].obs.columns if c.startswith(f"{key_added}_")]
@@ -170,41 +185,41 @@ def zero_shot(
             f"use tiles of at least a few pixels (the model's field of view is {clip.tile_size_um:.4g} µm)."
         )
         raise ValueError(msg)
+    _check_tile_pixels(np.array([[0.0, 0.0, tile_size_um, tile_size_um]]), grid, clip, image_key, "tile_size_um")
 
     # text side first: cheap, and a broken tokenizer fails before any tile is read
     text_embeddings = class_text_embeddings(clip, class_names, template_list)
 
-    made_tiles = False
+    new_tiles = None
     if tiles_key is None:
+        # the tiles are made now and stored with the table at the end: a failed call leaves the old ones in place
         tiles_key = own_tiles_key
-        _make_tiles(sdata, image_key, grid, tile_size_um, key=tiles_key, overwrite=overwrite)
-        made_tiles = True
-    try:
+        new_tiles, tiles_params = _make_tiles(sdata, image_key, grid, tile_size_um)
+        boxes, tile_ids = np.asarray(new_tiles.geometry.bounds, dtype=np.float64), np.asarray(new_tiles.index)
+        coarse = new_tiles.get("tissue_fraction")
+    else:
         boxes, tile_ids = _tile_boxes(sdata, tiles_key)
+        _check_tile_pixels(boxes, grid, clip, image_key, f"the tiles of tiles_key={tiles_key!r}")
         coarse = sdata.shapes[tiles_key].get("tissue_fraction")
-        readable = None
-        if coarse is not None and min_tissue_fraction > 0:
-            readable = np.asarray(pd.to_numeric(coarse, errors="coerce").fillna(1.0)) > 0
-        embeddings, tissue, keep = embed_tiles(
-            sdata,
-            image_key,
-            boxes,
-            clip,
-            read=readable,
-            min_tissue_fraction=min_tissue_fraction,
-            batch_size=batch_size,
-            progress=progress,
+    readable = None
+    if coarse is not None and min_tissue_fraction > 0:
+        readable = np.asarray(pd.to_numeric(coarse, errors="coerce").fillna(1.0)) > 0
+    embeddings, tissue, keep = embed_tiles(
+        sdata,
+        image_key,
+        boxes,
+        clip,
+        read=readable,
+        min_tissue_fraction=min_tissue_fraction,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if not keep.any():
+        msg = (
+            f"No tile of {image_key!r} has a tissue fraction of at least {min_tissue_fraction} "
+            f"(largest: {tissue.max() if tissue.size else 0:.3f}); lower min_tissue_fraction or check the image."
         )
-        if not keep.any():
-            msg = (
-                f"No tile of {image_key!r} has a tissue fraction of at least {min_tissue_fraction} "
-                f"(largest: {tissue.max() if tissue.size else 0:.3f}); lower min_tissue_fraction or check the image."
-            )
-            raise ValueError(msg)
-    except BaseException:
-        if made_tiles and tiles_key in sdata:
-            del sdata[tiles_key]
-        raise
+        raise ValueError(msg)
 
     similarity = embeddings @ text_embeddings.T
     probabilities = _softmax(clip.logit_scale * similarity)
@@ -248,13 +263,18 @@ def zero_shot(
         "templates": template_list,
     }
     table = TableModel.parse(adata, region=tiles_key, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    if key_added in sdata:
-        del sdata[key_added]
-    sdata.tables[key_added] = table
-    record_params(sdata, key_added, params)
-
+    cell_columns = None
     if cell_key is not None:
-        _annotate_cells(sdata, cell_key, boxes_kept, probabilities, labels, key_added=key_added, slide=slide)
+        cell_columns = _cell_columns(sdata, cell_key, boxes_kept, probabilities, labels, key_added=key_added)
+    # everything is made: store the tiles (when made here) and the table together, or neither
+    elements = {key_added: table}
+    element_params = {key_added: params}
+    if new_tiles is not None:
+        elements = {tiles_key: new_tiles, key_added: table}
+        element_params[tiles_key] = tiles_params
+    table = write_elements(sdata, elements, overwrite=overwrite, inputs=inputs, params=element_params)[key_added]
+    if cell_columns is not None:
+        _annotate_cells(sdata, cell_key, cell_columns, key_added=key_added, slide=slide)
     logger.info(
         "zero_shot: %d of %d tiles classified on %r; slide-level call %s (p=%.3f)",
         keep.sum(),
@@ -263,7 +283,7 @@ def zero_shot(
         slide["class"],
         slide["probabilities"][slide["class"]],
     )
-    return slide
+    return table
 
 
 def class_text_embeddings(clip, classes, templates=None):
@@ -615,17 +635,39 @@ def _read_mpp(sdata, image_key, boxes, out_size) -> float:
     return raster.levels[_pick_level(raster, boxes, out_size)].pixel_size
 
 
-def _make_tiles(sdata, image_key: str, grid: Grid, tile_size_um: float, *, key: str, overwrite: bool) -> None:
-    """Square tiles of ``tile_size_um`` over the image, made by :func:`st2he.pp.make_tiles`."""
-    from st2he.pp import make_tiles
+def _make_tiles(sdata, image_key: str, grid: Grid, tile_size_um: float):
+    """Square tiles of ``tile_size_um`` over the image as :func:`st2he.pp.make_tiles` makes them, not yet stored.
+
+    Returns the shapes element and the parameters to record with it.
+    """
+    from st2he.pp._tiles import build_tiles
 
     tile_px = max(1, int(round(tile_size_um / grid.pixel_size)))
-    kwargs: dict[str, Any] = {"tile_size": tile_px, "overlap": 0, "min_tissue_fraction": 0.0, "key_added": key}
-    if "overwrite" in inspect.signature(make_tiles).parameters:
-        kwargs["overwrite"] = overwrite
-    elif key in sdata and overwrite:
-        del sdata[key]
-    make_tiles(sdata, image_key, **kwargs)
+    return build_tiles(sdata, image_key, tile_size=tile_px, overlap=0, min_tissue_fraction=0.0)
+
+
+def _check_tile_pixels(boxes: np.ndarray, grid: Grid, clip, image_key: str, what: str) -> None:
+    """Refuse tiles that span fewer than half the model's input pixels at the image's finest level.
+
+    Such tiles would be upscaled more than twice to the model's input size: the model would see blur it was never
+    trained on, and still make a confident call.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return
+    edges = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / grid.pixel_size
+    need = clip.image_size / 2
+    small = edges < need
+    if small.any():
+        msg = (
+            f"{what}: {int(small.sum())} of {len(boxes)} tiles span fewer than {need:g} pixels of {image_key!r} "
+            f"(the smallest: {edges.min():.3g} px of {grid.pixel_size:.4g} µm, "
+            f"{edges.min() * grid.pixel_size:.4g} µm); "
+            f"the model reads {clip.image_size} px tiles, so these would be upscaled more than twice. Use tiles of "
+            f"at least {need * grid.pixel_size:.4g} µm (the model's field of view is {clip.tile_size_um:.4g} µm), "
+            "or an image with finer pixels."
+        )
+        raise ValueError(msg)
 
 
 def _tile_boxes(sdata, tiles_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -748,20 +790,29 @@ def assign_points_to_tiles(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _annotate_cells(sdata, cell_key, boxes, probabilities, labels, *, key_added: str, slide: dict) -> None:
+def _cell_columns(sdata, cell_key, boxes, probabilities, labels, *, key_added: str) -> dict[str, Any]:
+    """The columns :func:`_annotate_cells` adds to the cell table (made before anything is stored)."""
     table = sdata.tables[cell_key]
     centroids = _cell_centroids(sdata, cell_key)
     tile = assign_points_to_tiles(centroids, boxes)
     inside = tile >= 0
     cls = np.full(table.n_obs, None, dtype=object)
     cls[inside] = np.asarray(labels, dtype=object)[probabilities[tile[inside]].argmax(axis=1)]
-    table.obs[f"{key_added}_class"] = pd.Categorical(cls, categories=list(labels))
+    columns: dict[str, Any] = {f"{key_added}_class": pd.Categorical(cls, categories=list(labels))}
     for j, name in enumerate(labels):
         p = np.full(table.n_obs, np.nan, dtype=np.float32)
         p[inside] = probabilities[tile[inside], j]
-        table.obs[f"{key_added}_prob_{name}"] = p
-    table.uns[key_added] = {"slide": slide, "tiles_table": key_added, "n_cells_assigned": int(inside.sum())}
-    logger.info("zero_shot: %d of %d cells of %r lie in a classified tile", inside.sum(), table.n_obs, cell_key)
+        columns[f"{key_added}_prob_{name}"] = p
+    return columns
+
+
+def _annotate_cells(sdata, cell_key, columns: dict[str, Any], *, key_added: str, slide: dict) -> None:
+    table = sdata.tables[cell_key]
+    for name, values in columns.items():
+        table.obs[name] = values
+    inside = int(pd.notna(columns[f"{key_added}_class"]).sum())
+    table.uns[key_added] = {"slide": slide, "tiles_table": key_added, "n_cells_assigned": inside}
+    logger.info("zero_shot: %d of %d cells of %r lie in a classified tile", inside, table.n_obs, cell_key)
 
 
 def _zero_shot_table(sdata, key: str):
