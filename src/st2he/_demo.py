@@ -102,7 +102,8 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
     plt.close(fig)
 
     store = out / "st2he.zarr"
-    sdata.write(store, overwrite=True)
+    with st2he.io._common.quiet_zarr_writes():  # no zarr warnings about the libraries' own defaults
+        sdata.write(store, overwrite=True)
     summary = {
         "source": source,
         "method": method,

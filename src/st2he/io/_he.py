@@ -11,6 +11,8 @@ import numpy as np
 from st2he._elements import RGB, check_key_free, parse_image, record_params, set_element
 from st2he._grid import Grid
 
+from ._common import TruncatedImageError, check_tiff_complete, damaged_image
+
 _TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
 
 
@@ -67,9 +69,12 @@ def read_he_image(
     else:
         from PIL import Image
 
-        with Image.open(path) as img:
-            data = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
-            found = _pil_pixel_size(img)
+        try:
+            with Image.open(path) as img:
+                data = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
+                found = _pil_pixel_size(img)
+        except OSError as err:  # PIL: "image file is truncated", "cannot identify image file"
+            raise damaged_image(path, err) from err
     if data.ndim == 2 or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
         msg = f"{path} is not an RGB image (shape {tuple(data.shape)}); an H&E image needs three colour channels."
         raise ValueError(msg)
@@ -102,16 +107,22 @@ def _read_tiff(path: Path):
     import tifffile
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
-        found = _tiff_pixel_size(tif)
-        series = tif.series[0]
-        shape = series.levels[0].shape if series.levels else series.shape
-    if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
-        # planar (c, y, x) layout
-        arr = tifffile.imread(path, series=0, level=0)
-        return np.moveaxis(arr, 0, -1), found
-    store = tifffile.imread(path, aszarr=True, series=0, level=0)
-    return da.from_zarr(zarr.open(store, mode="r")), found
+    try:
+        with tifffile.TiffFile(path) as tif:
+            check_tiff_complete(tif, path)  # a cut-off file fails now, not when a tile is decoded later
+            found = _tiff_pixel_size(tif)
+            series = tif.series[0]
+            shape = series.levels[0].shape if series.levels else series.shape
+        if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
+            # planar (c, y, x) layout
+            arr = tifffile.imread(path, series=0, level=0)
+            return np.moveaxis(arr, 0, -1), found
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        return da.from_zarr(zarr.open(store, mode="r")), found
+    except TruncatedImageError:
+        raise
+    except Exception as err:
+        raise damaged_image(path, err) from err
 
 
 def _tiff_pixel_size(tif) -> float | None:
