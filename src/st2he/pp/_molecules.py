@@ -87,7 +87,7 @@ class FilterReport:
         """Report what was dropped as one :class:`MoleculesDroppedWarning` (an info line when nothing was)."""
         qv = f"qv < {min_qv:g}" if min_qv is not None else "low qv"
         reasons = (
-            (self.controls, "control probes"),
+            (self.controls, "control probes" if self.controls != 1 else "control probe"),
             (self.low_qv, f"with {qv}"),
             (self.nonfinite, "with NaN or infinite coordinates"),
             (self.missing_gene, "without a gene name"),

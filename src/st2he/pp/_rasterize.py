@@ -514,7 +514,7 @@ def _region_grid(region, pixel_size) -> Grid:
     return Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
 
 
-def _check_region_holds_data(sdata, source, binned, grid: Grid, stain_info, what: str, molecules: bool) -> None:
+def _check_region_holds_data(sdata, source, binned, grid: Grid, region, stain_info, what: str, molecules: bool) -> None:
     """Refuse a region that holds neither kept molecules nor stain (a black picture); warn when it has stain only.
 
     The messages name the region and where the data lie: the molecules' extent and the stain's bounds.
@@ -545,16 +545,16 @@ def _check_region_holds_data(sdata, source, binned, grid: Grid, stain_info, what
             f"the stain {stain_info['stain_key']!r} covers x {stain[0]:g}..{stain[2]:g}, y {stain[1]:g}..{stain[3]:g} µm"
         )
     data = "; ".join(where) if where else "there are no molecules and no stain"
-    shown = "x {:g}..{:g}, y {:g}..{:g} µm".format(box[0], box[2], box[1], box[3])
+    shown = "region=({:g}, {:g}, {:g}, {:g}) µm".format(*(float(v) for v in region))
     if not covered:
         held = "no kept molecule and no stain" if molecules else "no stain"
         msg = (
-            f"{what}: the region ({shown}) holds {held}, so the picture would be empty: {data}. Give a region that "
+            f"{what}: {shown} holds {held}, so the picture would be empty: {data}. Give a region that "
             "overlaps the data, or region=None for their extent."
         )
         raise ValueError(msg)
     if molecules:
-        msg = f"{what}: the region ({shown}) holds no kept molecule, so the picture shows the stain alone: {data}."
+        msg = f"{what}: {shown} holds no kept molecule, so the picture shows the stain alone: {data}."
         warnings.warn(msg, UserWarning, stacklevel=3)
 
 
@@ -1017,7 +1017,7 @@ def rasterize_transcripts(
         image_layer=False,  # a stain image is resampled inside the drawing tasks (_picture_over_image)
     )
     if region is not None:
-        _check_region_holds_data(sdata, source, binned, grid, stain_info, "rasterize_transcripts", need_points)
+        _check_region_holds_data(sdata, source, binned, grid, region, stain_info, "rasterize_transcripts", need_points)
     params: dict[str, Any] = {
         "points_key": points_key if source is not None else None,
         "stain_key": stain_info["stain_key"],
@@ -1124,7 +1124,7 @@ def transcript_density(
         source, region, None, pixel_size, chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
     )
     if region is not None:
-        _check_region_holds_data(sdata, source, binned, grid, {"stain_key": None}, "transcript_density", True)
+        _check_region_holds_data(sdata, source, binned, grid, region, {"stain_key": None}, "transcript_density", True)
     binned.report.log("transcript_density", min_qv=min_qv if source.qv_column else None)
     channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
     data = _density(binned, channels, groups)
