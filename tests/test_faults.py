@@ -18,7 +18,6 @@ from spatialdata.models import PointsModel
 import st2he
 from st2he._elements import get_params, parse_image
 from st2he._grid import Grid, _scale0
-from st2he.pp._molecules import MoleculesDroppedWarning
 from st2he.pp._palette import hex_to_rgb
 from st2he.pp._rasterize import nuclear_stain_layer
 
@@ -229,6 +228,8 @@ def test_truncated_png_names_the_file(tmp_path):
 
 
 def test_dropped_molecules_are_one_warning_with_the_counts_and_no_log_line(caplog):
+    from st2he.pp._molecules import MoleculesDroppedWarning
+
     x = [1.0, 2.0, 3.0, np.nan, np.inf, 6.0, 7.0]
     genes = ["ACTB", "BLANK_0001", "NegControlProbe_1", "ACTB", "CD3E", "CD3E", "MS4A1"]
     sd = _sdata(x, [1.0] * 7, genes, qv=[30, 30, 30, 30, 30, 10, 30])
