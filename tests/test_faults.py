@@ -250,6 +250,12 @@ def test_dropped_molecules_are_one_warning_with_the_counts_and_no_log_line(caplo
     assert [str(w.message) for w in record] == [
         "transcript_density: kept 5 of 7 molecules; dropped 2: 2 with NaN or infinite coordinates."
     ]
+    # the layers st2he's tools build for themselves (the stain baseline's eosin) do not repeat it
+    from st2he.pp._rasterize import density_layer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(density_layer(sd, Grid(0, 0, 1.0, 3, 9)).sum().compute()) == 2
     # nothing dropped: no warning at all
     with warnings.catch_warnings():
         warnings.simplefilter("error")

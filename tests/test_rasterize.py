@@ -381,7 +381,7 @@ def test_bad_input():
 def test_nonfinite_only_and_empty_region_are_refused_or_show_the_stain():
     sd = _sdata([np.nan, 5.0], [1.0, 5.0], ["A", "B"])
     # a region with neither molecules nor stain would be a black picture: an error naming both extents
-    with pytest.raises(ValueError, match=r"region \(x 100..111, y 100..111 µm\).*lie in x 5..5, y 5..5 µm"):
+    with pytest.raises(ValueError, match=r"region=\(100, 100, 110, 110\) µm.*lie in x 5..5, y 5..5 µm"):
         st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(100, 100, 110, 110))
     assert "st2he_input" not in sd.images
     with pytest.warns(UserWarning, match="kept 1 of 2 molecules; dropped 1: 1 with NaN or infinite coordinates"):

@@ -83,8 +83,11 @@ class FilterReport:
             "outside_region": self.outside,
         }
 
-    def log(self, what: str, *, min_qv: float | None) -> None:
-        """Report what was dropped as one :class:`MoleculesDroppedWarning` (an info line when nothing was)."""
+    def log(self, what: str, *, min_qv: float | None, warn: bool = True) -> None:
+        """Report what was dropped as one :class:`MoleculesDroppedWarning` (an info line when nothing was).
+
+        ``warn=False`` (layers that st2he's tools build for themselves) logs an info line instead.
+        """
         qv = f"qv < {min_qv:g}" if min_qv is not None else "low qv"
         reasons = (
             (self.controls, "control probes" if self.controls != 1 else "control probe"),
@@ -98,7 +101,7 @@ class FilterReport:
             msg += f"; dropped {sum(n for n, _ in reasons)}: " + ", ".join(dropped)
         if self.outside:
             msg += f"; {self.outside} kept molecules lie outside the region"
-        if dropped:
+        if dropped and warn:
             warnings.warn(msg + ".", MoleculesDroppedWarning, stacklevel=3)
         else:
             logger.info("%s.", msg)

@@ -541,9 +541,8 @@ def _check_region_holds_data(sdata, source, binned, grid: Grid, region, stain_in
                 f"the molecules ({kept}) lie in x {extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm"
             )
     if stain is not None:
-        where.append(
-            f"the stain {stain_info['stain_key']!r} covers x {stain[0]:g}..{stain[2]:g}, y {stain[1]:g}..{stain[3]:g} µm"
-        )
+        bounds = f"x {stain[0]:g}..{stain[2]:g}, y {stain[1]:g}..{stain[3]:g} µm"
+        where.append(f"the stain {stain_info['stain_key']!r} covers {bounds}")
     data = "; ".join(where) if where else "there are no molecules and no stain"
     shown = "region=({:g}, {:g}, {:g}, {:g}) µm".format(*(float(v) for v in region))
     if not covered:
@@ -698,7 +697,7 @@ def density_layer(
     binned = bin_molecules(
         source, grid, chunk=chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
     )
-    binned.report.log("density_layer", min_qv=min_qv if source.qv_column else None)
+    binned.report.log("density_layer", min_qv=min_qv if source.qv_column else None, warn=False)  # a tool's layer
     channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
     return _density(binned, channels, groups)
 
