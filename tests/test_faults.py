@@ -238,6 +238,7 @@ def test_dropped_molecules_are_one_warning_with_the_counts_and_no_log_line(caplo
         st2he.pp.rasterize_transcripts(sd, palette=PALETTE, pixel_size=1.0)
     assert [w.category for w in record] == [MoleculesDroppedWarning]
     assert issubclass(MoleculesDroppedWarning, UserWarning)
+    assert st2he.pp.MoleculesDroppedWarning is MoleculesDroppedWarning  # for warnings.filterwarnings
     assert str(record[0].message) == (
         "rasterize_transcripts: kept 2 of 7 molecules; dropped 5: 2 control probes, 1 with qv < 20, "
         "2 with NaN or infinite coordinates."
