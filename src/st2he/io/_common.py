@@ -464,14 +464,23 @@ def points_extent(
     finite_x, finite_y = xs.abs() < np.inf, ys.abs() < np.inf  # False for NaN too
     finite = finite_x & finite_y
     x_min, y_min, x_max, y_max, n, n_finite, bad_x, bad_y = dask.compute(
-        xs[finite].min(), ys[finite].min(), xs[finite].max(), ys[finite].max(), finite.size, finite.sum(),
-        (~finite_x).sum(), (~finite_y).sum()
+        xs[finite].min(),
+        ys[finite].min(),
+        xs[finite].max(),
+        ys[finite].max(),
+        finite.size,
+        finite.sum(),
+        (~finite_x).sum(),
+        (~finite_y).sum(),
     )
+    where = f" {what}" if what else ""
+    if int(n) == 0:
+        msg = f"The transcripts table holds no molecule, so there is no extent{where}. Check the file."
+        raise ValueError(msg)
     n_bad = int(n) - int(n_finite)
     if n_bad:
         bad = points[["x", "y"]].map_partitions(_first_nonfinite, meta={"x": "f8", "y": "f8"}).compute()
         shown = ", ".join(f"(x={x:g}, y={y:g})" for x, y in bad.head(3).itertuples(index=False))
-        where = f" {what}" if what else ""
         if n_bad == int(n):
             msg = (
                 f"All {n_bad} molecules have NaN or infinite coordinates (e.g. {shown}); cannot place the "
