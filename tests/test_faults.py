@@ -329,3 +329,18 @@ def test_writing_a_store_emits_no_zarr_warnings(tmp_path):
     from st2he import _demo
 
     assert "with st2he.io._common.quiet_zarr_writes():" in open(_demo.__file__, encoding="utf-8").read()
+
+
+def test_cosmx_cells_without_metadata_are_one_warning(shared_data, tmp_path):
+    folder = tmp_path / "cosmx"
+    shutil.copytree(shared_data / "cosmx_mouse_brain_quarter", folder)
+    metadata = folder / "Run5642_S3_Quarter_metadata_file.csv"
+    pd.read_csv(metadata).iloc[2:].to_csv(metadata, index=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sd = st2he.io.read_cosmx(folder)
+    assert [str(w.message) for w in record if "metadata" in str(w.message)] == [
+        "2 cells of Run5642_S3_Quarter_exprMat_file.csv have no row in Run5642_S3_Quarter_metadata_file.csv; they "
+        "were left out of the table. Check that the two files are of one export."
+    ]
+    assert sd.tables["table"].n_obs == 25
