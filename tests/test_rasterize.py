@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import warnings
 
@@ -315,21 +314,19 @@ def test_output_is_a_multiscale_rgb_image_that_writes_and_reads(tmp_path):
 # ----------------------------------------------------------------------------------------------- filtering
 
 
-def test_controls_low_qv_and_nonfinite_are_dropped_and_reported(caplog):
+def test_controls_low_qv_and_nonfinite_are_dropped_and_reported():
     x = [1.0, 2.0, 3.0, np.nan, np.inf, 6.0, 7.0]
     y = [1.0] * 7
     genes = ["A", "BLANK_0001", "NegControlProbe_1", "A", "B", "B", "C"]
     qv = [30, 30, 30, 30, 30, 10, np.nan]  # NaN: no quality value, kept
     sd = _sdata(x, y, genes, qv=qv, npartitions=2)
-    with (
-        caplog.at_level(logging.INFO, logger="st2he"),
-        pytest.warns(UserWarning, match="dropped 2 of 7 molecules with NaN"),
-    ):
+    with pytest.warns(UserWarning) as record:
         st2he.pp.rasterize_transcripts(sd, palette=PALETTE, pixel_size=1.0, region=(0, 0, 9.5, 2.5))
     report = get_params(sd, "st2he_input")["molecules"]
     assert report["total"] == 7 and report["kept"] == 2
     assert report["dropped_controls"] == 2 and report["dropped_low_qv"] == 1 and report["dropped_nonfinite"] == 2
-    assert "dropped 2 control probes, 1 with qv < 20" in caplog.text
+    (message,) = [str(w.message) for w in record if "dropped" in str(w.message)]  # one report, all reasons
+    assert "kept 2 of 7 molecules; dropped 5: 2 control probes, 1 with qv < 20, 2 with NaN or infinite" in message
     img = _image(sd)
     assert img.any(axis=0).sum() == 2 and tuple(img[:, 1, 1]) == hex_to_rgb("#ff0000")
     # a boolean control column counts too; min_qv=None keeps low quality
@@ -381,16 +378,19 @@ def test_bad_input():
         st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1))
 
 
-def test_nonfinite_only_and_empty_region_give_blank_pictures():
+def test_nonfinite_only_and_empty_region_are_refused_or_show_the_stain():
     sd = _sdata([np.nan, 5.0], [1.0, 5.0], ["A", "B"])
-    with pytest.warns(UserWarning, match="dropped 1 of 2 molecules with NaN"):
+    # a region with neither molecules nor stain would be a black picture: an error naming both extents
+    with pytest.raises(ValueError, match=r"region=\(100, 100, 110, 110\) µm.*lie in x 5..5, y 5..5 µm"):
         st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(100, 100, 110, 110))
-    img = _image(sd)
-    assert img.shape == (3, 11, 11) and not img.any()
-    assert get_params(sd, "st2he_input")["molecules"]["outside_region"] == 1
+    assert "st2he_input" not in sd.images
+    with pytest.warns(UserWarning, match="kept 1 of 2 molecules; dropped 1: 1 with NaN or infinite coordinates"):
+        st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(0, 0, 10, 10))
+    assert get_params(sd, "st2he_input")["molecules"]["outside_region"] == 0
     # with a stain image, an empty region shows the stain only
     sd = _with_stain(_sdata([1.0], [1.0], ["A"]))
-    st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(10, 10, 19.5, 19.5))
+    with pytest.warns(UserWarning, match="holds no kept molecule, so the picture shows the stain alone"):
+        st2he.pp.rasterize_transcripts(sd, palette="hue", pixel_size=1.0, region=(10, 10, 19.5, 19.5))
     assert (_image(sd)[0] == _image(sd)[1]).all() and _image(sd).any()
 
 

@@ -76,8 +76,14 @@ def test_nuclei_are_dark_purple_cytoplasm_pink_and_empty_glass_white(sample):
 
 def test_blank_where_there_are_no_molecules_and_no_stain(sample):
     sdata = st2he.datasets.synthetic_tissue(1, size_um=96)
-    # a picture of an empty region far away from the tissue
-    st2he.pp.rasterize_transcripts(sdata, region=(5000.0, 5000.0, 5040.0, 5030.0), key_added="empty")
+    # a picture of an empty region far away from the tissue (the rasteriser refuses one: made here as it would be)
+    with pytest.raises(ValueError, match="holds no kept molecule and no stain"):
+        st2he.pp.rasterize_transcripts(sdata, region=(5000.0, 5000.0, 5040.0, 5030.0), key_added="empty")
+    from st2he._elements import add_image
+
+    grid = Grid.from_bounds(5000.0, 5000.0, 5040.0, 5030.0, 0.5)
+    params = {"points_key": "transcripts", "stain_key": "morphology_focus", "min_qv": 20.0, "drop_controls": True}
+    add_image(sdata, "empty", da.zeros((3, *grid.shape), dtype=np.uint8), grid, params=params)
     rgb = stain_he(sdata, input_key="empty").compute()
     assert rgb.shape == (3, *Grid.from_element(sdata.images["empty"]).shape)
     assert rgb.shape[1] >= 60 and rgb.shape[2] >= 80

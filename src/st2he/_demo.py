@@ -97,7 +97,8 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
 
     # the store and the metrics first: a plotting error loses nothing
     store = out / "st2he.zarr"
-    sdata.write(store, overwrite=True)
+    with st2he.io._common.quiet_zarr_writes():  # no zarr warnings about the libraries' own defaults
+        sdata.write(store, overwrite=True)
     figure_path = out / "st2he_compare.png"
     summary = {
         "source": source,

@@ -334,13 +334,62 @@ def read_image_lazy(file: Path):
             series = tif.series[0]
             axes = series.axes
             ome = tif.ome_metadata
+            check_tiff_complete(tif, file)
         store = tifffile.imread(file, aszarr=True, series=0, level=0)
         array = da.from_zarr(zarr.open(store, mode="r"))
+    except TruncatedImageError:
+        raise
     except Exception as err:
-        msg = f"Could not read the image {str(file)!r} ({type(err).__name__}: {err}); copy it again."
-        raise ValueError(msg) from err
+        raise damaged_image(file, err) from err
     array = _to_cyx(array, axes, file)
     return array, ome_pixel_size(ome)
+
+
+class TruncatedImageError(ValueError):
+    """An image file ends before the image data its own header points at (an interrupted copy or download)."""
+
+
+def check_tiff_complete(tif, file: Path, series: int = 0) -> None:
+    """Raise :class:`TruncatedImageError` when the full-resolution pages of a TIFF point past the file's end.
+
+    Compares the file size with the last byte of every strip or tile of the series' first level (the offsets
+    and byte counts the header records), so a truncated file fails now, naming itself, rather than when a
+    chunk is decoded much later. Reads the page headers only, not the pixels.
+    """
+    size = int(tif.filehandle.size)
+    if not tif.series:
+        msg = (
+            f"The image {str(file)!r} is truncated or damaged: no image was found in its {size:,} bytes. Copy it "
+            "again from the instrument or scanner output."
+        )
+        raise TruncatedImageError(msg)
+    chosen = tif.series[series]
+    level = chosen.levels[0] if chosen.levels else chosen
+    end = 0
+    for page in level.pages:
+        if page is None:
+            continue
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        used = counts > 0
+        if used.any():
+            end = max(end, int((offsets[used] + counts[used]).max()))
+    if end > size:
+        msg = (
+            f"The image {str(file)!r} is truncated: its pixel data run to byte {end:,} but the file has only "
+            f"{size:,} bytes ({end - size:,} missing). Copy it again from the instrument or scanner output."
+        )
+        raise TruncatedImageError(msg)
+
+
+def damaged_image(file: Path, err: Exception) -> ValueError:
+    """The error for an image file that cannot be parsed (``IndexError`` etc. from a cut-off TIFF header)."""
+    size = file.stat().st_size if file.exists() else 0
+    msg = (
+        f"Could not read the image {str(file)!r} ({type(err).__name__}: {err}): the file ({size:,} bytes) is "
+        "truncated or damaged. Copy it again from the instrument or scanner output."
+    )
+    return TruncatedImageError(msg)
 
 
 def _to_cyx(array, axes: str, file: Path):
@@ -400,13 +449,58 @@ def grid_from_extent(
     return Grid(float(x_min), float(y_min), float(pixel_size), height, width), note
 
 
-def points_extent(points) -> tuple[float, float, float, float]:
-    """``(x_min, y_min, x_max, y_max)`` of a points element (one pass over two columns)."""
+def points_extent(
+    points, *, what: str = "", assumptions: list[str] | None = None
+) -> tuple[float, float, float, float]:
+    """``(x_min, y_min, x_max, y_max)`` of the molecules with finite coordinates (one pass over two columns).
+
+    Molecules whose ``x`` or ``y`` is NaN or infinite are left out, with a warning that says how many (and
+    appended to ``assumptions``); ``what`` names what the extent is used for. When no molecule has finite
+    coordinates, a :class:`ValueError` says so.
+    """
     import dask
 
     xs, ys = points["x"], points["y"]
-    x_min, y_min, x_max, y_max = dask.compute(xs.min(), ys.min(), xs.max(), ys.max())
+    finite_x, finite_y = xs.abs() < np.inf, ys.abs() < np.inf  # False for NaN too
+    finite = finite_x & finite_y
+    x_min, y_min, x_max, y_max, n, n_finite, bad_x, bad_y = dask.compute(
+        xs[finite].min(),
+        ys[finite].min(),
+        xs[finite].max(),
+        ys[finite].max(),
+        finite.size,
+        finite.sum(),
+        (~finite_x).sum(),
+        (~finite_y).sum(),
+    )
+    where = f" {what}" if what else ""
+    if int(n) == 0:
+        msg = f"The transcripts table holds no molecule, so there is no extent{where}. Check the file."
+        raise ValueError(msg)
+    n_bad = int(n) - int(n_finite)
+    if n_bad:
+        bad = points[["x", "y"]].map_partitions(_first_nonfinite, meta={"x": "f8", "y": "f8"}).compute()
+        shown = ", ".join(f"(x={x:g}, y={y:g})" for x, y in bad.head(3).itertuples(index=False))
+        if n_bad == int(n):
+            msg = (
+                f"All {n_bad} molecules have NaN or infinite coordinates (e.g. {shown}); cannot place the "
+                f"images{where}. Check the x and y columns of the transcripts table."
+            )
+            raise ValueError(msg)
+        note = (
+            f"{n_bad} of {int(n)} molecules have NaN or infinite coordinates ({int(bad_x)} in x, {int(bad_y)} in y; "
+            f"e.g. {shown}); they were left out of the molecules' extent{where}"
+        )
+        if assumptions is not None:
+            assumptions.append(note)
+        warn_assumption(note, "Check the x and y columns of the transcripts table")
     return float(x_min), float(y_min), float(x_max), float(y_max)
+
+
+def _first_nonfinite(frame: pd.DataFrame) -> pd.DataFrame:
+    x, y = frame["x"].to_numpy(np.float64), frame["y"].to_numpy(np.float64)
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    return pd.DataFrame({"x": x[bad][:3], "y": y[bad][:3]})
 
 
 # ------------------------------------------------------------------------------------------------ boundaries
@@ -545,8 +639,27 @@ def quiet_spatialdata_io():
         yield
 
 
+@contextmanager
+def quiet_zarr_writes():
+    """Write zarr stores without the warnings of anndata, zarr and ome-zarr about their own defaults.
+
+    Tables are written unsharded, as before, with that choice made explicit (anndata otherwise warns, once per
+    array, that zarr v3 autosharding will become the default); ome-zarr's deprecation of the ``Scaler`` that
+    spatialdata still uses is silenced too. Other warnings pass through.
+    """
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*zarr v3 autosharding", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*deprecated class Scaler", category=DeprecationWarning)
+        if "auto_shard_zarr_v3" in dir(ad.settings):
+            with ad.settings.override(auto_shard_zarr_v3=False):
+                yield
+        else:
+            yield
+
+
 def warn_assumption(note: str, how_to_fix: str) -> None:
-    """Tell the user what a reader assumed (a warning and a log line)."""
+    """Tell the user what a reader assumed (one warning)."""
     msg = f"{note}. {how_to_fix}"
-    logger.info(msg)
-    warnings.warn(msg, UserWarning, stacklevel=4)
+    warnings.warn(msg, UserWarning, stacklevel=4)  # one warning, not a log line besides

@@ -17,7 +17,6 @@ from ._common import (
     check_folder,
     control_mask,
     find_file,
-    logger,
     polygons_from_vertices,
     quiet_spatialdata_io,
     read_table,
@@ -25,6 +24,7 @@ from ._common import (
     set_source,
     shapes_element,
     table_element,
+    warn_assumption,
 )
 
 #: µm per pixel of current CosMx instruments (early runs: 0.18).
@@ -242,7 +242,8 @@ def _read_cell_table(counts_file: Path | None, metadata_file: Path | None, pixel
         obs.index = _cell_index(obs)
         common = obs.index.intersection(counts.index, sort=False)
         if len(common) < len(counts):
-            logger.info("%d cells of %s have no metadata; left out.", len(counts) - len(common), counts_file.name)
+            note = f"{len(counts) - len(common)} cells of {counts_file.name} have no row in {metadata_file.name}"
+            warn_assumption(note + "; they were left out of the table", "Check that the two files are of one export.")
         obs, counts = obs.loc[common], counts.loc[common]
     else:
         obs = counts[["fov", "cell_ID"]].copy()

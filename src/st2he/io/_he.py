@@ -11,6 +11,8 @@ import numpy as np
 from st2he._elements import RGB, check_key_free, parse_image, record_params, set_element
 from st2he._grid import COORDINATE_SYSTEM, Grid
 
+from ._common import TruncatedImageError, check_tiff_complete, damaged_image
+
 _TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
 
 
@@ -70,9 +72,12 @@ def read_he_image(
     else:
         from PIL import Image
 
-        with Image.open(path) as img:
-            data = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
-            found = _pil_pixel_size(img)
+        try:
+            with Image.open(path) as img:
+                data = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
+                found = _pil_pixel_size(img)
+        except OSError as err:  # PIL: "image file is truncated", "cannot identify image file"
+            raise damaged_image(path, err) from err
     if data.ndim == 2 or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
         msg = f"{path} is not an RGB image (shape {tuple(data.shape)}); an H&E image needs three colour channels."
         raise ValueError(msg)
@@ -109,21 +114,27 @@ def _read_tiff(path: Path):
     import tifffile
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
-        found = _tiff_pixel_size(tif)
-        series = tif.series[0]
-        shapes = [lv.shape for lv in series.levels] if series.levels else [series.shape]
-    if len(shapes[0]) == 3 and shapes[0][0] in (3, 4) and shapes[0][-1] not in (3, 4):
-        # planar (c, y, x) layout
-        arr = tifffile.imread(path, series=0, level=0)
-        return [np.moveaxis(arr, 0, -1)], found
-    levels = []
-    for i, shape in enumerate(shapes):
-        if i and (len(shape) != 3 or shape[-1] not in (3, 4) or shape[0] >= shapes[i - 1][0]):
-            break  # keep only levels that are RGB(A) and shrink
-        store = tifffile.imread(path, aszarr=True, series=0, level=i)
-        levels.append(da.from_zarr(zarr.open(store, mode="r")))
-    return levels, found
+    try:
+        with tifffile.TiffFile(path) as tif:
+            check_tiff_complete(tif, path)  # a cut-off file fails now, not when a tile is decoded later
+            found = _tiff_pixel_size(tif)
+            series = tif.series[0]
+            shapes = [lv.shape for lv in series.levels] if series.levels else [series.shape]
+        if len(shapes[0]) == 3 and shapes[0][0] in (3, 4) and shapes[0][-1] not in (3, 4):
+            # planar (c, y, x) layout
+            arr = tifffile.imread(path, series=0, level=0)
+            return [np.moveaxis(arr, 0, -1)], found
+        levels = []
+        for i, shape in enumerate(shapes):
+            if i and (len(shape) != 3 or shape[-1] not in (3, 4) or shape[0] >= shapes[i - 1][0]):
+                break  # keep only levels that are RGB(A) and shrink
+            store = tifffile.imread(path, aszarr=True, series=0, level=i)
+            levels.append(da.from_zarr(zarr.open(store, mode="r")))
+        return levels, found
+    except TruncatedImageError:
+        raise
+    except Exception as err:
+        raise damaged_image(path, err) from err
 
 
 def _slide_pyramid(levels, grid: Grid, chunks: int):
@@ -136,7 +147,11 @@ def _slide_pyramid(levels, grid: Grid, chunks: int):
     tree = xr.DataTree.from_dict(
         {
             f"scale{i}": xr.Dataset(
-                {"image": xr.DataArray(da.moveaxis(lv, -1, 0).rechunk((3, chunks, chunks)), dims=("c", "y", "x"), coords={"c": list(RGB)})}
+                {
+                    "image": xr.DataArray(
+                        da.moveaxis(lv, -1, 0).rechunk((3, chunks, chunks)), dims=("c", "y", "x"), coords={"c": list(RGB)}
+                    )
+                }
             )
             for i, lv in enumerate(levels)
         }

@@ -253,7 +253,7 @@ def _mosaic_grid(shape, placement, file: Path, transcripts, assumptions) -> Grid
         if origin is None:
             origin = (x0, y0)
     if pixel_size is None or origin is None:
-        extent = points_extent(transcripts)
+        extent = points_extent(transcripts, what=f"used to place {file.name}", assumptions=assumptions)
         if pixel_size is None and origin is None:
             grid, note = grid_from_extent((height, width), extent, what=f"{file.name} has no placement")
         else:

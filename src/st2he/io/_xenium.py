@@ -301,7 +301,7 @@ def _image_grid(shape, *, file, transcripts, specs, ome_size, image_pixel_size, 
         pixel_size, how = float(specs["pixel_size"]), _SPECS_FILE
     fix = "Pass image_pixel_size= (µm per pixel) and image_origin= (x, y in µm) to read_xenium to set them."
     if pixel_size is None:
-        extent = points_extent(transcripts)
+        extent = points_extent(transcripts, what=f"used to place {file.name}", assumptions=assumptions)
         if origin is not None:
             x0, y0 = origin
             pixel_size = max((extent[2] - x0) / width, (extent[3] - y0) / height)
@@ -318,7 +318,7 @@ def _image_grid(shape, *, file, transcripts, specs, ome_size, image_pixel_size, 
     if origin is None:
         origin = (0.0, 0.0)
         candidate = Grid(0.0, 0.0, float(pixel_size), height, width)
-        extent = points_extent(transcripts)
+        extent = points_extent(transcripts, what=f"used to place {file.name}", assumptions=assumptions)
         cx, cy = (extent[0] + extent[2]) / 2, (extent[1] + extent[3]) / 2
         x_min, y_min, x_max, y_max = candidate.bounds
         if not (x_min <= cx <= x_max and y_min <= cy <= y_max):

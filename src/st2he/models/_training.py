@@ -347,7 +347,7 @@ def train(
     model._prompt_cache.clear()
     emb = model.encode_prompt(prompt).detach()
 
-    from tqdm.auto import tqdm
+    from st2he._progress import tqdm
 
     def val_record(at_step: int) -> dict[str, Any]:
         rec = {"step": at_step}

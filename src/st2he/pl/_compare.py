@@ -90,6 +90,7 @@ def compare(
     """
     import matplotlib.pyplot as plt
 
+    genes = [genes] if isinstance(genes, str) else genes  # one gene, not its letters
     panels: list[tuple[str, str]] = []  # (kind, key or gene)
     for key, label, optional in (
         (input_key, "input_key", False),

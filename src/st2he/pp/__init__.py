@@ -1,7 +1,8 @@
 """Preprocessing: the ST2HE input picture, gene palettes, density images and tiles."""
 
+from ._molecules import MoleculesDroppedWarning
 from ._palette import make_palette
 from ._rasterize import rasterize_transcripts, transcript_density
 from ._tiles import make_tiles
 
-__all__ = ["make_palette", "make_tiles", "rasterize_transcripts", "transcript_density"]
+__all__ = ["MoleculesDroppedWarning", "make_palette", "make_tiles", "rasterize_transcripts", "transcript_density"]

@@ -83,27 +83,32 @@ class FilterReport:
             "outside_region": self.outside,
         }
 
-    def log(self, what: str, *, min_qv: float | None) -> None:
-        """Report what was dropped: a warning for non-finite coordinates, an info line for the rest."""
-        if self.nonfinite:
-            warnings.warn(
-                f"{what}: dropped {self.nonfinite} of {self.total} molecules with NaN or infinite coordinates.",
-                UserWarning,
-                stacklevel=3,
-            )
+    def log(self, what: str, *, min_qv: float | None, warn: bool = True) -> None:
+        """Report what was dropped as one :class:`MoleculesDroppedWarning` (an info line when nothing was).
+
+        ``warn=False`` (layers that st2he's tools build for themselves) logs an info line instead.
+        """
         qv = f"qv < {min_qv:g}" if min_qv is not None else "low qv"
-        logger.info(
-            "%s: kept %d of %d molecules; dropped %d control probes, %d with %s, %d with non-finite coordinates; "
-            "%d outside the region.",
-            what,
-            self.kept,
-            self.total,
-            self.controls,
-            self.low_qv,
-            qv,
-            self.nonfinite,
-            self.outside,
+        reasons = (
+            (self.controls, "control probes" if self.controls != 1 else "control probe"),
+            (self.low_qv, f"with {qv}"),
+            (self.nonfinite, "with NaN or infinite coordinates"),
+            (self.missing_gene, "without a gene name"),
         )
+        dropped = [f"{n} {reason}" for n, reason in reasons if n]
+        msg = f"{what}: kept {self.kept} of {self.total} molecules"
+        if dropped:
+            msg += f"; dropped {sum(n for n, _ in reasons)}: " + ", ".join(dropped)
+        if self.outside:
+            msg += f"; {self.outside} kept molecules lie outside the region"
+        if dropped and warn:
+            warnings.warn(msg + ".", MoleculesDroppedWarning, stacklevel=3)
+        else:
+            logger.info("%s.", msg)
+
+
+class MoleculesDroppedWarning(UserWarning):
+    """Molecules were left out of a picture: control probes, low quality, non-finite coordinates or no gene."""
 
 
 @dataclass

@@ -355,7 +355,9 @@ def _panel_and_sources(data, method, points_key, table_key, source, bin_size, mi
         genes = sorted(str(g) for g in data.var_names)
         order = [list(map(str, data.var_names)).index(g) for g in genes]
         return genes, None, (lambda: correlation(data.X[:, order]))
-    if isinstance(data, str) or not hasattr(data, "points"):
+    if isinstance(data, str):  # one gene, not its letters
+        data = [data]
+    if not hasattr(data, "points"):
         return sorted({str(g) for g in data}), None, None
     from ._molecules import bin_molecules, is_control_name, molecule_source
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -434,6 +435,7 @@ def nuclear_stain_layer(
     chunk
         Chunk edge in pixels.
     """
+    percentiles = _check_percentiles(percentiles)
     layer, _ = _stain(
         sdata, grid, stain_key=stain_key, boundaries_key=boundaries_key, percentiles=percentiles, chunk=chunk
     )
@@ -460,8 +462,8 @@ def _default_grid(mol, img, pixel_size) -> Grid:
     boxes = [b for b in (mol, img) if b is not None]
     if not boxes:
         msg = (
-            "Nothing to rasterise: there are no molecules left after filtering and no stain image. Give "
-            "region=(x_min, y_min, x_max, y_max) in µm for a blank picture."
+            "Nothing to rasterise: there are no molecules left after filtering and no stain image. Check "
+            "points_key, min_qv and drop_controls."
         )
         raise ValueError(msg)
     x0, y0 = lattice_origin((min(b[0] for b in boxes), min(b[1] for b in boxes)), pixel_size)
@@ -512,11 +514,92 @@ def _region_grid(region, pixel_size) -> Grid:
     return Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
 
 
+def _check_region_holds_data(sdata, source, binned, grid: Grid, region, stain_info, what: str, molecules: bool) -> None:
+    """Refuse a region that holds neither kept molecules nor stain (a black picture); warn when it has stain only.
+
+    The messages name the region and where the data lie: the molecules' extent and the stain's bounds.
+    """
+    import warnings
+
+    from ._molecules import points_extent
+
+    report = binned.report if binned is not None else None
+    inside = report.kept - report.outside if report is not None else 0
+    if molecules and inside > 0:
+        return
+    stain = _stain_extent(sdata, stain_info)
+    box = grid.bounds
+    covered = stain is not None and stain[0] < box[2] and box[0] < stain[2] and stain[1] < box[3] and box[1] < stain[3]
+    where = []
+    if source is not None:
+        extent = points_extent(source)
+        if extent is None:
+            where.append("no molecule has finite coordinates")
+        else:
+            kept = f"{report.kept} of {report.total} kept after filtering" if report is not None else "all"
+            where.append(
+                f"the molecules ({kept}) lie in x {extent[0]:g}..{extent[2]:g}, y {extent[1]:g}..{extent[3]:g} µm"
+            )
+    if stain is not None:
+        bounds = f"x {stain[0]:g}..{stain[2]:g}, y {stain[1]:g}..{stain[3]:g} µm"
+        where.append(f"the stain {stain_info['stain_key']!r} covers {bounds}")
+    data = "; ".join(where) if where else "there are no molecules and no stain"
+    shown = "region=({:g}, {:g}, {:g}, {:g}) µm".format(*(float(v) for v in region))
+    if not covered:
+        held = "no kept molecule and no stain" if molecules else "no stain"
+        msg = (
+            f"{what}: {shown} holds {held}, so the picture would be empty: {data}. Give a region that "
+            "overlaps the data, or region=None for their extent."
+        )
+        raise ValueError(msg)
+    if molecules:
+        msg = f"{what}: {shown} holds no kept molecule, so the picture shows the stain alone: {data}."
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _stain_extent(sdata, stain_info) -> tuple[float, float, float, float] | None:
+    """Global bounds in µm of the resolved stain (an image, labels or nucleus shapes); ``None`` without one."""
+    key, kind = stain_info.get("stain_key"), stain_info.get("stain_kind")
+    if key is None:
+        return None
+    if kind in ("images", "labels"):
+        return _geom(_scale0(getattr(sdata, kind)[key])).bounds
+    from spatialdata.transformations import get_transformation
+
+    gdf = sdata.shapes[key]
+    if len(gdf) == 0:
+        return None
+    x0, y0, x1, y1 = gdf.total_bounds
+    if "radius" in gdf.columns:
+        r = float(np.nanmax(gdf["radius"].to_numpy()))
+        x0, y0, x1, y1 = x0 - r, y0 - r, x1 + r, y1 + r
+    m = np.asarray(get_transformation(gdf, COORDINATE_SYSTEM).to_affine_matrix(("x", "y"), ("x", "y")), dtype=float)
+    corners = m @ np.array([[x0, x1, x0, x1], [y0, y0, y1, y1], [1, 1, 1, 1]])
+    return float(corners[0].min()), float(corners[1].min()), float(corners[0].max()), float(corners[1].max())
+
+
 def _check_pixel_size(pixel_size) -> float:
-    if not (isinstance(pixel_size, int | float) and np.isfinite(pixel_size) and pixel_size > 0):
+    ok = isinstance(pixel_size, numbers.Real) and not isinstance(pixel_size, bool | np.bool_)  # numpy scalars too
+    if not (ok and np.isfinite(pixel_size) and pixel_size > 0):
         msg = f"pixel_size must be a positive number of µm, got {pixel_size!r}."
         raise ValueError(msg)
     return float(pixel_size)
+
+
+def _check_percentiles(percentiles) -> tuple[float, float]:
+    """``(lo, hi)`` of the stain's contrast percentiles, or a :class:`ValueError` that says what is wrong."""
+    try:
+        lo, hi = (float(v) for v in percentiles)
+    except (TypeError, ValueError) as err:
+        msg = f"percentiles must be two numbers (lo, hi) in [0, 100], such as (1, 99.5); got {percentiles!r}."
+        raise ValueError(msg) from err
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi <= 100):
+        msg = (
+            f"percentiles must be (lo, hi) with 0 <= lo < hi <= 100 (the stain's lo-th percentile shows black, its "
+            f"hi-th white), such as (1, 99.5); got {percentiles!r}."
+        )
+        raise ValueError(msg)
+    return lo, hi
 
 
 def _panel(source, binned: BinnedMolecules, drop_controls: bool) -> list[str]:
@@ -614,7 +697,7 @@ def density_layer(
     binned = bin_molecules(
         source, grid, chunk=chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
     )
-    binned.report.log("density_layer", min_qv=min_qv if source.qv_column else None)
+    binned.report.log("density_layer", min_qv=min_qv if source.qv_column else None, warn=False)  # a tool's layer
     channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
     return _density(binned, channels, groups)
 
@@ -894,6 +977,8 @@ def rasterize_transcripts(
     named = {k for k in (points_key, stain_key, boundaries_key) if isinstance(k, str) and k != "auto"}
     check_key_free(sdata, key_added, overwrite=overwrite, kind="images", inputs=named)
     pixel_size = _check_pixel_size(pixel_size)
+    percentiles = _check_percentiles(percentiles)
+    genes = [genes] if isinstance(genes, str) else genes  # one gene, not its letters
     if int(dot_size) != dot_size or dot_size < 1:
         msg = f"dot_size must be a whole number of pixels >= 1, got {dot_size!r}."
         raise ValueError(msg)
@@ -936,6 +1021,8 @@ def rasterize_transcripts(
         chunk=chunk,
         image_layer=False,  # a stain image is resampled inside the drawing tasks (_picture_over_image)
     )
+    if region is not None:
+        _check_region_holds_data(sdata, source, binned, grid, region, stain_info, "rasterize_transcripts", need_points)
     params: dict[str, Any] = {
         "points_key": points_key if source is not None else None,
         "stain_key": stain_info["stain_key"],
@@ -1047,6 +1134,8 @@ def transcript_density(
     binned, grid = _bin_and_place(
         source, region, None, pixel_size, chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
     )
+    if region is not None:
+        _check_region_holds_data(sdata, source, binned, grid, region, {"stain_key": None}, "transcript_density", True)
     binned.report.log("transcript_density", min_qv=min_qv if source.qv_column else None)
     channels, groups = _channels(genes, _panel(source, binned, drop_controls) if genes is not None else [])
     data = _density(binned, channels, groups)

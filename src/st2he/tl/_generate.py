@@ -187,7 +187,7 @@ def generate_he(
     if lazy:
         rgb, spread = _lazy(arr, predict, (H, W), chunk, tile_size, kwargs)
     else:
-        from tqdm.auto import tqdm
+        from st2he._progress import tqdm
 
         total = sum(count_tiles((H, W), b, tile_size, overlap) for b in blocks)
         rgb_out = _output_array((3, H, W), np.uint8, chunk)

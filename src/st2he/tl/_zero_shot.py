@@ -435,7 +435,7 @@ def embed_tiles(
     ``(embeddings, tissue, keep)``: L2-normalised embeddings of the kept tiles ``(n_kept, d)``, the tissue fraction
     of every tile ``(n,)`` and the boolean mask of kept tiles ``(n,)``.
     """
-    from tqdm.auto import tqdm
+    from st2he._progress import tqdm
 
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = len(boxes)
