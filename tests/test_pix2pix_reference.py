@@ -71,7 +71,7 @@ def _decoder_forward(self, sample, latent_embeds=None):
 
 
 class Reference:
-    """pix2pix-turbo built from a diffusers base folder, as its ``Pix2Pix_Turbo.__init__`` builds it (no weights loaded)."""
+    """pix2pix-turbo built from a diffusers base folder as its ``Pix2Pix_Turbo.__init__`` builds it (no weights)."""
 
     def __init__(self, base, *, stochastic: bool, seed: int) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
