@@ -243,3 +243,93 @@ def test_shipped_model_loads():
     assert model.metadata["palette"] and model.metadata["tile_size"] == 256
     out = model.predict(np.zeros((1, 3, 64, 64), dtype=np.uint8))
     assert out.shape == (1, 3, 64, 64)
+
+
+def _edit_config(folder, edit):
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_config_that_is_not_json_is_reported_as_such(tmp_path):
+    folder = M.save_pretrained(M.Pix2PixTurbo.from_config("tiny", lora=False), tmp_path / "ckpt")
+    (folder / "config.json").write_text('{"format": "st2he-pix2pix-turbo",\n "weights": }\n')
+    for path in (folder, folder / "config.json", folder / "model.safetensors"):
+        with pytest.raises(ValueError, match=r"config\.json is not valid JSON: .* at line 2, column 13") as info:
+            M.from_pretrained(path)
+        assert str(folder / "config.json") in str(info.value)
+    # a stray config.json beside a published checkpoint is no st2he checkpoint and no error
+    from st2he.models._io import is_st2he_checkpoint
+
+    (folder / "CondGen.pkl").write_bytes(b"")
+    assert not is_st2he_checkpoint(folder / "CondGen.pkl")
+
+
+def test_huge_dimension_in_config_fails_before_allocating(tmp_path):
+    """config.json and model.safetensors are checked against each other on the meta device, before any allocation."""
+    import resource
+    import time
+
+    folder = M.save_pretrained(M.Pix2PixTurbo.from_config("tiny", lora=False), tmp_path / "ckpt")
+    _edit_config(folder, lambda c: c["architecture"]["text_encoder"].update(vocab_size=10**8))  # 6.4 GB of float32
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="does not fit the architecture") as info:
+        M.from_pretrained(folder)
+    seconds = time.perf_counter() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    msg = str(info.value)
+    assert "model.text_encoder.embeddings.token_embedding.weight: (1024, 16) in the file, (100000000, 16)" in msg
+    assert seconds < 10 and grown_mb < 300, (seconds, grown_mb)
+    # a LoRA rank that does not match the stored adapters fails before the adapters are built
+    tuned = M.Pix2PixTurbo.from_config("tiny", seed=1)
+    tuned.metadata["base"] = "some/base"
+    M.save_pretrained(tuned, tmp_path / "delta", weights="delta")
+    _edit_config(tmp_path / "delta", lambda c: c["architecture"]["lora"].update(rank_unet=10**7))
+    with pytest.raises(ValueError, match=r"LoRA rank rank_unet=10000000 .* \(rank \[8\]\)"):
+        M.from_pretrained(tmp_path / "delta")
+    path = M.save_published(tuned, tmp_path / "CondGen.pkl")
+    sd = torch.load(path, weights_only=True)
+    sd["rank_vae"] = 10**6
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"LoRA rank rank_vae=1000000 .* \(rank \[4\]\)"):
+        M.read_published(path)
+
+
+def test_format_version_is_checked(tmp_path):
+    from st2he.models._io import FORMAT_VERSION
+
+    model = M.Pix2PixTurbo.from_config("tiny", lora=False).set_eval()
+    folder = M.save_pretrained(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(M.from_pretrained(folder)(_x()), model(_x()))  # the current version loads
+    _edit_config(folder, lambda c: c.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1} by a newer st2he.*Upgrade st2he"):
+        M.from_pretrained(folder)
+    for odd in ("1", None, 0, 1.5):
+        _edit_config(folder, lambda c, v=odd: c.update(format_version=v))
+        with pytest.raises(ValueError, match="unknown format_version"):
+            M.from_pretrained(folder)
+
+
+def test_unpickling_errors_never_advise_unsafe_loading(base, tmp_path):
+    import traceback
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"rank_unet": _Evil()}))
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"\x80\x04 not a checkpoint")
+    with_numpy = tmp_path / "numpy.pkl"
+    torch.save({"rank_unet": np.zeros(3)}, with_numpy)
+    for path in (evil, corrupt, with_numpy):
+        with pytest.raises(ValueError) as info:
+            M.from_pretrained(base, path)
+        shown = "".join(traceback.format_exception(info.value))
+        assert "weights_only" not in shown and "Weights only load failed" not in shown
+        assert "objects other than tensors" in str(info.value) and "trusted environment" in str(info.value)
+        assert "safetensors" in str(info.value)
+    with pytest.raises(ValueError, match="numpy"):  # the offending object is named when torch names it
+        M.read_published(with_numpy)

@@ -12,7 +12,10 @@ Formats
 * **st2he checkpoints**: a folder with ``config.json`` (architecture, LoRA set-up, prompt, and what the model was
   trained with: palette, pixel size, tile size, training history) and ``model.safetensors``. Models trained from
   scratch (``tiny``, ``small``) store every weight; models fine-tuned from a base store only what training changes
-  (LoRA weights, the UNet's ``conv_in``, the skip convolutions) and name their base.
+  (LoRA weights, the UNet's ``conv_in``, the skip convolutions) and name their base. ``config.json`` must be valid
+  JSON of a ``format_version`` this st2he reads; a full model is first built on the meta device and checked, tensor by
+  tensor, against the safetensors header (shapes and dtypes, no data read), so a config that does not fit its weights
+  fails at once instead of allocating what it claims.
 """
 
 from __future__ import annotations
@@ -253,6 +256,36 @@ def save_base(folder: str | os.PathLike, config: str | dict = "tiny", *, seed: i
 # --------------------------------------------------------------------------- checkpoints
 
 
+def safe_torch_load(path: str | os.PathLike, *, what: str = "a checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors of our own.
+
+    A file that holds anything but tensors and plain containers is refused with a message that says how to convert
+    it; torch's own advice to turn safe loading off never reaches the user.
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        which = f" (e.g. {found.group(1)})" if found else ""
+        msg = (
+            f"Could not read {path} as {what}: the file holds objects other than tensors and plain containers"
+            f"{which}, or it is corrupt. st2he never executes code from a checkpoint. If the file comes from a source "
+            "you trust, convert it: load it yourself in a trusted environment and save its tensors alone (a dict of "
+            "tensors with torch.save, or a safetensors file), e.g. torch.save({k: v for k, v in sd.items() if "
+            "isinstance(v, (torch.Tensor, dict, list, int, float, str))}, 'plain.pkl')."
+        )
+        raise ValueError(msg) from None
+    except Exception as err:
+        if "weights_only" in str(err):  # torch's advice to load unsafely: not passed on
+            msg = f"Could not read {path} as {what}: the file is corrupt or truncated."
+            raise ValueError(msg) from None
+        msg = f"Could not read {path} as {what} ({type(err).__name__}: {err}): the file is corrupt or truncated."
+        raise ValueError(msg) from err
+
+
 def read_published(path: str | os.PathLike) -> dict[str, Any]:
     """Read a pix2pix-turbo / ST2HE ``.pkl`` checkpoint safely (``torch.load(weights_only=True)``)."""
     path = Path(path)
@@ -262,18 +295,18 @@ def read_published(path: str | os.PathLike) -> dict[str, Any]:
             "UnCondGen.pkl) or of an st2he checkpoint folder."
         )
         raise FileNotFoundError(msg)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        msg = (
-            f"Could not read {path} as a pix2pix-turbo checkpoint ({type(err).__name__}: {err}). The file is corrupt, "
-            "truncated, or holds objects other than tensors (st2he never executes code from a checkpoint)."
-        )
-        raise ValueError(msg) from err
+    sd = safe_torch_load(path, what="a pix2pix-turbo checkpoint")
     if not isinstance(sd, dict) or any(k not in sd for k in PUBLISHED_KEYS):
         have = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
         msg = f"{path} is not a pix2pix-turbo checkpoint: it needs the entries {list(PUBLISHED_KEYS)}, it has {have}."
         raise ValueError(msg)
+    header = {
+        f"{part}.{k}": (tuple(v.shape), "")
+        for part in ("unet", "vae")
+        for k, v in (sd[f"state_dict_{part}"] if isinstance(sd[f"state_dict_{part}"], dict) else {}).items()
+        if isinstance(v, torch.Tensor)
+    }
+    _check_lora_ranks(sd, header, path)
     return sd
 
 
@@ -398,46 +431,162 @@ def _jsonable(value):
 
 
 def is_st2he_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an st2he checkpoint folder (or its ``config.json`` / ``model.safetensors``)."""
+    """Whether ``path`` is an st2he checkpoint folder (or its ``config.json`` / ``model.safetensors``).
+
+    A ``config.json`` that is not valid JSON is an error (with its line and column) when ``path`` is its folder or one
+    of the checkpoint's own files, rather than a reason to look for something else there.
+    """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if not (folder / CONFIG_NAME).is_file():
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
         return False
+    names_checkpoint = path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME)
     try:
-        return json.loads((folder / CONFIG_NAME).read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        config = _read_json(config_file)
+    except ValueError:
+        if names_checkpoint:
+            raise
         return False
+    except OSError:
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
-def _read_st2he(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def _read_json(path: Path) -> Any:
+    """Parse a JSON file; a syntax error is reported with the file, line and column."""
+    text = path.read_text()
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as err:
-        msg = f"Could not read {folder / CONFIG_NAME}: {err}. Re-save the model or give another checkpoint."
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        msg = (
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. Fix the file or re-save "
+            "the model (st2he.models.save_pretrained)."
+        )
+        raise ValueError(msg) from None
+
+
+def _read_st2he_config(folder: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, checked: valid JSON, an st2he generator config, a format version we read."""
+    path = folder / CONFIG_NAME
+    try:
+        config = _read_json(path)
+    except OSError as err:
+        msg = f"Could not read {path}: {err}. Re-save the model or give another checkpoint."
         raise ValueError(msg) from err
-    if config.get("format") != FORMAT:
-        msg = f"{folder / CONFIG_NAME} is not an st2he generator config (format {config.get('format')!r})."
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        msg = f"{path} is not an st2he generator config (format {found!r}, expected {FORMAT!r})."
         raise ValueError(msg)
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        msg = (
+            f"{path} has an unknown format_version {version!r} (this st2he reads format version {FORMAT_VERSION}). "
+            "Re-save the model with st2he.models.save_pretrained."
+        )
+        raise ValueError(msg)
+    if version > FORMAT_VERSION:
+        msg = (
+            f"{path} was written in format version {version} by a newer st2he; this st2he reads format version "
+            f"{FORMAT_VERSION} and older. Upgrade st2he (pip install -U st2he) to load it."
+        )
+        raise ValueError(msg)
+    return config
+
+
+def _weights_file(folder: Path) -> Path:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         msg = f"{weights} is missing: an st2he checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}."
         raise FileNotFoundError(msg)
+    return weights
+
+
+def _weights_header(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every tensor of a safetensors file, read from its header (no tensor data is read)."""
+    from safetensors import safe_open
+
     try:
-        state = load_file(weights)
+        with safe_open(weights, framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+            return out
     except Exception as err:
         msg = f"Could not read {weights} ({type(err).__name__}: {err}); the file is corrupt or truncated."
         raise ValueError(msg) from err
-    return config, state
 
 
-def _load_st2he_full(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> Pix2PixTurbo:
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(weights)
+    except Exception as err:
+        msg = f"Could not read {weights} ({type(err).__name__}: {err}); the file is corrupt or truncated."
+        raise ValueError(msg) from err
+
+
+def _read_st2he(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` (checked) and every tensor of ``model.safetensors``."""
+    config = _read_st2he_config(folder)
+    return config, _read_weights(_weights_file(folder))
+
+
+_INT_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64")
+
+
+def _check_against_header(
+    own: dict[str, torch.Tensor], header: dict[str, tuple[tuple[int, ...], str]], weights: Path, *, prefix: str
+) -> None:
+    """Check that each tensor of the model (built on the meta device) is in the file with its shape and kind of dtype."""
+    missing, wrong = [], []
+    for k, v in own.items():
+        entry = header.get(prefix + k)
+        if entry is None:
+            missing.append(prefix + k)
+            continue
+        shape, dtype = entry
+        if shape != tuple(v.shape):
+            wrong.append(f"{prefix + k}: {shape} in the file, {tuple(v.shape)} from {CONFIG_NAME}")
+        elif v.is_floating_point() == (dtype in _INT_DTYPES):
+            wrong.append(f"{prefix + k}: dtype {dtype} in the file, {v.dtype} in the model")
+    if wrong:
+        listed = "\n  ".join(wrong[:10])
+        msg = (
+            f"{weights} does not fit the architecture in {weights.parent / CONFIG_NAME} ({len(wrong)} tensors differ), "
+            f"e.g.:\n  {listed}\nThe two files do not belong together; re-save the model."
+        )
+        raise ValueError(msg)
+    if missing:
+        msg = f"{weights} lacks {len(missing)} weights of the model, e.g. {missing[:5]}; the file is incomplete."
+        raise ValueError(msg)
+
+
+def _check_lora_ranks(lora: dict[str, Any], header: dict[str, tuple[tuple[int, ...], str]], source) -> None:
+    """The LoRA ranks of a config must be those of the stored ``lora_A`` weights (checked before the adapters exist)."""
+    for part, key in (("unet", "rank_unet"), ("vae", "rank_vae")):
+        ranks = {shape[0] for k, (shape, _) in header.items() if k.startswith(part + ".") and ".lora_A." in k and shape}
+        rank = lora.get(key)
+        try:
+            fits = {int(rank)} == ranks
+        except (TypeError, ValueError):
+            fits = False
+        if ranks and not fits:
+            msg = (
+                f"The LoRA rank {key}={rank!r} of {source} does not match its stored {part} LoRA weights (rank "
+                f"{sorted(ranks)}); the checkpoint is inconsistent, re-save the model."
+            )
+            raise ValueError(msg)
+
+
+def _build_from_config(config: dict[str, Any]) -> Pix2PixTurbo:
     from ._pix2pix import build_components
 
     arch = dict(config["architecture"])
     vae, unet, text_encoder, tokenizer, scheduler = build_components(arch, seed=None)
-    model = Pix2PixTurbo(
+    return Pix2PixTurbo(
         vae,
         unet,
         text_encoder,
@@ -449,16 +598,49 @@ def _load_st2he_full(folder: Path, config: dict, state: dict[str, torch.Tensor])
         skip_init="default",
         add_lora=arch.get("lora", {}).get("enabled", True),
     )
-    own = model.state_dict()
+
+
+def _load_st2he_full(folder: Path, config: dict, weights: Path) -> Pix2PixTurbo:
+    """A model that stores every weight: built on the meta device, checked against the file's header, then loaded.
+
+    No memory is allocated for the model before the architecture of ``config.json`` is known to fit the weights.
+    """
+    header = _weights_header(weights)
+    try:
+        with torch.device("meta"):
+            skeleton = _build_from_config(config)
+    except (TypeError, ValueError, KeyError) as err:
+        msg = f"The architecture in {folder / CONFIG_NAME} cannot be built ({type(err).__name__}: {err})."
+        raise ValueError(msg) from err
+    own = skeleton.state_dict()
+    _check_against_header(own, header, weights, prefix="model.")
+    state = _read_weights(weights)
     sd = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing:
-        msg = f"{folder / WEIGHTS_NAME} lacks {len(missing)} weights of the model, e.g. {missing[:5]}; the file is incomplete."
-        raise ValueError(msg)
-    _warn_unmatched(unexpected, "model", folder)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items() if k in own})
+    _warn_unmatched([k for k in sd if k not in own], "model", folder)
+    # the file's tensors become the model's (no second copy); buffers that no state dict holds are rebuilt
+    skeleton.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, assign=True)
+    if _fill_unsaved_buffers(skeleton):
+        # the noise schedule was computed on the meta device too
+        skeleton.scheduler = type(skeleton.scheduler).from_config(skeleton.scheduler.config)
+        return skeleton
+    model = _build_from_config(config)  # a buffer we cannot rebuild: the model is built in memory and loaded
+    model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
     return model
+
+
+def _fill_unsaved_buffers(model: torch.nn.Module) -> bool:
+    """Give the non-persistent buffers left on the meta device their values; False if one is not known."""
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr == "position_ids":  # CLIP's text embeddings: 0, 1, 2, ... along the last axis
+            value = torch.arange(buf.shape[-1], dtype=buf.dtype).expand(buf.shape)
+            owner.register_buffer(attr, value, persistent=False)
+        else:
+            return False
+    return not any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
 
 
 def _apply_delta(model: Pix2PixTurbo, folder: Path, config: dict, state: dict[str, torch.Tensor]) -> Pix2PixTurbo:
@@ -537,14 +719,17 @@ def from_pretrained(
     if st2he_ckpt is not None:
         folder = Path(st2he_ckpt)
         folder = folder if folder.is_dir() else folder.parent
-        config, state = _read_st2he(folder)
+        config = _read_st2he_config(folder)
+        weights = _weights_file(folder)
         if config.get("weights") == "full":
-            model = _load_st2he_full(folder, config, state)
+            model = _load_st2he_full(folder, config, weights)
         else:
             base = base if base is not None else config.get("base")
             if base is None:
                 msg = f"{folder} stores only fine-tuned weights; pass the base model it was trained from (base=...)."
                 raise ValueError(msg)
+            _check_lora_ranks(config["architecture"].get("lora", {}), _weights_header(weights), folder)
+            state = _read_weights(weights)
             model = _model_from_base(base, local_files_only=local_files_only, torch_dtype=torch_dtype)
             model = _apply_delta(model, folder, config, state)
         model.metadata.setdefault("checkpoint", str(folder))

@@ -12,9 +12,9 @@ Layout (module paths as in pix2pix-turbo, so its checkpoints load by name):
   convolutions included), target modules as in pix2pix-turbo.
 
 Deterministic mode: latent of the input -> UNet -> predicted clean latent -> decoder with skips. Stochastic mode
-(``r < 1``): as pix2pix-turbo, the UNet input is ``r * latent + (1 - r) * noise``, the LoRA weights are scaled by
-``r``, the UNet's first convolution blends the pretrained and fine-tuned kernels by ``r`` and the skip activations are
-scaled by ``r``.
+(``r < 1``): as pix2pix-turbo, the LoRA weights of UNet and VAE are first scaled by ``r`` (so the input is encoded
+with the scaled VAE adapters), the UNet input is ``r * latent + (1 - r) * noise``, the UNet's first convolution
+blends the pretrained and fine-tuned kernels by ``r`` and the skip activations are scaled by ``r``.
 
 This module imports neither spatialdata nor anything else from st2he outside :mod:`st2he.models`.
 """
@@ -495,40 +495,46 @@ class Pix2PixTurbo(nn.Module):
         if not stochastic and not sample_posterior:
             core = self._compiled if self._compiled is not None and not self.training else self._deterministic
             return core(x, prompt_embeds)
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        moments, skips = self._encode(x)
-        posterior = DiagonalGaussianDistribution(moments)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        z = z * self.vae.config.scaling_factor
         timestep = torch.full((x.shape[0],), T_ONE_STEP, device=x.device, dtype=torch.long)
         if not stochastic:
-            unet_in = z
-            eps = self.unet(unet_in, timestep, encoder_hidden_states=prompt_embeds).sample
-            gamma = 1.0
-        else:
-            if not 0 <= r <= 1:
-                msg = f"r must lie in [0, 1], got {r}."
-                raise ValueError(msg)
+            z, skips = self._latent(x, generator=generator, sample_posterior=sample_posterior)
+            eps = self.unet(z, timestep, encoder_hidden_states=prompt_embeds).sample
+            x0 = self._predict_x0(eps.float(), z.float())
+            return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, 1.0))
+        if not 0 <= r <= 1:
+            msg = f"r must lie in [0, 1], got {r}."
+            raise ValueError(msg)
+        with self._lock:
+            if self.lora_merged:  # the LoRA weights are scaled by r: they must stand apart
+                self.unmerge_lora()
+            return self._stochastic(x, prompt_embeds, timestep, r, noise, generator, sample_posterior)
+
+    def _stochastic(self, x, prompt_embeds, timestep, r, noise, generator, sample_posterior) -> torch.Tensor:
+        # as pix2pix-turbo: every LoRA adapter (the VAE encoder's included) is scaled by r BEFORE the input is encoded
+        with self._lora_scale(r):
+            z, skips = self._latent(x, generator=generator, sample_posterior=sample_posterior)
             if noise is None:
                 noise = torch.randn(
                     z.shape, generator=generator, device=z.device if generator is None else generator.device
                 )
             noise = noise.to(device=z.device, dtype=z.dtype)
-            if self.lora_merged:  # the LoRA weights are scaled by r: they must stand apart
-                self.unmerge_lora()
             unet_in = z * r + noise * (1 - r)
-            with self._lock, self._lora_scale(r):
-                self._r = r
-                try:
-                    eps = self.unet(unet_in, timestep, encoder_hidden_states=prompt_embeds).sample
-                finally:
-                    self._r = None
-                gamma = r
-                x0 = self._predict_x0(eps.float(), unet_in.float())
-                return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, gamma))
-        x0 = self._predict_x0(eps.float(), unet_in.float())
-        return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, gamma))
+            self._r = r
+            try:
+                eps = self.unet(unet_in, timestep, encoder_hidden_states=prompt_embeds).sample
+            finally:
+                self._r = None
+            x0 = self._predict_x0(eps.float(), unet_in.float())
+            return self._clamp(self._decode(x0 / self.vae.config.scaling_factor, skips, r))
+
+    def _latent(self, x: torch.Tensor, *, generator: torch.Generator | None, sample_posterior: bool):
+        """Scaled latent of ``x`` (posterior mean, or a draw from ``generator``) and the encoder's skip activations."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments, skips = self._encode(x)
+        posterior = DiagonalGaussianDistribution(moments)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return z * self.vae.config.scaling_factor, skips
 
     def _clamp(self, y: torch.Tensor) -> torch.Tensor:
         # pix2pix-turbo clamps to [-1, 1]; in training the clamp would stop the gradient of every saturated pixel
