@@ -428,8 +428,8 @@ def _resolve_hub(repo_id: str, *, cache_dir, no_download: str | None) -> Path:
         raise FileNotFoundError(msg) from err
 
 
-def _download_hub(repo_id: str, cache_dir) -> Path:
-    """Download the files of ``repo_id`` a CLIP model needs, each request with a timeout.
+def _download_hub(repo_id: str, cache_dir, patterns: Sequence[str] = tuple(_HUB_PATTERNS)) -> Path:
+    """Download the files of ``repo_id`` that match ``patterns`` (a CLIP model's by default), each with a timeout.
 
     ``snapshot_download`` lists the repository without a timeout (it waits forever on a network that does not
     answer); here the listing uses ``HF_HUB_ETAG_TIMEOUT`` and each file ``HF_HUB_ETAG_TIMEOUT`` /
@@ -440,10 +440,10 @@ def _download_hub(repo_id: str, cache_dir) -> Path:
     timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
     info = HfApi().repo_info(repo_id, timeout=timeout)
     names = [
-        f.rfilename for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in _HUB_PATTERNS)
+        f.rfilename for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in patterns)
     ]
     if not names:
-        msg = f"the repository has none of the files of a CLIP model ({', '.join(_HUB_PATTERNS)})"
+        msg = f"the repository has no files matching {', '.join(patterns)}"
         raise FileNotFoundError(msg)
     for name in names:
         hf_hub_download(repo_id, name, revision=info.sha, cache_dir=cache_dir, etag_timeout=timeout)
