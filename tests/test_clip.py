@@ -219,3 +219,78 @@ def test_bad_models(tiny, tmp_path):
     torch.save({"visual.proj": torch.zeros(3)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="does not fit"):
         load_clip((ARCH, tmp_path / "wrong.pt"))
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Every connection attempt is recorded and refused; the Hugging Face cache is an empty folder; no offline flags."""
+    import socket
+
+    import huggingface_hub.constants
+
+    touched = []
+
+    def refuse(*args, **kwargs):
+        touched.append(args[1:] or args)
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ST2HE_ALLOW_DOWNLOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    return types.SimpleNamespace(touched=touched, cache=tmp_path / "hf_home" / "hub")
+
+
+def test_hub_id_is_not_downloaded_by_default(no_network):
+    """load_clip went online by default and hung for minutes where the network did not answer."""
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache") as err:
+        load_clip("hf-hub:wisdomik/QuiltNet-B-32", cache_dir=no_network.cache)
+    assert time.perf_counter() - start < 5
+    assert no_network.touched == []
+    text = str(err.value)
+    assert "load_clip(('ViT-B-32', '/path/to/open_clip_pytorch_model.bin'))" in text
+    assert "open_clip_config.json" in text and "local_files_only=False" in text
+    assert "does not download unless asked" in text
+
+
+def test_downloads_only_when_allowed_and_with_timeouts(no_network, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def repo_info(self, repo_id, **kwargs):
+        calls.append((repo_id, kwargs.get("timeout")))
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    with pytest.raises(FileNotFoundError, match=r"Could not download 'hf-hub:org/clip' \(TimeoutError"):
+        load_clip("hf-hub:org/clip", cache_dir=no_network.cache, local_files_only=False)
+    monkeypatch.setenv("ST2HE_ALLOW_DOWNLOAD", "1")
+    with pytest.raises(FileNotFoundError, match="Could not download"):
+        load_clip("hf-hub:org/clip", cache_dir=no_network.cache)
+    assert calls == [("org/clip", 10.0), ("org/clip", 10.0)]  # HF_HUB_ETAG_TIMEOUT, never None (wait forever)
+    # HF_HUB_OFFLINE forbids downloads whatever the call says
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        load_clip("hf-hub:org/clip", cache_dir=no_network.cache, local_files_only=False)
+    assert len(calls) == 2
+
+
+def test_an_architecture_with_a_hub_tokenizer_loads_offline(tiny, no_network):
+    """open_clip fetched the Hub tokenizer an architecture names: 19 connection attempts over ~50 s, retried."""
+    import open_clip
+
+    arch = "st2he-tiny-clip-hub-tokenizer"
+    cfg = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "hf_tokenizer_name": "org/some-tokenizer"}}
+    (tiny.folder / f"{arch}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tiny.folder / f"{arch}.json")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"needs files from the Hugging Face Hub \(org/some-tokenizer\)"):
+        load_clip((arch, tiny.ckpt))
+    assert time.perf_counter() - start < 5
+    assert no_network.touched == []

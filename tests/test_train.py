@@ -176,6 +176,13 @@ def test_train_generator_on_simulated_data(tmp_path):
     assert "virtual_he" in sdata.images
     with pytest.raises(ValueError, match="multiple of 8"):
         st2he.tl.train_generator(sdata, model="tiny", tile_size=30, steps=1)
+    # a new run into that folder is refused; overwrite=True replaces the earlier run
+    again = {"model": "tiny", "validation": 0.4, "tile_size": 32, "batch_size": 2, "output_dir": tmp_path}
+    with pytest.raises(FileExistsError, match=r"already holds a training run \(the finished model model/ and"):
+        st2he.tl.train_generator(sdata, steps=1, progress=False, **again)
+    st2he.tl.train_generator(sdata, steps=1, val_every=0, progress=False, overwrite=True, channels_last=False, **again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "model"]
+    assert from_pretrained(tmp_path / "model").metadata["training"]["steps"] == 1
 
 
 def test_grid_tiles():

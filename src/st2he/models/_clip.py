@@ -2,13 +2,20 @@
 
 :func:`load_clip` returns a :class:`ClipModel` whatever the source: an open_clip hub id read from the local
 Hugging Face cache, an ``(architecture, checkpoint)`` pair for open_clip, CONCH through its own package, a
-CLIP model in the transformers format (PLIP), or a model already in memory. Nothing is ever fetched when the
-Hugging Face cache is offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``): a model that is not there
-fails at once, with a message that says what to provide.
+CLIP model in the transformers format (PLIP), or a model already in memory.
+
+Offline by default, like every st2he loader: nothing is fetched unless downloads are allowed
+(``local_files_only=False`` or ``ST2HE_ALLOW_DOWNLOAD=1``, and ``HF_HUB_OFFLINE`` not set). A model that is not on
+this machine fails at once, with a message that says what to provide; while a model loads offline, the Hugging Face
+libraries are held offline too (an open_clip config that names a Hub tokenizer or text tower cannot reach out). When
+downloads are allowed, every request has a timeout (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``; 10 s by
+default), so a network that does not answer fails in seconds rather than hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -181,8 +188,8 @@ def load_clip(
         One of
 
         - a Hugging Face hub id, ``"hf-hub:wisdomik/QuiltNet-B-32"`` (open_clip format) or ``"hf-hub:vinid/plip"``
-          (transformers format), read from the local Hugging Face cache; it is downloaded only when the cache is
-          online (not ``HF_HUB_OFFLINE=1``, not ``local_files_only=True``) and fails at once otherwise;
+          (transformers format), read from the local Hugging Face cache (``cache_dir``); downloaded only when
+          allowed (see ``local_files_only``), else a model missing from the cache fails at once;
         - an ``(architecture, checkpoint_path)`` pair for open_clip, e.g. ``("ViT-B-32", "quilt.bin")``, including
           architectures registered with :func:`open_clip.add_model_config`; ``("conch", path)`` loads CONCH;
         - ``"conch"``: CONCH through the ``conch`` package (``conch.open_clip_custom``), with its checkpoint
@@ -207,7 +214,9 @@ def load_clip(
     cache_dir
         Hugging Face cache folder (default: the ``HF_HUB_CACHE`` one).
     local_files_only
-        Never touch the network. ``None`` (default) follows ``HF_HUB_OFFLINE``.
+        ``None`` (default): never touch the network, unless the environment variable ``ST2HE_ALLOW_DOWNLOAD=1``
+        allows downloads (the same rule as :func:`st2he.models.from_pretrained`). ``False``: download a hub id that
+        is not in the cache (with timeouts). ``True``: never download. ``HF_HUB_OFFLINE=1`` always forbids downloads.
     precision
         open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``).
 
@@ -228,6 +237,32 @@ def load_clip(
         if mpp is not None:
             model.mpp = float(mpp)
         return model.to(device)
+    # why nothing may be downloaded (None: downloads allowed); decided here, before the guard sets HF's flag
+    offline = _offline(local_files_only)
+    if not offline:
+        no_download = None
+    elif _hf_offline():
+        no_download = "HF_HUB_OFFLINE is set"
+    else:
+        no_download = (
+            "st2he does not download unless asked to (load_clip(..., local_files_only=False) or ST2HE_ALLOW_DOWNLOAD=1)"
+        )
+    with _hub_offline(offline):
+        return _load_any(
+            model,
+            device=device,
+            mpp=mpp,
+            tokenizer=tokenizer,
+            preprocess=preprocess,
+            checkpoint=checkpoint,
+            image_size=image_size,
+            cache_dir=cache_dir,
+            no_download=no_download,
+            precision=precision,
+        )
+
+
+def _load_any(model, *, device, mpp, tokenizer, preprocess, checkpoint, image_size, cache_dir, no_download, precision):
     if isinstance(model, os.PathLike):
         model = str(model)
     if isinstance(model, tuple | list):
@@ -274,7 +309,7 @@ def load_clip(
                     "'hf-hub:org/name', an (architecture, checkpoint_path) pair, a folder, or 'conch'."
                 )
                 raise FileNotFoundError(msg)
-        folder = _resolve_hub(repo_id, cache_dir=cache_dir, local_files_only=local_files_only)
+        folder = _resolve_hub(repo_id, cache_dir=cache_dir, no_download=no_download)
         return _load_folder(folder, name=model, device=device, mpp=mpp, image_size=image_size, precision=precision)
     return _wrap_loaded(
         model, tokenizer=tokenizer, preprocess=preprocess, device=device, mpp=mpp, image_size=image_size
@@ -296,10 +331,51 @@ def _hf_cache_dir(cache_dir) -> str:
         return "~/.cache/huggingface/hub"
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hf_offline() -> bool:
+    """Whether the Hugging Face libraries are offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _offline(local_files_only: bool | None) -> bool:
+    """No downloads unless asked for (local_files_only=False, ST2HE_ALLOW_DOWNLOAD=1); never when HF is offline."""
+    if _hf_offline():
+        return True
     if local_files_only is not None:
         return bool(local_files_only)
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return not _env_true("ST2HE_ALLOW_DOWNLOAD")
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool = True):
+    """Hold the Hugging Face libraries offline while a model loads (they read ``constants.HF_HUB_OFFLINE`` per call).
+
+    An open_clip config may name a Hub tokenizer or text tower; transformers may look for a newer file. Offline,
+    each of these fails at once instead of opening a connection.
+    """
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _cached_file(repo_id: str, filename: str, cache_dir) -> str | None:
@@ -320,31 +396,58 @@ _HUB_PATTERNS = [
 ]
 
 
-def _resolve_hub(repo_id: str, *, cache_dir, local_files_only) -> Path:
-    """Return the local snapshot folder of hub repository ``repo_id``; download only when allowed."""
+def _resolve_hub(repo_id: str, *, cache_dir, no_download: str | None) -> Path:
+    """Return the local snapshot folder of hub repository ``repo_id``; download only when allowed, with timeouts.
+
+    ``no_download``: why nothing may be downloaded (``None``: downloads are allowed).
+    """
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
     except Exception as err:  # noqa: BLE001 - any cache miss: decide below whether to go online
         cache_error = err
-    if _offline(local_files_only):
+    if no_download is not None:
         msg = (
             f"The model 'hf-hub:{repo_id}' is not in the local Hugging Face cache ({_hf_cache_dir(cache_dir)}) and "
-            "the cache is offline. Download it where there is network (`hf download "
-            f"{repo_id}`, or `huggingface_hub.snapshot_download('{repo_id}')`) and copy the cache folder here (or "
-            "set HF_HOME / cache_dir), or pass its weights as (architecture, checkpoint_path)."
+            f"{no_download}. Give its weights as (architecture, checkpoint_path), e.g. load_clip(('ViT-B-32', "
+            "'/path/to/open_clip_pytorch_model.bin')), or a folder holding open_clip_config.json and the weights; or "
+            f"download it where there is network (`hf download {repo_id}`) and copy the cache here (or set HF_HOME / "
+            "cache_dir); or allow the download with local_files_only=False."
         )
         raise FileNotFoundError(msg) from cache_error
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
+        return _download_hub(repo_id, cache_dir)
     except Exception as err:  # network errors of every kind become one clear message
         msg = (
             f"Could not download 'hf-hub:{repo_id}' ({type(err).__name__}: {err}). It is not in the local Hugging "
             f"Face cache ({_hf_cache_dir(cache_dir)}) either. Download it where there is network and copy the cache "
-            "here, or pass its weights as (architecture, checkpoint_path)."
+            "here, or pass its weights as (architecture, checkpoint_path), e.g. ('ViT-B-32', "
+            "'/path/to/open_clip_pytorch_model.bin')."
         )
         raise FileNotFoundError(msg) from err
+
+
+def _download_hub(repo_id: str, cache_dir, patterns: Sequence[str] = tuple(_HUB_PATTERNS)) -> Path:
+    """Download the files of ``repo_id`` that match ``patterns`` (a CLIP model's by default), each with a timeout.
+
+    ``snapshot_download`` lists the repository without a timeout (it waits forever on a network that does not
+    answer); here the listing uses ``HF_HUB_ETAG_TIMEOUT`` and each file ``HF_HUB_ETAG_TIMEOUT`` /
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` (seconds without an answer, 10 by default).
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+
+    timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
+    info = HfApi().repo_info(repo_id, timeout=timeout)
+    names = [
+        f.rfilename for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in patterns)
+    ]
+    if not names:
+        msg = f"the repository has no files matching {', '.join(patterns)}"
+        raise FileNotFoundError(msg)
+    for name in names:
+        hf_hub_download(repo_id, name, revision=info.sha, cache_dir=cache_dir, etag_timeout=timeout)
+    return Path(snapshot_download(repo_id, revision=info.sha, cache_dir=cache_dir, local_files_only=True))
 
 
 def _load_folder(folder: Path, *, name, device, mpp, image_size, precision) -> ClipModel:
@@ -400,10 +503,15 @@ def _load_open_clip_pair(arch: str, ckpt: Path, *, device, mpp, image_size, prec
         clip, _, _ = open_clip.create_model_and_transforms(
             arch, pretrained=str(ckpt), device=device, precision=precision
         )
+    except OSError as err:  # a Hugging Face text tower (hf_model_name) that is not on this machine
+        _hub_files_missing(f"The architecture {arch!r}", config, err)
     except RuntimeError as err:
         msg = f"The checkpoint {ckpt} does not fit the architecture {arch!r}: {err}"
         raise ValueError(msg) from err
-    tok = open_clip.get_tokenizer(arch)
+    try:
+        tok = open_clip.get_tokenizer(arch)
+    except OSError as err:  # a Hugging Face tokenizer (hf_tokenizer_name) that is not on this machine
+        _hub_files_missing(f"The architecture {arch!r}", config, err)
     return _from_open_clip(clip, tok, name=f"{arch}:{ckpt.name}", device=device, mpp=mpp, image_size=image_size)
 
 
@@ -640,6 +748,18 @@ def _from_transformers(clip, tokenizer, *, name, device, mpp, image_size, mean, 
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _hub_files_missing(what: str, config: dict, err: Exception) -> None:
+    text_cfg = config.get("text_cfg") or {}
+    names = sorted({str(text_cfg[k]) for k in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(k)})
+    msg = (
+        f"{what} needs files from the Hugging Face Hub ({', '.join(names) or 'its text tower or tokenizer'}) that are "
+        "not on this machine, and st2he loads offline by default. Download them where there is network and copy the "
+        "Hugging Face cache here (or set HF_HOME), or allow the download with load_clip(..., local_files_only=False) "
+        f"or ST2HE_ALLOW_DOWNLOAD=1. ({type(err).__name__}: {err})"
+    )
+    raise FileNotFoundError(msg) from err
 
 
 def _no_text_tower(name) -> None:

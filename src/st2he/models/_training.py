@@ -7,15 +7,26 @@ accumulation. It validates (L2, PSNR, SSIM) every ``val_every`` steps, checkpoin
 ``resume=`` continues a run to the same result as an uninterrupted one: every random draw comes from one seeded
 generator whose state is checkpointed with the weights and optimiser states.
 
+Checkpoints are written atomically (into a hidden sibling folder, synced, then renamed), so a crash never leaves a
+``checkpoint-<step>`` folder that looks complete; each records a fingerprint of the run (the settings that change the
+result, the model's architecture, the prompt, the palette and a hash of the training and validation images) and the
+size and hash of its files. A resume compares the fingerprint with this run's and refuses another run's checkpoint;
+``resume="latest"`` skips a damaged checkpoint (with a warning) for the newest intact one.
+
 :func:`st2he.tl.train_generator` prepares the pairs from SpatialData objects and calls this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +42,23 @@ from ._pix2pix import Pix2PixTurbo
 logger = logging.getLogger("st2he")
 
 STATE_NAME = "training_state.pt"
+#: written last into every checkpoint: step, fingerprint of the run, size and hash of each file
+MANIFEST_NAME = "checkpoint.json"
+#: the finished model that :func:`st2he.tl.train_generator` writes into ``output_dir``
+FINAL_NAME = "model"
+#: settings that may differ when a run is resumed: how long it runs, how often it reports, and how it is computed
+#: on this machine (``steps`` only with a constant learning-rate schedule: a cosine schedule is shaped by it)
+RESUMABLE = (
+    "steps",
+    "val_every",
+    "ckpt_every",
+    "log_every",
+    "val_batch_size",
+    "time_budget",
+    "calibration_steps",
+    "mixed_precision",
+    "channels_last",
+)
 
 
 @dataclass
@@ -181,7 +209,7 @@ def evaluate(
         pred = ((pred.float() + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
         l2 += ((pred - y) ** 2).mean(dim=(1, 2, 3)).tolist()
         ps += psnr(pred, y, data_range=2.0).tolist()
-        ss += ssim(pred, y, data_range=2.0, reduction="none").tolist()
+        ss += ssim((pred + 1) / 2, (y + 1) / 2, data_range=1.0, reduction="none").tolist()  # as evaluate_he sees them
     if was_training:
         model.train()
     return {"val_l2": float(np.mean(l2)), "val_psnr": float(np.mean(ps)), "val_ssim": float(np.mean(ss))}
@@ -199,12 +227,243 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in output_dir.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_NAME).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def _resolve_resume(resume, output_dir: Path | None) -> Path | None:
+# --------------------------------------------------------------------------- writing, atomically
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_folder_atomically(folder: Path, write) -> Path:
+    """Let ``write(tmp)`` fill a hidden sibling folder, sync it, then rename it to ``folder`` (replacing it).
+
+    A crash at any point leaves either the old ``folder`` or the new one, never a partly written folder under its name;
+    at worst a hidden ``.<name>.tmp-*`` folder, which the next run removes.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{folder.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if folder.exists():
+            old = parent / f".{folder.name}.old-{tag}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _remove_leftovers(output_dir: Path) -> None:
+    """Remove the hidden half-written folders an interrupted :func:`_write_folder_atomically` left behind."""
+    for p in output_dir.glob(".*"):
+        if p.is_dir() and re.fullmatch(r"\.(checkpoint-\d+|" + FINAL_NAME + r")\.(tmp|old)-\d+-[0-9a-f]{8}", p.name):
+            logger.info("Removing %s, left behind by an interrupted write.", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(folder: Path, model: Pix2PixTurbo, state: dict[str, Any], fingerprint: dict | None = None) -> Path:
+    """Write the model (st2he format, full precision), the training state (optimisers, RNG, history) and the manifest.
+
+    The folder appears under its name only once every file is written and synced (see :func:`_write_folder_atomically`).
+    """
+    from ._io import save_pretrained
+
+    def write(tmp: Path) -> None:
+        save_pretrained(model, tmp)
+        torch.save(state, tmp / STATE_NAME)
+        files = {
+            f.name: {"size": f.stat().st_size, "blake2b": _file_hash(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+        }
+        manifest = {"step": int(state["step"]), "fingerprint": fingerprint, "files": files}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    return _write_folder_atomically(Path(folder), write)
+
+
+def save_final(model: Pix2PixTurbo, output_dir: str | Path) -> Path:
+    """Write the finished model to ``output_dir/model`` atomically (never a half-written model under that name)."""
+    from ._io import save_pretrained
+
+    return _write_folder_atomically(Path(output_dir) / FINAL_NAME, lambda tmp: save_pretrained(model, tmp))
+
+
+# --------------------------------------------------------------------------- the fingerprint of a run
+
+
+def _data_hash(arrays) -> dict[str, Any]:
+    """Number, shapes and a hash of the bytes of a list of images (or a stack of tiles)."""
+    h = hashlib.blake2b(digest_size=16)
+    shapes = []
+    for a in arrays:
+        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        a = np.ascontiguousarray(a)
+        shapes.append(list(a.shape))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return {"n": len(shapes), "shapes": shapes, "blake2b": h.hexdigest()}
+
+
+def _flatten(prefix: str, value, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            if not str(k).startswith("_"):  # diffusers' bookkeeping (_name_or_path, _diffusers_version)
+                _flatten(f"{prefix}.{k}", value[k], out)
+    else:
+        out[prefix] = value
+
+
+def run_fingerprint(
+    cfg: TrainConfig,
+    model: Pix2PixTurbo,
+    sampler: PairSampler,
+    val_inputs,
+    val_targets,
+    *,
+    mode: str,
+    perceptual: str | None,
+    prompt: str | None,
+) -> dict[str, Any]:
+    """Everything that decides the result of a run, as a flat JSON-able dict (see :data:`RESUMABLE` for what is not)."""
+    settings = cfg.to_dict()
+    fp: dict[str, Any] = {k: v for k, v in settings.items() if k not in RESUMABLE}
+    if cfg.lr_schedule == "cosine":
+        fp["steps"] = cfg.steps
+    fp["train_mode (as used)"] = mode
+    fp["perceptual (as used)"] = perceptual
+    fp["prompt"] = prompt if prompt is not None else model.prompt
+    base = model.metadata.get("base")
+    fp["base model"] = Path(str(base)).name if base else None
+    fp["palette"] = model.metadata.get("palette")
+    fp["pixel_size"] = model.metadata.get("pixel_size")
+    _flatten("architecture", model.config, fp)
+    fp["training inputs"] = _data_hash(sampler.inputs)
+    fp["training targets"] = _data_hash(sampler.targets)
+    has_val = val_inputs is not None and len(val_inputs) > 0
+    fp["validation inputs"] = _data_hash(val_inputs) if has_val else None
+    fp["validation targets"] = _data_hash(val_targets) if has_val else None
+    # one JSON round trip: tuples become lists, numbers plain, as they read back from the manifest
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _show(value) -> str:
+    if isinstance(value, dict) and "blake2b" in value:
+        shapes = value["shapes"]
+        sizes = ", ".join("x".join(map(str, s)) for s in shapes[:3]) + (", ..." if len(shapes) > 3 else "")
+        return f"{value['n']} arrays ({sizes}), hash {value['blake2b'][:12]}"
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _compare_fingerprints(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
+    """Raise when ``old`` (the checkpoint's) and ``new`` (this run's) differ, naming each setting that differs."""
+    diffs = [
+        f"  {k}: {_show(old.get(k, '(not set)'))} in the checkpoint, {_show(new.get(k, '(not set)'))} now"
+        for k in sorted(set(old) | set(new), key=lambda k: (list(new).index(k) if k in new else len(new), k))
+        if old.get(k, "(not set)") != new.get(k, "(not set)")
+    ]
+    if diffs:
+        msg = (
+            f"Cannot resume from {folder}: it belongs to a run with other settings or data than this one:\n"
+            + "\n".join(diffs)
+            + "\nTo continue that run, pass the same settings and data. To start a new run, give another output_dir "
+            "(or overwrite=True to replace the old run). Settings that may change on resume: "
+            + ", ".join(RESUMABLE)
+            + " (steps only with lr_schedule='constant'), device and progress."
+        )
+        raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------- reading, with checks
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any], dict, dict[str, torch.Tensor]]:
+    """``(manifest, training state, model config, weights)`` of a checkpoint folder, checked; ``ValueError`` if broken.
+
+    The files are checked against the manifest's sizes and hashes (checkpoints written before manifests existed are
+    only checked by reading them), then read in full.
+    """
+    from ._io import _read_st2he
+
+    manifest = None
+    mpath = folder / MANIFEST_NAME
+    if mpath.is_file():
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            msg = f"its {MANIFEST_NAME} is unreadable ({type(err).__name__}: {err})"
+            raise ValueError(msg) from err
+        for name, want in files.items():
+            f = folder / name
+            if not f.is_file():
+                msg = f"{name} is missing"
+                raise ValueError(msg)
+            size = f.stat().st_size
+            if size != want["size"]:
+                msg = f"{name} has {size} bytes instead of {want['size']} (truncated or overwritten)"
+                raise ValueError(msg)
+            if _file_hash(f) != want["blake2b"]:
+                msg = f"{name} does not match its recorded hash (corrupt)"
+                raise ValueError(msg)
+    if not (folder / STATE_NAME).is_file():
+        msg = f"{STATE_NAME} is missing"
+        raise ValueError(msg)
+    try:
+        from ._io import safe_torch_load
+
+        state = safe_torch_load(folder / STATE_NAME, what="a training state")
+        if not isinstance(state, dict) or not {"step", "optimizer", "rng", "history"} <= set(state):
+            msg = "it lacks the entries step, optimizer, rng and history"
+            raise ValueError(msg)
+    except Exception as err:  # noqa: BLE001 - a truncated zip, a pickle error, ...: all mean "broken"
+        msg = f"{STATE_NAME} is unreadable ({type(err).__name__}: {err})"
+        raise ValueError(msg) from err
+    try:
+        config, tensors = _read_st2he(folder)
+    except (OSError, ValueError) as err:
+        msg = f"its weights are unreadable ({err})"
+        raise ValueError(msg) from err
+    return manifest, state, config, tensors
+
+
+def _open_resume(resume, output_dir: Path | None):
+    """The checkpoint to resume from, read and checked: ``(folder, manifest, state, config, tensors)`` or ``None``."""
     if resume in (None, False):
         return None
     if resume in (True, "latest"):
@@ -215,28 +474,89 @@ def _resolve_resume(resume, output_dir: Path | None) -> Path | None:
         if not found:
             msg = f"No checkpoint to resume from in {output_dir} (folders checkpoint-<step> with {STATE_NAME})."
             raise FileNotFoundError(msg)
-        return found[-1][1]
+        broken = []
+        for _, folder in reversed(found):
+            try:
+                read = _read_checkpoint(folder)
+            except ValueError as err:
+                broken.append(f"{folder.name}: {err}")
+                warnings.warn(
+                    f"Skipping the damaged checkpoint {folder}: {err}. Resuming from an earlier one.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                continue
+            return (folder, *read)
+        msg = f"Every checkpoint in {output_dir} is damaged; start a new run (overwrite=True). " + "; ".join(broken)
+        raise ValueError(msg)
     path = Path(resume)
-    if not (path / STATE_NAME).is_file():
+    if not path.is_dir() or not any((path / n).is_file() for n in (STATE_NAME, MANIFEST_NAME)):
         msg = f"{path} is not a training checkpoint (no {STATE_NAME} in it)."
         raise FileNotFoundError(msg)
-    return path
+    try:
+        read = _read_checkpoint(path)
+    except ValueError as err:
+        msg = (
+            f"The checkpoint {path} is damaged: {err}. Resume from another checkpoint-<step> folder, or pass "
+            "resume='latest' to take the newest intact one."
+        )
+        raise ValueError(msg) from err
+    return (path, *read)
 
 
-def save_checkpoint(folder: Path, model: Pix2PixTurbo, state: dict[str, Any]) -> Path:
-    """Write the model (st2he format, full precision) and the training state (optimisers, RNG, history)."""
-    from ._io import save_pretrained
+def _check_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """A new run must not write into the folder of another one (its checkpoints would mix with this run's)."""
+    old_ckpts = [p for _, p in _checkpoints(output_dir)]
+    final = output_dir / FINAL_NAME
+    has_final = final.is_dir() and any(final.iterdir())
+    if not old_ckpts and not has_final:
+        return
+    listed = [f"the finished model {FINAL_NAME}/"] if has_final else []
+    if old_ckpts:
+        listed.append(", ".join(p.name for p in old_ckpts[:5]) + (" ..." if len(old_ckpts) > 5 else ""))
+    if not overwrite:
+        msg = (
+            f"{output_dir} already holds a training run ({' and '.join(listed)}). Pass resume='latest' to continue "
+            "it, another output_dir for a new run, or overwrite=True to replace it (its checkpoints are removed now, "
+            "its finished model when the new one is written)."
+        )
+        raise FileExistsError(msg)
+    logger.warning("overwrite=True: removing the checkpoints of the earlier run in %s.", output_dir)
+    for p in old_ckpts:
+        shutil.rmtree(p)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, folder)
-    torch.save(state, folder / STATE_NAME)
-    return folder
+
+def _check_same_run(folder: Path, manifest, state: dict, fingerprint: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse a checkpoint of another run, and a ``steps`` below the checkpoint's step."""
+    old = (manifest or {}).get("fingerprint")
+    if old is None:
+        # written before fingerprints: its settings are in the state; the data cannot be checked
+        try:
+            settings = json.loads(state.get("config") or "{}")
+        except ValueError:
+            settings = {}
+        old = {k: v for k, v in settings.items() if k in fingerprint}
+        new = {k: fingerprint[k] for k in old}
+        warnings.warn(
+            f"The checkpoint {folder} was written without a fingerprint of its data; only its settings are checked.",
+            UserWarning,
+            stacklevel=3,
+        )
+        _compare_fingerprints(old, new, folder)
+    else:
+        _compare_fingerprints(old, fingerprint, folder)
+    at = int(state["step"])
+    if cfg.steps < at:
+        msg = (
+            f"steps={cfg.steps} is below the step of the checkpoint {folder} ({at}): a resumed run can only train "
+            f"longer. Pass steps >= {at}, or use the checkpoint as it is (st2he.models.load_model({str(folder)!r}))."
+        )
+        raise ValueError(msg)
 
 
-def _load_checkpoint_weights(model: Pix2PixTurbo, folder: Path) -> None:
-    from ._io import _apply_delta, _read_st2he
+def _load_checkpoint_weights(model: Pix2PixTurbo, folder: Path, config: dict, tensors: dict) -> None:
+    from ._io import _apply_delta
 
-    config, tensors = _read_st2he(folder)
     if config.get("weights") == "full":
         sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(sd, strict=True)
@@ -257,6 +577,7 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = True,
     prompt: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Pix2PixTurbo, list[dict[str, Any]]]:
     """Train ``model`` on image pairs; return it (in eval mode) and the history.
 
@@ -271,14 +592,23 @@ def train(
     config
         A :class:`TrainConfig` or a dict of its fields.
     output_dir
-        Where checkpoints (``checkpoint-<step>/``) and the final model (``final/``) are written.
+        Where checkpoints (``checkpoint-<step>/``) are written, each atomically (see the module notes); the last one
+        holds the finished run. A new run (no ``resume``) refuses a folder that already holds checkpoints or a finished
+        model (``model/``) unless ``overwrite=True``.
     resume
-        A ``checkpoint-<step>`` folder, or ``"latest"`` / ``True`` for the newest in ``output_dir``. The run continues
-        where that one stopped, with the same random draws, so the result equals an uninterrupted run.
+        A ``checkpoint-<step>`` folder, or ``"latest"`` / ``True`` for the newest intact one in ``output_dir`` (a
+        damaged one is skipped with a warning; a damaged folder named explicitly is an error). The run continues
+        where that one stopped, with the same random draws, so the result equals an uninterrupted run. The
+        checkpoint must come from a run with the same data and the same settings, except those in
+        :data:`RESUMABLE` (e.g. a larger ``steps`` to train longer, ``val_every``, ``ckpt_every``) and ``device``,
+        ``progress``; ``steps`` must be at least the checkpoint's step.
     device
         ``"auto"``: CUDA when available, else CPU.
     prompt
         Prompt to train with (default: the model's).
+    overwrite
+        Start a new run in an ``output_dir`` that holds an earlier run: its checkpoints are removed before training
+        and its finished model is replaced when the new one is written. Not with ``resume``.
     """
     import dataclasses
 
@@ -290,7 +620,12 @@ def train(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     output_dir = Path(output_dir) if output_dir is not None else None
-    resume_from = _resolve_resume(resume, output_dir)
+    if overwrite and resume not in (None, False):
+        msg = "overwrite=True starts a new run; it cannot be combined with resume (which continues an earlier one)."
+        raise ValueError(msg)
+    opened = _open_resume(resume, output_dir)
+    if opened is None and output_dir is not None and not overwrite:
+        _check_fresh_output_dir(output_dir, overwrite=False)  # fail before any work
     mode = cfg.train_mode or model.config.get("train_mode", "lora")
     f = model.downscale
     if cfg.crop_size % f:
@@ -327,12 +662,20 @@ def train(
         perceptual = "lpips" if lpips_net is not None else "ssim"
         if lpips_net is not None:
             lpips_net.to(device)
+    fingerprint = run_fingerprint(
+        cfg, model, sampler, val_inputs, val_targets, mode=mode, perceptual=perceptual, prompt=prompt
+    )
     history: list[dict[str, Any]] = []
     step = 0
-    if resume_from is not None:
-        _load_checkpoint_weights(model, resume_from)
+    if output_dir is not None and output_dir.is_dir():
+        _remove_leftovers(output_dir)
+    if opened is None and output_dir is not None and overwrite:
+        _check_fresh_output_dir(output_dir, overwrite=True)
+    if opened is not None:
+        resume_from, manifest, state, ckpt_config, tensors = opened
+        _check_same_run(resume_from, manifest, state, fingerprint, cfg)
+        _load_checkpoint_weights(model, resume_from, ckpt_config, tensors)
         model.set_train(mode)
-        state = torch.load(resume_from / STATE_NAME, map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         if disc is not None and state.get("disc") is not None:
             disc.load_state_dict(state["disc"])
@@ -417,7 +760,7 @@ def train(
                     if perceptual == "lpips":
                         loss_p = lpips_net(pred, y).mean()
                     else:
-                        loss_p = 1 - ssim(pred, y, data_range=2.0)
+                        loss_p = 1 - ssim((pred + 1) / 2, (y + 1) / 2, data_range=1.0)
                     loss = loss + cfg.perceptual_weight * loss_p
                     parts[perceptual] = parts.get(perceptual, 0.0) + loss_p.detach() / cfg.grad_accum
                 if gan_on:
@@ -457,7 +800,8 @@ def train(
                     {"val_psnr": f"{rec['val_psnr']:.2f}", "val_ssim": f"{rec['val_ssim']:.3f}"}, refresh=True
                 )
             if output_dir is not None and cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                _save_state(output_dir / f"checkpoint-{step}", model, step, opt, disc, opt_d, scaler, gen, history, cfg)
+                folder = output_dir / f"checkpoint-{step}"
+                _save_state(folder, model, step, opt, disc, opt_d, scaler, gen, history, cfg, fingerprint)
     finally:
         bar.close()
     model.metadata.setdefault("training", {})
@@ -468,7 +812,9 @@ def train(
         "history": history,
     }
     if output_dir is not None:
-        _save_state(output_dir / f"checkpoint-{step}", model, step, opt, disc, opt_d, scaler, gen, history, cfg)
+        _save_state(
+            output_dir / f"checkpoint-{step}", model, step, opt, disc, opt_d, scaler, gen, history, cfg, fingerprint
+        )
     if use_cl:
         model.unet.to(memory_format=torch.contiguous_format)
         model.vae.to(memory_format=torch.contiguous_format)
@@ -476,7 +822,7 @@ def train(
     return model, history
 
 
-def _save_state(folder, model, step, opt, disc, opt_d, scaler, gen, history, cfg) -> None:
+def _save_state(folder, model, step, opt, disc, opt_d, scaler, gen, history, cfg, fingerprint) -> None:
     state = {
         "step": step,
         "optimizer": opt.state_dict(),
@@ -487,4 +833,4 @@ def _save_state(folder, model, step, opt, disc, opt_d, scaler, gen, history, cfg
         "history": json.dumps(history),
         "config": json.dumps(cfg.to_dict()),
     }
-    save_checkpoint(folder, model, state)
+    save_checkpoint(folder, model, state, fingerprint)

@@ -201,6 +201,7 @@ def train_generator(
     seed: int = 0,
     coordinate_system: str = COORDINATE_SYSTEM,
     progress: bool = True,
+    overwrite: bool = False,
     **train_kwargs,
 ):
     """Train (or fine-tune) the pix2pix-turbo generator on paired input pictures and real H&E images.
@@ -233,10 +234,12 @@ def train_generator(
     val_every, ckpt_every
         Validation PSNR / SSIM and checkpoints every so many steps.
     output_dir
-        Checkpoints go to ``output_dir/checkpoint-<step>``, the final model to ``output_dir/model``.
+        Checkpoints go to ``output_dir/checkpoint-<step>``, the final model to ``output_dir/model`` (each written
+        atomically). A new run refuses a folder that holds an earlier run unless ``overwrite=True``.
     resume
         A checkpoint folder, or ``"latest"``: continue an interrupted run; with the same data and seed the result is
-        that of an uninterrupted run.
+        that of an uninterrupted run. A checkpoint of another run (other data or settings) is refused, naming what
+        differs; ``steps`` may grow (to train longer), as may ``val_every`` and ``ckpt_every``.
     device
         ``"auto"``: CUDA when available (bf16 autocast), else CPU.
     seed
@@ -245,6 +248,8 @@ def train_generator(
         The coordinate system in which the H&E is placed over the input picture.
     progress
         Show a progress bar.
+    overwrite
+        Start a new run in an ``output_dir`` that already holds one (its checkpoints are removed, its model replaced).
     train_kwargs
         Further fields of :class:`st2he.models._training.TrainConfig` (e.g. ``warmup_steps``, ``lr_schedule``,
         ``stochastic_prob``, ``mixed_precision``, ``log_every``, ``gan_start``).
@@ -257,8 +262,7 @@ def train_generator(
     """
     import pandas as pd
 
-    from st2he.models import save_pretrained
-    from st2he.models._training import TrainConfig, train
+    from st2he.models._training import TrainConfig, save_final, train
 
     if tile_size % 8:
         msg = f"tile_size must be a multiple of 8, got {tile_size}."
@@ -305,7 +309,8 @@ def train_generator(
         resume=resume,
         device=device,
         progress=progress,
+        overwrite=overwrite,
     )
     if output_dir is not None:
-        save_pretrained(net, Path(output_dir) / "model")
+        save_final(net, output_dir)
     return net, pd.DataFrame(history)
