@@ -333,3 +333,30 @@ def test_unpickling_errors_never_advise_unsafe_loading(base, tmp_path):
         assert "safetensors" in str(info.value)
     with pytest.raises(ValueError, match="numpy"):  # the offending object is named when torch names it
         M.read_published(with_numpy)
+
+
+def test_base_downloads_only_when_allowed_and_always_with_timeouts(monkeypatch, tmp_path):
+    """resolve_base: offline by default and under HF_HUB_OFFLINE; an allowed download goes through the timed path."""
+    from st2he.models import _clip, _io
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("ST2HE_ALLOW_DOWNLOAD", raising=False)
+    calls = []
+
+    def timed(repo_id, cache_dir, patterns):
+        calls.append((repo_id, tuple(patterns)))
+        folder = tmp_path / "downloaded"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    monkeypatch.setattr(_clip, "_download_hub", timed)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        _io.resolve_base("stabilityai/sd-turbo")
+    assert calls == []
+    assert _io.resolve_base("stabilityai/sd-turbo", local_files_only=False) == tmp_path / "downloaded"
+    assert calls and calls[0][0] == "stabilityai/sd-turbo" and "unet/*" in calls[0][1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not available in the local Hugging Face cache"):
+        _io.resolve_base("stabilityai/sd-turbo", local_files_only=False)
+    assert len(calls) == 1

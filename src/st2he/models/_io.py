@@ -122,6 +122,8 @@ def _warn_unmatched(unmatched: list[str], what: str, source) -> None:
 
 
 def _offline_default(local_files_only: bool | None) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True  # the user's word for every Hugging Face download
     if local_files_only is not None:
         return bool(local_files_only)
     allow = os.environ.get("ST2HE_ALLOW_DOWNLOAD", "").lower() in ("1", "true", "yes")
@@ -146,14 +148,16 @@ def resolve_base(base: str | os.PathLike, *, local_files_only: bool | None = Non
         )
         raise FileNotFoundError(msg)
     offline = _offline_default(local_files_only)
+    patterns = ["*.json", "*.txt", "*.safetensors", "vae/*", "unet/*", "text_encoder/*", "tokenizer/*"]
     try:
-        from huggingface_hub import snapshot_download
+        if offline:
+            from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            name,
-            local_files_only=offline,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "vae/*", "unet/*", "text_encoder/*", "tokenizer/*"],
-        )
+            folder = snapshot_download(name, local_files_only=True, allow_patterns=patterns)
+        else:  # every request with a timeout: a network that does not answer fails instead of hanging
+            from ._clip import _download_hub
+
+            folder = _download_hub(name, None, patterns)
     except Exception as err:
         how = (
             f"download it once with `huggingface-cli download {name}` (or call with local_files_only=False / set "
