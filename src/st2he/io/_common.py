@@ -423,7 +423,7 @@ def ome_pixel_size(ome_xml: str | None) -> float | None:
         return None
     value = float(match.group(1))
     unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', ome_xml)
-    factors = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
+    factors = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
     factor = factors.get(unit.group(1), 1.0) if unit else 1.0
     return value * factor if value > 0 else None
 

@@ -11,7 +11,7 @@ import numpy as np
 from st2he._elements import RGB, check_key_free, parse_image, record_params, set_element
 from st2he._grid import COORDINATE_SYSTEM, Grid
 
-from ._common import TruncatedImageError, check_tiff_complete, damaged_image
+from ._common import TruncatedImageError, check_tiff_complete, damaged_image, ome_pixel_size
 
 _TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
 
@@ -168,13 +168,9 @@ def _tiff_pixel_size(tif) -> float | None:
     m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", description)
     if m:
         return float(m.group(1))
-    if tif.is_ome and tif.ome_metadata:
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-        if m:
-            value = float(m.group(1))
-            scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
-            return value * scale
+    found = ome_pixel_size(tif.ome_metadata) if tif.is_ome else None
+    if found is not None:
+        return found
     tags = page.tags
     res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
     if res is not None and unit is not None:
