@@ -334,3 +334,18 @@ def test_read_he_image_keeps_the_slides_own_pyramid(shared_data, tmp_path):
     sdata.images["copy"] = sdata.images["he_image"]
     df = st2he.tl.evaluate_he(sdata, pred_key="copy", true_key="he_image", pixel_size=4.0)
     assert df.loc["overall", "mse"] == 0
+
+
+@pytest.mark.parametrize("theta", [0, 90, 180, 270])
+@pytest.mark.parametrize("flip", [False, True])
+def test_whole_pixel_reads_in_all_eight_orientations_match_the_reference(picture, theta, flip):
+    """The exact path (slices of the window, no interpolation) against the per-pixel model, partly outside."""
+    data = picture[:, :23, :31]
+    matrix = _affine_of(theta, flip=flip, origin=(X0 + 3.0, Y0 - 2.0))
+    raster = Raster(_element(data, matrix))
+    x0, y0, x1, y1 = raster.bounds
+    grid = Grid(x0 - 2 * PS, y0 + 3 * PS, PS, 40, 25)  # hangs over two edges
+    got = raster.read(grid, fill=-1, dtype=np.float64)
+    np.testing.assert_allclose(got, _reference_read(data.astype(np.float64), matrix, grid, fill=-1), atol=1e-9)
+    assert (got == -1).any() and (got >= 0).any() and np.array_equal(got, np.round(got))  # whole pixels, untouched
+    np.testing.assert_array_equal(raster.read(grid, fill=7, dtype=np.uint8), np.where(got == -1, 7, got).astype(np.uint8))

@@ -247,7 +247,7 @@ class Raster:
             for i, block in zip(todo, dask.compute(*[lazy[i] for i in todo]), strict=True):
                 lazy[i] = block
         return [
-            _finish(p, None if block is None else np.asarray(block, dtype=np.float64), fill, dtype)
+            _finish(p, None if block is None else np.asarray(block), fill, dtype)
             for p, block in zip(plans, lazy, strict=True)
         ]
 
@@ -307,15 +307,19 @@ class _Plan:
 
 
 def _finish(plan: _Plan, window: np.ndarray | None, fill: float, out_dtype: np.dtype) -> np.ndarray:
-    """Resample a plan's window (float64) onto its grid."""
+    """Resample a plan's window (in the level's dtype) onto its grid."""
     out = np.full((plan.n_out, *plan.shape), fill, dtype=out_dtype)
     if plan.empty or window is None:
         return out
     r_lo, _, c_lo, _ = plan.window
     matrix, offset, k_row, k_col = plan.matrix, plan.offset, plan.k_row, plan.k_col
     exact = _signed_permutation(matrix) and k_row == 1 and k_col == 1 and np.allclose(offset, np.round(offset))
-    if exact or plan.order == 0:
-        values, inside = _gather(window, matrix, offset - [r_lo, c_lo], plan.shape, nearest=not exact)
+    if exact:  # whole pixels, at most swapped and flipped: views of the window, copied once into the output
+        _copy_permuted(window, np.round(matrix).astype(int), np.round(offset).astype(int) - [r_lo, c_lo], out)
+        return out
+    window = window.astype(np.float64, copy=False)
+    if plan.order == 0:
+        values, inside = _gather(window, matrix, offset - [r_lo, c_lo], plan.shape, nearest=True)
     else:
         if k_row > 1 or k_col > 1:
             window = _pool(window, k_row, k_col)
@@ -328,8 +332,12 @@ def _finish(plan: _Plan, window: np.ndarray | None, fill: float, out_dtype: np.d
         values, inside = _bilinear(window, matrix, offset, plan.shape)
     if np.issubdtype(out_dtype, np.integer):
         info = np.iinfo(out_dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    out[:] = np.where(inside, values, fill).astype(out_dtype, copy=False)
+        np.rint(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
+    if inside is True:
+        out[:] = values
+    else:
+        np.copyto(out, values, where=inside, casting="unsafe")
     return out
 
 
@@ -381,11 +389,38 @@ def _window(data, chan, r0: int, r1: int, c0: int, c1: int):
 
 
 def _read_window(data, chan, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """``(c, r1 - r0, c1 - c0)`` float64 values of a level, reading only the chunks under the window."""
+    """``(c, r1 - r0, c1 - c0)`` values of a level (its dtype), reading only the chunks under the window."""
     block = _window(data, chan, r0, r1, c0, c1)
     if hasattr(block, "compute"):
         block = block.compute()
-    return np.asarray(block, dtype=np.float64)
+    return np.asarray(block)
+
+
+def _axis_slices(coeff: int, off: int, n_out: int, n_src: int) -> tuple[slice, slice] | None:
+    """Output and source slices along one axis for ``src = coeff * out + off`` (``coeff`` = +-1), or None."""
+    lo, hi = (-off, n_src - off) if coeff > 0 else (off - n_src + 1, off + 1)
+    a, b = max(lo, 0), min(hi, n_out)
+    if b <= a:
+        return None
+    s0 = coeff * a + off
+    return slice(a, b), (slice(s0, s0 + (b - a)) if coeff > 0 else slice(s0, (s0 - (b - a)) if s0 - (b - a) >= 0 else None, -1))
+
+
+def _copy_permuted(window: np.ndarray, m: np.ndarray, off: np.ndarray, out: np.ndarray) -> None:
+    """``out[:, i, j] = window[:, m @ (i, j) + off]`` for a signed permutation ``m``, where it lands in the window."""
+    if m[0, 0] == 0:  # the output's rows run along the window's columns: transpose, then it is a diagonal map
+        window = window.transpose(0, 2, 1)
+        m = m[::-1]
+        off = off[::-1]
+    rows = _axis_slices(int(m[0, 0]), int(off[0]), out.shape[1], window.shape[1])
+    cols = _axis_slices(int(m[1, 1]), int(off[1]), out.shape[2], window.shape[2])
+    if rows is None or cols is None:
+        return
+    values = window[:, rows[1], cols[1]]
+    if np.issubdtype(out.dtype, np.integer) and values.dtype != out.dtype:
+        info = np.iinfo(out.dtype)
+        values = np.clip(np.rint(values) if np.issubdtype(values.dtype, np.floating) else values, info.min, info.max)
+    out[:, rows[0], cols[0]] = values
 
 
 def _signed_permutation(matrix: np.ndarray) -> bool:
@@ -403,7 +438,7 @@ def _index_grids(matrix, offset, shape):
 
 
 def _gather(window, matrix, offset, shape, *, nearest: bool):
-    """Nearest-pixel values (exact for signed permutations with whole offsets) and the inside mask."""
+    """Nearest-pixel values and the inside mask."""
     rows, cols = _index_grids(matrix, offset, shape)
     h, w = window.shape[1:]
     if nearest:
@@ -434,9 +469,12 @@ def _bilinear(window, matrix, offset, shape):
     from scipy import ndimage
 
     h, w = window.shape[1:]
-    values = np.empty((window.shape[0], *shape), dtype=np.float64)
-    for k in range(window.shape[0]):
-        ndimage.affine_transform(window[k], matrix, offset=offset, output_shape=shape, output=values[k], order=1, mode="nearest")
+    if matrix[0, 1] == 0 and matrix[1, 0] == 0:  # axis-aligned: bilinear is two 1-D linear interpolations
+        values = _linear_axis(_linear_axis(window, matrix[0, 0], offset[0], shape[0], axis=1), matrix[1, 1], offset[1], shape[1], axis=2)
+    else:
+        values = np.empty((window.shape[0], *shape), dtype=np.float64)
+        for k in range(window.shape[0]):
+            ndimage.affine_transform(window[k], matrix, offset=offset, output_shape=shape, output=values[k], order=1, mode="nearest")
     # inside: the centre maps within half a pixel of the window's pixels (an affine map: check the corners first)
     corners = np.array([[0, 0], [0, shape[1] - 1], [shape[0] - 1, 0], [shape[0] - 1, shape[1] - 1]]) @ matrix.T + offset
     if corners[:, 0].min() >= -0.5 and corners[:, 0].max() <= h - 0.5 and corners[:, 1].min() >= -0.5 and corners[:, 1].max() <= w - 0.5:
@@ -444,3 +482,20 @@ def _bilinear(window, matrix, offset, shape):
     rows, cols = _index_grids(matrix, offset, shape)
     inside = (rows >= -0.5) & (rows <= h - 0.5) & (cols >= -0.5) & (cols <= w - 0.5)
     return values, inside[None]
+
+
+def _linear_axis(values: np.ndarray, scale: float, offset: float, n_out: int, *, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` at ``scale * k + offset`` (k < n_out), edges extended (clamped)."""
+    n = values.shape[axis]
+    pos = np.clip(scale * np.arange(n_out, dtype=np.float64) + offset, 0.0, n - 1.0)
+    lo = np.minimum(np.floor(pos).astype(np.int64), max(n - 2, 0))
+    hi = np.minimum(lo + 1, n - 1)
+    frac = pos - lo
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    a = np.take(values, lo, axis=axis).astype(np.float64, copy=False)
+    b = np.take(values, hi, axis=axis).astype(np.float64, copy=False)
+    a *= 1.0 - frac
+    a += b * frac
+    return a
