@@ -695,7 +695,8 @@ class _Binner:
         else:
             if binned.spill_fd is None:
                 binned.spill_fd = _open_spill(binned, self.spill_dir)
-            part = _Part(int(n_in), None, binned.spill_fd, _spill(out[:n_in], binned.spill_fd), path=_spill_path(binned))
+            offset = _spill(out[:n_in], binned.spill_fd)
+            part = _Part(int(n_in), None, binned.spill_fd, offset, path=_spill_path(binned))
         binned.parts.append(part)
         for k in np.flatnonzero(np.diff(starts)).tolist():
             a, b = divmod(k, nbc)
