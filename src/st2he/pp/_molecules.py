@@ -6,7 +6,8 @@ a lattice of the output pixel size and bucketed by 256 x 256 pixel blocks in com
 molecule: gene code and place in the block). The pixels holding kept molecules are found in the same pass, so
 the output grid can be chosen afterwards without reading the molecules again. Buckets are kept in memory up to
 ``memory_limit`` bytes and appended to one spill file beyond that (unlinked at once, or named in a folder that
-the workers of a cluster share), read back per block with positional reads. Each chunk of the output image then touches only the molecules of the blocks it overlaps.
+the workers of a cluster share), read back per block with positional reads. Each chunk of the output image then
+touches only the molecules of the blocks it overlaps.
 """
 
 from __future__ import annotations
