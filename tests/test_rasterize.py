@@ -677,3 +677,19 @@ def test_where_molecules_share_a_pixel_the_highest_priority_wins():
         assert drawn == set(expected), dot_size
         for (r, c), key in expected.items():
             assert tuple(img[:, r + 2, c + 2]) == hex_to_rgb(PALETTE[order[key & 0xFFFF]]), (dot_size, r, c)
+
+
+def test_a_region_far_too_large_is_refused_before_any_work():
+    # e.g. a region given in nanometres: 4 * 10^14 pixels, hundreds of millions of chunks to build
+    sd = _random_sdata(n=100)
+    with pytest.raises(ValueError, match=r"20000001 x 20000001 pixels in 381499024 chunks.*larger pixel_size"):
+        st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1e7, 1e7), pixel_size=0.5)
+    with pytest.raises(ValueError, match=r"region \(0, 0, 10000000\.0, 10000000\.0\) µm"):
+        st2he.pp.transcript_density(sd, region=(0, 0, 1e7, 1e7), pixel_size=0.5)
+    # not too many pixels, but far too many chunks
+    with pytest.raises(ValueError, match=r"in 156275001 chunks of 16 px.*larger chunk"):
+        st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1e5, 1e5), pixel_size=0.5, chunk=16, stain_key=None)
+    assert "st2he_input" not in sd and "transcript_density" not in sd
+    # a large region that is still sensible is only lazy work
+    st2he.pp.transcript_density(sd, region=(0, 0, 1e5, 1e5), pixel_size=0.5)
+    assert _scale0(sd.images["transcript_density"]).shape == (1, 200001, 200001)

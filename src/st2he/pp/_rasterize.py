@@ -492,7 +492,7 @@ def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[B
     the first molecules' pixel); the grid usually starts there, so each of its chunks reads whole blocks.
     """
     if region is not None:
-        grid = _region_grid(region, pixel_size)
+        grid = _region_grid(region, pixel_size, chunk)
         return bin_molecules(source, grid, chunk=chunk, **options), grid
     origin = lattice_origin(img, pixel_size) if img is not None else None
     binned = bin_molecules(source, pixel_size=pixel_size, origin=origin, chunk=chunk, **options)
@@ -501,7 +501,7 @@ def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[B
     return binned, grid
 
 
-def _region_grid(region, pixel_size) -> Grid:
+def _region_grid(region, pixel_size, chunk: int = 1024) -> Grid:
     try:
         x_min, y_min, x_max, y_max = (float(v) for v in region)
     except (TypeError, ValueError) as err:
@@ -510,7 +510,22 @@ def _region_grid(region, pixel_size) -> Grid:
     if not all(np.isfinite([x_min, y_min, x_max, y_max])):
         msg = f"region must be finite, got {region!r}."
         raise ValueError(msg)
-    return Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
+    grid = Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
+    chunks = math.ceil(grid.height / chunk) * math.ceil(grid.width / chunk)
+    if grid.height * grid.width > MAX_PIXELS or chunks > MAX_CHUNKS:
+        msg = (
+            f"region {tuple(region)} µm at pixel_size={pixel_size} µm would be {grid.height} x {grid.width} pixels "
+            f"in {chunks} chunks of {chunk} px; st2he draws at most {MAX_PIXELS:.0e} pixels in {MAX_CHUNKS:.0e} "
+            "chunks. Give the region in µm of the global coordinate system (x_min, y_min, x_max, y_max), a larger "
+            "pixel_size or a larger chunk."
+        )
+        raise ValueError(msg)
+    return grid
+
+
+#: Most chunks a picture may have (a 20 x 20 cm slide at 0.2 µm has 10^6 chunks of 1024 px): beyond, graph building
+#: alone would take hours.
+MAX_CHUNKS = 4 * 10**6
 
 
 def _spill_options(spill_dir) -> dict[str, Any]:
@@ -949,7 +964,7 @@ def rasterize_transcripts(
             **_spill_options(spill_dir),
         )
     else:
-        grid = _region_grid(region, pixel_size) if region is not None else _default_grid(None, img, pixel_size)
+        grid = _region_grid(region, pixel_size, chunk) if region is not None else _default_grid(None, img, pixel_size)
     stain, stain_info = _stain(
         sdata,
         grid,

@@ -95,6 +95,18 @@ def evaluate_he(
     true, true_grid = get_image(sdata, true_key, parameter="true_key")
     _check_rgb(pred, pred_key, "pred_key")
     _check_rgb(true, true_key, "true_key")
+    if pixel_size is not None and np.isfinite(pixel_size) and pixel_size > 0:
+        # an evaluation grid far finer than both images only upsamples them, at the cost of hours of tiles
+        x0, y0, x1, y1 = pred_grid.bounds
+        n = ((x1 - x0) / pixel_size) * ((y1 - y0) / pixel_size)
+        finest = min(pred_grid.pixel_size, true_grid.pixel_size)
+        if n > max(4 * pred_grid.height * pred_grid.width, 4 * true_grid.height * true_grid.width, 4096):
+            msg = (
+                f"pixel_size={pixel_size!r} µm would make the evaluation grid about {n:.3g} pixels over "
+                f"{pred_key!r}, far finer than the images ({finest:g} µm pixels). Use pixel_size >= {finest / 2:g} "
+                "µm (default: the coarser image's pixel size)."
+            )
+            raise ValueError(msg)
 
     grid = _evaluation_grid(pred_grid, true_grid, pixel_size, region, pred_key, true_key)
     rows = []
