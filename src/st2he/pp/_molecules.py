@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import uuid
 import warnings
 import weakref
@@ -314,11 +315,20 @@ class _Part:
 
 #: Spill files named by path, opened read-only once per process (``{path: (pid, fd)}``).
 _SHARED_FDS: dict[str, tuple[int, int]] = {}
+_SHARED_FDS_LOCK = threading.Lock()
 
 
 def _shared_fd(path: str) -> int:
     """A read-only descriptor of the spill file ``path``, opened on first use in this process and kept."""
     pid = os.getpid()
+    held = _SHARED_FDS.get(path)
+    if held is not None and held[0] == pid:
+        return held[1]
+    with _SHARED_FDS_LOCK:  # the worker's threads open it once
+        return _open_shared(path, pid)
+
+
+def _open_shared(path: str, pid: int) -> int:
     held = _SHARED_FDS.get(path)
     if held is None or held[0] != pid:  # none yet, or inherited through a fork
         if len(_SHARED_FDS) >= 256:  # a long-lived worker: let go of the files already removed
