@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
+import subprocess
+import sys
 import warnings
 
 import dask.dataframe as dd
@@ -143,15 +146,16 @@ def test_same_pixels_across_calls_chunks_regions_and_molecule_order():
     np.testing.assert_array_equal(_image(recoded), a)
 
 
-def test_spilled_buckets_read_back_the_same():
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "spill_dir"])
+def test_spilled_buckets_read_back_the_same(tmp_path, shared):
     from st2he.pp._molecules import bin_molecules, molecule_source
 
     sd = _random_sdata(n=5000, npartitions=4)
     grid = Grid.from_bounds(0, 0, 60, 60, 0.5)
     source = molecule_source(sd)
     in_memory = bin_molecules(source, grid, chunk=40)
-    spilled = bin_molecules(source, grid, chunk=40, memory_limit=0)
-    assert in_memory.spill_dir is None and spilled.spill_dir is not None
+    spilled = bin_molecules(source, grid, chunk=40, memory_limit=0, spill_dir=str(tmp_path) if shared else None)
+    assert in_memory.spill_fd is None and spilled.spill_fd is not None
     assert len(spilled.parts) == 4 and all(p.fd is not None for p in spilled.parts)
     assert sorted(in_memory.index) == sorted(spilled.index) == [(0, 0)]  # 120 x 120 pixels: one 256 px block
     offsets, codes = spilled.block(0, 0)
@@ -167,10 +171,51 @@ def test_spilled_buckets_read_back_the_same():
     assert sorted(zip((rows * 256 + cols).tolist(), kept[source.gene_column].astype(str), strict=True)) == sorted(
         zip(offsets.tolist(), names.tolist(), strict=True)
     )
-    folder = spilled.spill_dir
-    del spilled
+    # pickled for a worker process: the same molecules, by the file's name in a spill_dir, else by value
+    copy = pickle.loads(pickle.dumps(spilled))
+    assert all(p.fd is None and (p.packed is None) == shared for p in copy.parts)
+    for a, b in zip(copy.block(0, 0), (offsets, codes), strict=True):
+        np.testing.assert_array_equal(a, b)
+    fd = spilled.spill_fd
+    if shared:  # a named file, for the workers
+        assert [f.name for f in tmp_path.iterdir()] == [os.path.basename(copy.parts[0].path)]
+    else:  # unlinked as soon as it was opened: nothing is left behind even if the process is killed
+        assert os.fstat(fd).st_nlink == 0
+    del spilled, copy
     gc.collect()
-    assert not os.path.exists(folder)  # the temporary files go with the object
+    assert not any(tmp_path.iterdir())  # the files go with the object
+    with pytest.raises(OSError):
+        os.fstat(fd)  # and the descriptor is closed
+
+
+def test_killed_runs_leave_no_spill_files(tmp_path):
+    # a run killed after spilling (os._exit: no finalizers, no atexit) leaves nothing in the temporary folder
+    code = (
+        "import os, dask.dataframe as dd, pandas as pd\n"
+        "from spatialdata import SpatialData\n"
+        "from spatialdata.models import PointsModel\n"
+        "from st2he.pp._molecules import bin_molecules, molecule_source\n"
+        "df = pd.DataFrame({'x': [1.0, 2.0], 'y': [1.0, 2.0], 'gene': pd.Categorical(['A', 'B'])})\n"
+        "pts = PointsModel.parse(dd.from_pandas(df, npartitions=1), feature_key='gene')\n"
+        "binned = bin_molecules(molecule_source(SpatialData(points={'transcripts': pts})), pixel_size=1.0, "
+        "memory_limit=0)\n"
+        "assert binned.spill_fd is not None\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("st2he")] == []
+    # in a spill_dir the workers share, files of runs that died on this machine are removed at the next spill
+    from st2he.pp._molecules import _spill_name, bin_molecules, molecule_source
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    stale = tmp_path / _spill_name("0" * 32, pid=int(dead.stdout))
+    elsewhere = tmp_path / f"st2he-molecules-another.host-{int(dead.stdout)}-{'0' * 32}.bin"
+    stale.write_bytes(b"\0" * 8)
+    elsewhere.write_bytes(b"\0" * 8)
+    binned = bin_molecules(molecule_source(_random_sdata(n=100)), pixel_size=1.0, memory_limit=0, spill_dir=tmp_path)
+    assert not stale.exists() and elsewhere.exists()  # another machine's run may still be alive
+    assert len(binned.parts) > 0 and binned.parts[0].path is not None
 
 
 def test_pictures_from_spilled_buckets_and_any_chunking_are_the_same(monkeypatch):
@@ -632,3 +677,19 @@ def test_where_molecules_share_a_pixel_the_highest_priority_wins():
         assert drawn == set(expected), dot_size
         for (r, c), key in expected.items():
             assert tuple(img[:, r + 2, c + 2]) == hex_to_rgb(PALETTE[order[key & 0xFFFF]]), (dot_size, r, c)
+
+
+def test_a_region_far_too_large_is_refused_before_any_work():
+    # e.g. a region given in nanometres: 4 * 10^14 pixels, hundreds of millions of chunks to build
+    sd = _random_sdata(n=100)
+    with pytest.raises(ValueError, match=r"20000001 x 20000001 pixels in 381499024 chunks.*larger pixel_size"):
+        st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1e7, 1e7), pixel_size=0.5)
+    with pytest.raises(ValueError, match=r"region \(0, 0, 10000000\.0, 10000000\.0\) µm"):
+        st2he.pp.transcript_density(sd, region=(0, 0, 1e7, 1e7), pixel_size=0.5)
+    # not too many pixels, but far too many chunks
+    with pytest.raises(ValueError, match=r"in 156275001 chunks of 16 px.*larger chunk"):
+        st2he.pp.rasterize_transcripts(sd, region=(0, 0, 1e5, 1e5), pixel_size=0.5, chunk=16, stain_key=None)
+    assert "st2he_input" not in sd and "transcript_density" not in sd
+    # a large region that is still sensible is only lazy work
+    st2he.pp.transcript_density(sd, region=(0, 0, 1e5, 1e5), pixel_size=0.5)
+    assert _scale0(sd.images["transcript_density"]).shape == (1, 200001, 200001)

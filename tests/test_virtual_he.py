@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import numpy as np
@@ -170,3 +171,76 @@ def test_stain_method():
     out = _image(sdata, "virtual_he")
     assert out.dtype == np.uint8 and out.shape[0] == 3
     assert Grid.from_element(sdata.images["virtual_he"]) == Grid.from_element(sdata.images["st2he_input"])
+
+
+# ----------------------------------------------------------------------------------------------- failures
+
+
+class _FailsOnThirdCall(Pix2PixTurbo):
+    """Identity until its third call, which raises (a crash half-way through a slide)."""
+
+    calls = 0
+
+    def predict(self, tiles, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            msg = "out of memory on the third tile"
+            raise RuntimeError(msg)
+        return np.asarray(tiles).copy()
+
+
+def test_a_failed_run_leaves_nothing_and_a_retry_works(tmp_path, monkeypatch):
+    import tempfile
+
+    import st2he.tl._generate as generate
+
+    # outputs "over 1 GB" go to a temporary zarr store: here all of them, in a folder we watch
+    monkeypatch.setattr(generate, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sdata, _ = _sdata()
+    kwargs = {"tile_size": 64, "overlap": 16, "chunk": 48, "progress": False}
+    _FailsOnThirdCall.calls = 0
+    with pytest.raises(RuntimeError, match="third tile"):
+        st2he.tl.virtual_he(sdata, model=_make(_FailsOnThirdCall), n_samples=2, r=0.5, **kwargs)
+    assert _FailsOnThirdCall.calls == 3
+    assert "virtual_he" not in sdata and "virtual_he_uncertainty" not in sdata
+    assert "virtual_he" not in sdata.attrs.get("st2he", {})
+    stores = lambda: list(tmp_path.glob("st2he_virtual_he_*"))  # noqa: E731
+    assert stores() == []  # the half-written temporary store is gone
+    # the retry, same key, works
+    st2he.tl.virtual_he(sdata, model=_make(_Identity), **kwargs)
+    assert np.array_equal(_image(sdata, "virtual_he"), _image(sdata, "st2he_input"))
+    assert len(stores()) == 1 and (stores()[0] / "zarr.json").exists()
+    # the temporary store goes with the element
+    del sdata["virtual_he"]
+    gc.collect()
+    assert stores() == []
+
+
+def test_non_finite_weights_or_outputs_are_refused():
+    import torch
+
+    sdata, _ = _sdata()
+    nan = Pix2PixTurbo.from_config("tiny", seed=0).set_eval()
+    with torch.no_grad():
+        nan.unet.conv_out.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"non-finite weights .*: unet\.conv_out\..*weight"):
+        st2he.tl.virtual_he(sdata, model=nan, tile_size=64, progress=False)
+    # finite weights whose computation overflows: the tiles are named (here every tile of the picture)
+    huge = Pix2PixTurbo.from_config("tiny", seed=0).set_eval()
+    with torch.no_grad():
+        huge.vae.decoder.conv_in.weight.mul_(1e37)
+    for lazy in (False, True):
+        with pytest.raises(ValueError, match=r"non-finite values .* at rows 0\.\.64, columns 0\.\.64"):
+            st2he.tl.virtual_he(sdata, model=huge, tile_size=64, overlap=16, lazy=lazy, progress=False)
+            _scale0(sdata.images["virtual_he"]).data.compute()
+        assert "virtual_he" not in sdata or lazy
+
+
+def test_an_evaluation_pixel_size_far_too_fine_is_refused():
+    sdata, grid = _sdata()
+    add_image(sdata, "truth", _picture(seed=1), grid)
+    with pytest.raises(ValueError, match=r"pixel_size=0\.0001 µm .* about 6\.\d+e\+11 pixels .* pixel_size >= 0\.25"):
+        st2he.tl.evaluate_he(sdata, pred_key="st2he_input", true_key="truth", pixel_size=1e-4)
+    tiles = st2he.tl.evaluate_he(sdata, pred_key="st2he_input", true_key="truth", pixel_size=0.25, tile_size=64)
+    assert tiles.index.str.startswith("tile_").sum() == 5 * 6  # 300 x 340 evaluation pixels in tiles of 64: half the limit is fine

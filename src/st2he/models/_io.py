@@ -621,8 +621,10 @@ def _load_st2he_full(folder: Path, config: dict, weights: Path) -> Pix2PixTurbo:
     state = _read_weights(weights)
     sd = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     _warn_unmatched([k for k in sd if k not in own], "model", folder)
-    # the file's tensors become the model's (no second copy); buffers that no state dict holds are rebuilt
-    skeleton.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, assign=True)
+    # the file's tensors become the model's, each in memory of its own: a tensor left as a view into the
+    # memory-mapped file is misaligned, and BLAS then takes other kernels (outputs off by ~1e-6, so a loaded
+    # model would not reproduce the saved one's pictures byte for byte). Buffers no state dict holds are rebuilt.
+    skeleton.load_state_dict({k: _own_memory(sd[k], own[k].dtype) for k in own}, assign=True)
     if _fill_unsaved_buffers(skeleton):
         # the noise schedule was computed on the meta device too
         skeleton.scheduler = type(skeleton.scheduler).from_config(skeleton.scheduler.config)
@@ -630,6 +632,12 @@ def _load_st2he_full(folder: Path, config: dict, weights: Path) -> Pix2PixTurbo:
     model = _build_from_config(config)  # a buffer we cannot rebuild: the model is built in memory and loaded
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
     return model
+
+
+def _own_memory(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as ``dtype`` in a fresh (aligned) allocation, never a view into the weights file."""
+    out = tensor.to(dtype)
+    return out.clone() if out.data_ptr() == tensor.data_ptr() else out
 
 
 def _fill_unsaved_buffers(model: torch.nn.Module) -> bool:

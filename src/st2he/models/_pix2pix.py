@@ -596,6 +596,9 @@ class Pix2PixTurbo(nn.Module):
                 ctx = torch.autocast(device.type, dtype=amp_dtype) if use_autocast else contextlib.nullcontext()
                 with ctx:
                     y = self(x, prompt_embeds=emb, r=r, noise=noise)
+                finite = torch.isfinite(y).flatten(1).all(dim=1)
+                if not bool(finite.all()):  # NaN would become black pixels without a word
+                    _non_finite(start + torch.nonzero(~finite).flatten().cpu(), seeds)
                 y = ((y.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
                 out[start : start + len(chunk)] = y.cpu().numpy()
         return out
@@ -611,6 +614,15 @@ class Pix2PixTurbo(nn.Module):
             f"vae={self.num_parameters('vae') / 1e6:.2f} M, unet={self.num_parameters('unet') / 1e6:.2f} M, "
             f"text_encoder={self.num_parameters('text_encoder') / 1e6:.2f} M parameters)"
         )
+
+
+def _non_finite(tiles: torch.Tensor, seeds) -> None:
+    """Raise for the tiles (indices in this call) whose output is not finite; the error carries their seeds."""
+    bad = [int(i) for i in tiles]
+    msg = f"the generator's output is NaN or infinite for tile(s) {bad} of this call (weights or overflow)"
+    err = FloatingPointError(msg)
+    err.seeds = [int(seeds[i]) for i in bad] if seeds is not None else []
+    raise err
 
 
 def _copy_conv(conv: nn.Module) -> nn.Conv2d:

@@ -5,8 +5,9 @@ read once, one partition at a time, filtered (controls, low quality, non-finite 
 a lattice of the output pixel size and bucketed by 256 x 256 pixel blocks in compact form (one ``uint32`` a
 molecule: gene code and place in the block). The pixels holding kept molecules are found in the same pass, so
 the output grid can be chosen afterwards without reading the molecules again. Buckets are kept in memory up to
-``memory_limit`` bytes and appended to one file in a temporary folder beyond that, read back per block with
-positional reads. Each chunk of the output image then touches only the molecules of the blocks it overlaps.
+``memory_limit`` bytes and appended to one spill file beyond that (unlinked at once, or named in a folder that
+the workers of a cluster share), read back per block with positional reads. Each chunk of the output image then
+touches only the molecules of the blocks it overlaps.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import math
 import mmap
 import os
 import re
-import shutil
+import socket
 import tempfile
+import threading
 import uuid
 import warnings
 import weakref
@@ -289,19 +291,70 @@ def points_extent(source: MoleculeSource) -> tuple[float, float, float, float] |
 class _Part:
     """The bucketed molecules of one partition, in memory or spilled to a file.
 
-    Molecules are sorted by block; :attr:`BinnedMolecules.index` says where each block's run lies.
+    Molecules are sorted by block; :attr:`BinnedMolecules.index` says where each block's run lies. Pickled (for
+    a worker process of a ``dask.distributed`` cluster), a part in memory travels with its values, a part in a
+    spill file that other processes can open (``path``: a folder the user named) as that path, opened there on
+    first use; a part in a private, already unlinked spill file travels with its values, read back.
     """
 
     n: int  # molecules
     packed: np.ndarray | None  # uint32 gene code << 16 | row_in_block << 8 | col_in_block
     fd: int | None = None  # spilled: the packed values lie in this file ...
     offset: int = 0  # ... from this byte on, read back with pread
+    path: str | None = None  # the spill file's path when other processes may open it (else it is unlinked)
 
     def slice(self, s: int, e: int) -> np.ndarray:
-        if self.fd is None:
+        if self.packed is not None:
             return self.packed[s:e]
+        fd = self.fd if self.fd is not None else _shared_fd(self.path)
         # positional reads: thread-safe, and nothing stays mapped, so resident memory does not grow
-        return np.frombuffer(os.pread(self.fd, 4 * (e - s), self.offset + 4 * s), dtype=np.uint32)
+        return np.frombuffer(os.pread(fd, 4 * (e - s), self.offset + 4 * s), dtype=np.uint32)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.packed is None and self.path is None:  # a private spill file: the values travel
+            state["packed"], state["offset"] = self.slice(0, self.n), 0
+        state["fd"] = None  # a file descriptor means nothing in another process
+        return state
+
+
+#: Spill files named by path, opened read-only once per process (``{path: (pid, fd)}``).
+_SHARED_FDS: dict[str, tuple[int, int]] = {}
+_SHARED_FDS_LOCK = threading.Lock()
+
+
+def _shared_fd(path: str) -> int:
+    """A read-only descriptor of the spill file ``path``, opened on first use in this process and kept."""
+    pid = os.getpid()
+    held = _SHARED_FDS.get(path)
+    if held is not None and held[0] == pid:
+        return held[1]
+    with _SHARED_FDS_LOCK:  # the worker's threads open it once
+        return _open_shared(path, pid)
+
+
+def _open_shared(path: str, pid: int) -> int:
+    held = _SHARED_FDS.get(path)
+    if held is None or held[0] != pid:  # none yet, or inherited through a fork
+        if len(_SHARED_FDS) >= 256:  # a long-lived worker: let go of the files already removed
+            for old in [p for p, (owner, _) in _SHARED_FDS.items() if owner == pid and not os.path.exists(p)]:
+                _close_quietly(_SHARED_FDS.pop(old)[1])
+        try:
+            held = _SHARED_FDS[path] = (pid, os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)))
+        except FileNotFoundError as err:
+            msg = (
+                f"The molecules' spill file {path} is gone: it is removed when the rasterised element that made it "
+                f"is dropped, and every worker must see its folder (spill_dir= on storage shared by all workers)."
+            )
+            raise FileNotFoundError(msg) from err
+    return held[1]
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # pragma: no cover - already closed
+        pass
 
 
 @dataclass
@@ -324,7 +377,7 @@ class BinnedMolecules:
     extent: tuple[float, float, float, float] | None = None
     parts: list[_Part] = field(default_factory=list)
     index: dict[tuple[int, int], list[tuple[int, int, int]]] = field(default_factory=dict)  # block -> (part, s, e)
-    spill_dir: str | None = None
+    spill_dir: str | None = None  # the folder of a spill file other processes may open (kept until dropped)
     spill_fd: int | None = None  # the spill file, open for appending (and its parts' reading)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     shift: tuple[int, int] = (0, 0)  # the grid's first pixel in lattice pixels (row, col)
@@ -346,6 +399,9 @@ class BinnedMolecules:
 
     def __dask_tokenize__(self):
         return ("st2he-binned-molecules", self.token, self.shift)
+
+    def __getstate__(self):
+        return {**self.__dict__, "spill_fd": None}  # the parts carry what another process needs
 
     def place(self, grid: Grid) -> None:
         """Read the blocks for ``grid``: same pixel size, origin on the lattice (``x0``, ``y0`` + whole pixels)."""
@@ -482,9 +538,12 @@ def bin_molecules(
 
     ``genes`` fixes the first gene codes (others are appended as met). ``bins`` (a
     :class:`st2he.pp._palette.BinCounts`) gathers co-expression statistics of all kept molecules, inside the
-    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to a file in a temporary
-    folder (under ``spill_dir``, default the system's) that is removed when the returned object is
-    garbage-collected. Molecules are read in batches of :data:`BATCH`; each batch becomes one part.
+    grid or not, in the same pass. Buckets beyond ``memory_limit`` bytes go to a spill file: by default a
+    temporary file unlinked as soon as it is opened (nothing is left behind, even by a killed run); with
+    ``spill_dir``, a named file in that folder, which every worker of a ``dask.distributed`` cluster can open
+    when the folder is on shared storage (pickled, the parts name it instead of carrying their values), removed
+    when the returned object is garbage-collected (files of killed runs on this machine are removed at the next
+    spill there). Molecules are read in batches of :data:`BATCH`; each batch becomes one part.
     ``store=False`` keeps no buckets: the pass only filters, counts, finds the extent and gathers ``bins`` (the
     same statistics, from the same code, as a stored pass).
 
@@ -573,7 +632,7 @@ class _Binner:
         self.drop_controls = bool(drop_controls)
         self.min_qv = float(min_qv) if min_qv is not None else -np.inf
         self.memory_limit = memory_limit
-        self.spill_dir = spill_dir  # where to make the spill folder (None: the system's temporary folder)
+        self.spill_dir = spill_dir  # a folder every worker can read (None: a private, unlinked temporary file)
         self.store = store  # False: statistics only, no buckets
         self.stats = np.zeros(6, dtype=np.int64)
         # lattice pixels (col_min, row_min, col_max, row_max) of the bucketed molecules
@@ -650,12 +709,10 @@ class _Binner:
             self.in_memory += 4 * n_in
             part = _Part(int(n_in), self.arena.take(n_in))
         else:
-            if binned.spill_dir is None:
-                binned.spill_dir = tempfile.mkdtemp(prefix="st2he-molecules-", dir=self.spill_dir)
-                path = os.path.join(binned.spill_dir, "buckets.bin")
-                binned.spill_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                weakref.finalize(binned, _close, binned.spill_fd, binned.spill_dir)
-            part = _Part(int(n_in), None, binned.spill_fd, _spill(out[:n_in], binned.spill_fd))
+            if binned.spill_fd is None:
+                binned.spill_fd = _open_spill(binned, self.spill_dir)
+            offset = _spill(out[:n_in], binned.spill_fd)
+            part = _Part(int(n_in), None, binned.spill_fd, offset, path=_spill_path(binned))
         binned.parts.append(part)
         for k in np.flatnonzero(np.diff(starts)).tolist():
             a, b = divmod(k, nbc)
@@ -672,6 +729,73 @@ def _spill(packed: np.ndarray, fd: int) -> int:
     return offset
 
 
-def _close(fd: int, folder: str) -> None:
-    os.close(fd)
-    shutil.rmtree(folder, ignore_errors=True)
+def _spill_path(binned: BinnedMolecules) -> str | None:
+    return os.path.join(binned.spill_dir, _spill_name(binned.token)) if binned.spill_dir is not None else None
+
+
+def _spill_name(token: str, pid: int | None = None) -> str:
+    return f"st2he-molecules-{_HOST}-{os.getpid() if pid is None else pid}-{token}.bin"
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_SPILL_NAME = re.compile(r"^st2he-molecules-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]+\.bin$")
+
+
+def _open_spill(binned: BinnedMolecules, spill_dir: str | None) -> int:
+    """Open the spill file of ``binned`` for appending and reading; return its descriptor.
+
+    Without ``spill_dir`` the file is made in the system's temporary folder and unlinked at once (POSIX): only
+    this descriptor reaches it, and the system frees it when the descriptor is closed, even when the process
+    is killed. In ``spill_dir`` (a folder every worker of a cluster can read) it keeps its name, is removed when
+    ``binned`` is garbage-collected or at exit, and files left there by killed runs on this machine are removed
+    now.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    if spill_dir is None:
+        fd, path = tempfile.mkstemp(prefix="st2he-molecules-", suffix=".bin")
+        try:
+            os.unlink(path)
+            weakref.finalize(binned, _close_quietly, fd)
+        except OSError:  # Windows: an open file cannot be unlinked; remove it when done
+            weakref.finalize(binned, _close, fd, path)
+        return fd
+    os.makedirs(spill_dir, exist_ok=True)
+    _remove_stale_spills(spill_dir)
+    binned.spill_dir = os.path.abspath(spill_dir)
+    path = _spill_path(binned)
+    fd = os.open(path, flags, 0o644)
+    weakref.finalize(binned, _close, fd, path)
+    return fd
+
+
+def _remove_stale_spills(folder: str) -> None:
+    """Remove the spill files in ``folder`` that runs on this machine left when they were killed."""
+    for name in os.listdir(folder):
+        m = _SPILL_NAME.match(name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            logger.info("Removed the spill file %s left by a run that ended without cleaning up.", name)
+        except OSError:  # pragma: no cover - removed meanwhile
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. no permission: it exists
+        return True
+    return True
+
+
+def _close(fd: int, path: str) -> None:
+    _close_quietly(fd)
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import numbers
+import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -493,7 +494,7 @@ def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[B
     the first molecules' pixel); the grid usually starts there, so each of its chunks reads whole blocks.
     """
     if region is not None:
-        grid = _region_grid(region, pixel_size)
+        grid = _region_grid(region, pixel_size, chunk)
         return bin_molecules(source, grid, chunk=chunk, **options), grid
     origin = lattice_origin(img, pixel_size) if img is not None else None
     binned = bin_molecules(source, pixel_size=pixel_size, origin=origin, chunk=chunk, **options)
@@ -502,7 +503,7 @@ def _bin_and_place(source, region, img, pixel_size, chunk, **options) -> tuple[B
     return binned, grid
 
 
-def _region_grid(region, pixel_size) -> Grid:
+def _region_grid(region, pixel_size, chunk: int = 1024) -> Grid:
     try:
         x_min, y_min, x_max, y_max = (float(v) for v in region)
     except (TypeError, ValueError) as err:
@@ -511,7 +512,27 @@ def _region_grid(region, pixel_size) -> Grid:
     if not all(np.isfinite([x_min, y_min, x_max, y_max])):
         msg = f"region must be finite, got {region!r}."
         raise ValueError(msg)
-    return Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
+    grid = Grid.from_bounds(x_min, y_min, x_max, y_max, pixel_size)
+    chunks = math.ceil(grid.height / chunk) * math.ceil(grid.width / chunk)
+    if grid.height * grid.width > MAX_PIXELS or chunks > MAX_CHUNKS:
+        msg = (
+            f"region {tuple(region)} µm at pixel_size={pixel_size} µm would be {grid.height} x {grid.width} pixels "
+            f"in {chunks} chunks of {chunk} px; st2he draws at most {MAX_PIXELS:.0e} pixels in {MAX_CHUNKS:.0e} "
+            "chunks. Give the region in µm of the global coordinate system (x_min, y_min, x_max, y_max), a larger "
+            "pixel_size or a larger chunk."
+        )
+        raise ValueError(msg)
+    return grid
+
+
+#: Most chunks a picture may have (a 20 x 20 cm slide at 0.2 µm has 10^6 chunks of 1024 px): beyond, graph building
+#: alone would take hours.
+MAX_CHUNKS = 4 * 10**6
+
+
+def _spill_options(spill_dir) -> dict[str, Any]:
+    """``bin_molecules`` options for a ``spill_dir`` the user named: every bucket goes to a file there."""
+    return {} if spill_dir is None else {"spill_dir": os.fspath(spill_dir), "memory_limit": 0}
 
 
 def _check_region_holds_data(sdata, source, binned, grid: Grid, region, stain_info, what: str, molecules: bool) -> None:
@@ -633,7 +654,7 @@ def _channels(genes, panel: Sequence[str]) -> tuple[list[str], dict[str, list[st
     return list(groups), groups
 
 
-def _density_block(binned: BinnedMolecules, channel_of: np.ndarray, n_channels: int, dtype, block_id=None):
+def _density_block(binned: BinnedMolecules, *, channel_of: np.ndarray, n_channels: int, dtype, block_id=None):
     bi, bj = block_id[1], block_id[2]
     chunk = binned.chunk
     h = min(chunk, binned.grid.height - bi * chunk)
@@ -666,7 +687,8 @@ def _density(binned: BinnedMolecules, channels: list[str], groups: dict[str, lis
         channel_of = np.zeros(0, dtype=np.int64)
     chunks = ((len(channels),), _split(grid.height, chunk), _split(grid.width, chunk))
     return da.map_blocks(
-        functools.partial(_density_block, binned, channel_of, len(channels), dtype),
+        functools.partial(_density_block, channel_of=channel_of, n_channels=len(channels), dtype=dtype),
+        _as_dependency(binned),
         chunks=chunks,
         dtype=dtype,
         meta=np.empty((0, 0, 0), dtype),
@@ -706,7 +728,7 @@ def density_layer(
 
 
 def _draw_block(
-    *stain, binned: BinnedMolecules | None, rank_of, rank_key, planes, dy, dx, chunk=1024, grid=None, block_id=None
+    binned: BinnedMolecules | None, *stain, rank_of, rank_key, planes, dy, dx, chunk=1024, grid=None, block_id=None
 ):
     bi, bj = block_id[1], block_id[2]
     if not stain:  # no stain: a black background
@@ -723,7 +745,7 @@ def _draw_block(
     return _draw(binned, bi, bj, h, w, rank_of, rank_key, dy, dx, compose)
 
 
-def _draw_block_resampled(spec, lo, hi, bi, bj, h, w, *, binned, rank_of, rank_key, planes, dy, dx):
+def _draw_block_resampled(binned, spec, lo, hi, bi, bj, h, w, *, rank_of, rank_key, planes, dy, dx):
     """One chunk over a stain image: the stain resampled in the same kernel that composes the colours."""
     if spec is None:  # the chunk misses the stain image
         empty = np.zeros((0, 0), dtype=np.float32)
@@ -826,22 +848,25 @@ def _picture_over_image(element, grid: Grid, chunk: int, stain_range, **draw):
 
     lo, hi = (float(v) for v in stain_range)
     channel = _nuclear_channel(_scale0(element))
+    molecules = _as_dependency(draw.pop("binned"))
+    binned = molecules.key if molecules is not None else None  # the molecules: one key every task reads
     draw_fn = functools.partial(_draw_block_resampled, **draw)
     levels = [lv.data for lv in _levels(element)]
-    name = "st2he-picture-" + tokenize(draw, lo, hi, grid, chunk, channel, levels)
+    name = "st2he-picture-" + tokenize(draw, binned, lo, hi, grid, chunk, channel, levels)
     dsk: dict = {}
     sources: dict[int, Any] = {}  # the source channel as a dask array (the same object for every chunk)
     for r, c, h, w, spec in _image_blocks(element, grid, chunk, channel, bounds=True):
         bi, bj = r // chunk, c // chunk
         if spec is None:
-            dsk[(name, 0, bi, bj)] = (draw_fn, None, lo, hi, bi, bj, h, w)
+            dsk[(name, 0, bi, bj)] = (draw_fn, binned, None, lo, hi, bi, bj, h, w)
             continue
         (arr, y0, y1, x0, x1), rest = spec[0], list(spec[1:])
         if id(arr) not in sources:
             sources[id(arr)] = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr), chunks=2048)
         keys, cuts = _window_pieces(sources[id(arr)], y0, y1, x0, x1)
-        dsk[(name, 0, bi, bj)] = (_draw_from_pieces, draw_fn, keys, cuts, rest, lo, hi, bi, bj, h, w)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(sources.values()))
+        dsk[(name, 0, bi, bj)] = (_draw_from_pieces, draw_fn, binned, keys, cuts, rest, lo, hi, bi, bj, h, w)
+    dependencies = list(sources.values()) + ([molecules] if molecules is not None else [])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
     chunks = ((3,), _split(grid.height, chunk), _split(grid.width, chunk))
     return da.Array(graph, name, chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), dtype=np.uint8))
 
@@ -860,9 +885,20 @@ def _window_pieces(arr, y0: int, y1: int, x0: int, x1: int):
     return keys, list(cuts)
 
 
-def _draw_from_pieces(draw_fn, pieces, cuts, rest, lo, hi, bi, bj, h, w):
+def _draw_from_pieces(draw_fn, binned, pieces, cuts, rest, lo, hi, bi, bj, h, w):
     chunks = [[np.asarray(p) for p in row] for row in pieces]
-    return draw_fn(((chunks, tuple(cuts)), *rest), lo, hi, bi, bj, h, w)
+    return draw_fn(binned, ((chunks, tuple(cuts)), *rest), lo, hi, bi, bj, h, w)
+
+
+def _as_dependency(binned: BinnedMolecules | None):
+    """The molecules as one key of the graph (``None`` stays ``None``) that every chunk's task reads.
+
+    In the graph once, not in every task: a ``dask.distributed`` cluster ships them to each worker once (see
+    :class:`st2he.pp._molecules._Part` for what travels).
+    """
+    import dask
+
+    return None if binned is None else dask.delayed(binned, traverse=False, pure=True)
 
 
 def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binned, table_key=None) -> dict[str, str]:
@@ -906,6 +942,7 @@ def rasterize_transcripts(
     chunk: int = 1024,
     key_added: str = "st2he_input",
     overwrite: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ):
     """Draw the ST2HE input picture: the nuclear stain in grey and every kept transcript as a coloured dot.
 
@@ -967,6 +1004,13 @@ def rasterize_transcripts(
         Replace an existing image ``key_added``; otherwise an existing one raises a :class:`KeyError`. Never
         replaced, even so: an element of another type, or one the picture is drawn from (the points, the stain).
 
+    spill_dir
+        For a ``dask.distributed`` cluster of several machines: a folder on storage every worker can read, where
+        the bucketed molecules are written (all of them, 4 bytes a molecule; the graph then carries the file's
+        name, not the molecules). The file is removed with the image. By default they stay in memory up to
+        512 MB, beyond that in a temporary file only this process can read (shipped to the workers within
+        the graph).
+
     Returns
     -------
     The new image element, ``sdata.images[key_added]``.
@@ -1009,9 +1053,10 @@ def rasterize_transcripts(
             drop_controls=drop_controls,
             genes=source.panel or (),
             bins=bins,
+            **_spill_options(spill_dir),
         )
     else:
-        grid = _region_grid(region, pixel_size) if region is not None else _default_grid(None, img, pixel_size)
+        grid = _region_grid(region, pixel_size, chunk) if region is not None else _default_grid(None, img, pixel_size)
     stain, stain_info = _stain(
         sdata,
         grid,
@@ -1087,9 +1132,11 @@ def rasterize_transcripts(
         return add_image(sdata, key_added, data, grid, overwrite=overwrite, inputs=inputs, chunks=chunk, params=params)
     stain_input = (stain[None],) if stain_info["stain_key"] is not None else ()
     # the options go in a partial: dask would otherwise walk through the molecules' index looking for collections
+    molecules = _as_dependency(options.pop("binned"))
     draw = functools.partial(_draw_block, chunk=chunk, grid=grid, **options)
     data = da.map_blocks(
         draw,
+        molecules,
         *stain_input,
         chunks=((3,), _split(grid.height, chunk), _split(grid.width, chunk)),
         dtype=np.uint8,
@@ -1111,6 +1158,7 @@ def transcript_density(
     dtype: str = "float32",
     key_added: str = "transcript_density",
     overwrite: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ):
     """Write a multi-channel image of molecule counts per pixel, for models that take channels.
 
@@ -1120,6 +1168,7 @@ def transcript_density(
     Placed on the same kind of grid as :func:`rasterize_transcripts` (same ``region`` and ``pixel_size`` give the
     same pixels), computed lazily chunk by chunk. ``key_added`` names the image written; an existing image of that
     name is replaced only with ``overwrite=True`` (never ``points_key`` or an element of another type).
+    ``spill_dir``: as in :func:`rasterize_transcripts`.
 
     Returns
     -------
@@ -1132,7 +1181,15 @@ def transcript_density(
         raise ValueError(msg)
     source = molecule_source(sdata, points_key, need_genes=genes is not None)
     binned, grid = _bin_and_place(
-        source, region, None, pixel_size, chunk, min_qv=min_qv, drop_controls=drop_controls, genes=source.panel or ()
+        source,
+        region,
+        None,
+        pixel_size,
+        chunk,
+        min_qv=min_qv,
+        drop_controls=drop_controls,
+        genes=source.panel or (),
+        **_spill_options(spill_dir),
     )
     if region is not None:
         _check_region_holds_data(sdata, source, binned, grid, region, {"stain_key": None}, "transcript_density", True)

@@ -275,10 +275,14 @@ def _evaluation_grid(pred: Raster, true: Raster, pixel_size, region) -> Grid:
             f"{pixel_size} µm."
         )
         raise ValueError(msg)
-    if height * width > MAX_READ_PIXELS:
+    # an evaluation grid far finer than both images only upsamples them, at the cost of hours of tiles
+    sizes = [r.levels[0].shape[0] * r.levels[0].shape[1] for r in (pred, true)]
+    if height * width > min(max(4 * max(sizes), 4096), MAX_READ_PIXELS):
+        finest = min(pred.pixel_size, true.pixel_size)
         msg = (
-            f"An evaluation grid of {height} x {width} pixels at {pixel_size:g} µm is far too large "
-            f"(over {MAX_READ_PIXELS:,} pixels); pass a coarser pixel_size or a smaller region."
+            f"pixel_size={pixel_size!r} µm would make the evaluation grid about {float(height) * width:.3g} pixels "
+            f"over the common region, far finer than the images ({finest:g} µm pixels). Use pixel_size >= "
+            f"{finest / 2:g} µm (default: the coarser image's pixel size)."
         )
         raise ValueError(msg)
     grid = Grid(float(x0), float(y0), float(pixel_size), height, width)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
+import pickle
+import shutil
 import tempfile
+import threading
+import uuid
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -91,7 +98,7 @@ def generate_he(
     import torch
 
     from st2he.models import Pix2PixTurbo, load_model
-    from st2he.models._tiling import count_tiles, render_region
+    from st2he.models._tiling import count_tiles
 
     n_samples = int(n_samples)
     if n_samples < 1:
@@ -119,6 +126,7 @@ def generate_he(
         msg = "model must be a Pix2PixTurbo."
         raise TypeError(msg)
     net = net.to(dev).set_eval()
+    check_finite_weights(net)
     meta = net.metadata
     if tile_size is None:
         tile_size = int(meta.get("tile_size") or 512)
@@ -161,9 +169,8 @@ def generate_he(
     chunk = int(chunk)
 
     r_arg = None if r >= 1 else float(r)
-
-    def predict(tiles, seeds):
-        return net.predict(tiles, batch_size=batch_size, prompt=prompt, r=r_arg, seeds=seeds)
+    source = None if isinstance(model, Pix2PixTurbo) else ("small" if model is None else os.fspath(model))
+    predict = Generator(net, source, device, batch_size=batch_size, prompt=prompt, r=r_arg)
 
     H, W = grid.shape
     arr = data.data if hasattr(data, "data") else data
@@ -192,16 +199,21 @@ def generate_he(
         total = sum(count_tiles((H, W), b, tile_size, overlap) for b in blocks)
         rgb_out = _output_array((3, H, W), np.uint8, chunk)
         spread_out = _output_array((1, H, W), np.float32, chunk) if n_samples > 1 else None
-        with (
-            torch.inference_mode(),
-            tqdm(total=total, desc="virtual H&E", unit="tile", disable=not progress) as bar,
-        ):
-            for b in blocks:
-                read = _dask_reader(arr, b, tile_size, (H, W))
-                out, spread_b = render_region(predict, read, (H, W), b, on_tiles=bar.update, **kwargs)
-                rgb_out[:, b[0] : b[1], b[2] : b[3]] = out
-                if spread_out is not None:
-                    spread_out[:, b[0] : b[1], b[2] : b[3]] = spread_b
+        try:
+            with (
+                torch.inference_mode(),
+                tqdm(total=total, desc="virtual H&E", unit="tile", disable=not progress) as bar,
+            ):
+                for b in blocks:
+                    read = _dask_reader(arr, b, tile_size, (H, W))
+                    out, spread_b = render_block(predict, read, (H, W), b, on_tiles=bar.update, **kwargs)
+                    rgb_out[:, b[0] : b[1], b[2] : b[3]] = out
+                    if spread_out is not None:
+                        spread_out[:, b[0] : b[1], b[2] : b[3]] = spread_b
+        except BaseException:
+            _remove_store(rgb_out)
+            _remove_store(spread_out)
+            raise
         rgb = _as_dask(rgb_out, chunk)
         spread = _as_dask(spread_out, chunk) if spread_out is not None else None
 
@@ -219,6 +231,137 @@ def generate_he(
     return stored[key_added]
 
 
+def check_finite_weights(net) -> None:
+    """Raise when the model has NaN or infinite weights (its every output would be NaN, drawn black)."""
+    import torch
+
+    bad = [name for name, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        msg = (
+            f"The model has non-finite weights (NaN or infinite) in {len(bad)} parameter tensor(s): {shown}. Its "
+            "virtual H&E would be NaN, drawn black. Load the checkpoint again, or retrain (a diverged training "
+            "run leaves NaN weights)."
+        )
+        raise ValueError(msg)
+
+
+_RLOCK = type(threading.RLock())
+
+
+class _ModelPickler(pickle.Pickler):
+    """Pickles a model: its locks are made anew on the other side, and so are the float32 wrappers of its layers.
+
+    (:func:`st2he.models._pix2pix._keep_fp32` replaces a layer's ``forward`` by a closure, which cannot be
+    pickled: the layer travels without it and gets it again.)
+    """
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _RLOCK):
+            return threading.RLock, ()
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict) and state.get("_st2he_fp32") and "forward" in state:
+            state = {k: v for k, v in state.items() if k not in ("forward", "_st2he_fp32")}
+            return object.__new__, (type(obj),), state, None, None, _set_fp32_state
+        return NotImplemented
+
+
+def _set_fp32_state(module, state) -> None:
+    from st2he.models._pix2pix import _keep_fp32
+
+    module.__setstate__(state)
+    _keep_fp32(module)
+
+
+#: Models the tasks of lazy virtual H&E loaded in this process, by :attr:`Generator.token`.
+_MODELS: dict[str, Any] = {}
+_MODELS_KEPT = 2
+_MODELS_LOCK = threading.Lock()
+
+
+class Generator:
+    """``predict(tiles, seeds)`` with the model, as the tasks of a lazy virtual H&E hold it.
+
+    Picklable, for the worker processes of a ``dask.distributed`` cluster: a model loaded from a checkpoint (or
+    the shipped model) travels as its path and each worker process loads it once; a model object travels as
+    itself (pickled, moved to ``device`` there). Loaded models are kept per process, by :attr:`token`.
+    """
+
+    def __init__(self, net, source, device, *, batch_size: int, prompt: str, r: float | None) -> None:
+        self.net = net
+        self.source = source  # the checkpoint path or name the model was loaded from; None: the object travels
+        self.device = device
+        self.batch_size, self.prompt, self.r = batch_size, prompt, r
+        self.token = uuid.uuid4().hex
+
+    def __call__(self, tiles, seeds):
+        net = self.net if self.net is not None else self._load()
+        return net.predict(tiles, batch_size=self.batch_size, prompt=self.prompt, r=self.r, seeds=seeds)
+
+    def __dask_tokenize__(self):
+        return ("st2he-generator", self.token)
+
+    def __getstate__(self):
+        # (pickled again on the way, e.g. by the scheduler, it keeps the model it carries)
+        state = {"blob": None, **self.__dict__, "net": None}
+        if self.source is None and self.net is not None:
+            buffer = io.BytesIO()
+            try:
+                _ModelPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(self.net)
+            except Exception as err:  # noqa: BLE001 - any failure means: use a checkpoint instead
+                msg = (
+                    f"The model cannot be sent to worker processes ({type(err).__name__}: {err}). Save it with "
+                    "model.save_pretrained(path) and pass model=path: each worker then loads it from there."
+                )
+                raise TypeError(msg) from err
+            state["blob"] = buffer.getvalue()
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+
+    def _load(self):
+        with _MODELS_LOCK:
+            net = _MODELS.pop(self.token, None)
+            if net is None:
+                from st2he.models import load_model
+
+                if self.blob is None and self.source is None:  # pragma: no cover - pickled without its model
+                    msg = "The generator reached this process without its model."
+                    raise RuntimeError(msg)
+                net = pickle.loads(self.blob) if self.blob is not None else load_model(self.source)
+                net = net.to(resolve_device(self.device)).set_eval()
+                while len(_MODELS) >= _MODELS_KEPT:  # a long-lived worker keeps the latest few
+                    _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[self.token] = net  # the most recently used last
+        return net
+
+
+def render_block(predict, read, shape, block, **kwargs):
+    """:func:`st2he.models._tiling.render_region` over ``block``; non-finite outputs name their tiles."""
+    from st2he.models._tiling import render_region, tile_seed, tiles_for_region
+
+    try:
+        return render_region(predict, read, shape, block, **kwargs)
+    except FloatingPointError as err:
+        tile, overlap = kwargs["tile"], kwargs["overlap"]
+        padded = (max(shape[0], tile), max(shape[1], tile))
+        where = {
+            tile_seed(kwargs.get("seed", 0), k, pr, pc): (pr, pc)
+            for k in range(kwargs.get("n_samples", 1))
+            for pr, pc in tiles_for_region(padded, block, tile, overlap)
+        }
+        seeds = getattr(err, "seeds", None) or []
+        tiles = sorted({where[s] for s in seeds if s in where})
+        shown = ", ".join(f"rows {r}..{r + tile}, columns {c}..{c + tile}" for r, c in tiles[:5]) or "unknown"
+        msg = (
+            f"The generator gave non-finite values (NaN or infinite) for the tile(s) at {shown} of the input "
+            f"picture: the model's weights or its computation overflow ({err}). Check the model (load the "
+            "checkpoint again; on a GPU try another dtype or device='cpu')."
+        )
+        raise ValueError(msg) from err
+
+
 def _dask_reader(arr, block, tile, shape):
     """Read the input around ``block`` (the tiles that touch it) once, zero outside the image."""
     from st2he.models._tiling import reader_from_array
@@ -232,6 +375,11 @@ def _dask_reader(arr, block, tile, shape):
 
 
 def _output_array(shape, dtype, chunk):
+    """An output array: in memory, or over :data:`IN_MEMORY_BYTES` a zarr store in a temporary folder.
+
+    The folder is removed when the store (and so every dask array read from it) is garbage-collected, at exit,
+    or by :func:`_remove_store` when the run fails.
+    """
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if nbytes <= IN_MEMORY_BYTES:
         return np.zeros(shape, dtype=dtype)
@@ -239,7 +387,29 @@ def _output_array(shape, dtype, chunk):
 
     path = tempfile.mkdtemp(prefix="st2he_virtual_he_")
     logger.info("virtual_he: assembling the %.1f GB output in %s", nbytes / 1e9, path)
-    return zarr.open(path, mode="w", shape=shape, dtype=dtype, chunks=(shape[0], chunk, chunk))
+    try:
+        out = zarr.open(path, mode="w", shape=shape, dtype=dtype, chunks=(shape[0], chunk, chunk))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    _STORES[id(out)] = weakref.finalize(out, _remove_folder, id(out), path)
+    return out
+
+
+def _remove_folder(key: int, path: str) -> None:
+    _STORES.pop(key, None)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+#: Removal of the temporary folders of the zarr outputs alive, by ``id`` of the zarr array.
+_STORES: dict[int, weakref.finalize] = {}
+
+
+def _remove_store(out) -> None:
+    """Remove the temporary folder of a zarr output now (nothing for an array in memory or ``None``)."""
+    remove = _STORES.pop(id(out), None) if out is not None else None
+    if remove is not None:
+        remove()
 
 
 def _as_dask(out, chunk):
@@ -251,15 +421,19 @@ def _as_dask(out, chunk):
 
 
 def _lazy(arr, predict, shape, chunk, tile, kwargs):
-    """Build a dask graph that runs the model when computed (each computation runs it again)."""
-    import dask.array as da
+    """Build a dask graph that runs the model when computed (each computation runs it again).
 
-    from st2he.models._tiling import reader_from_array, render_region
+    Nothing in it is a closure, a lock or an open file: it computes on a ``dask.distributed`` cluster too. The
+    model (:class:`Generator`) is one key of the graph, shipped once to each worker.
+    """
+    import dask
+    import dask.array as da
+    from dask.array.overlap import overlap, trim_internal
 
     x = da.asarray(arr)
     # a fourth (empty) channel, so that the blocks carry the uncertainty out along with r, g, b
-    # blocks of at least a tile (dask's overlap needs blocks no thinner than its depth): a thin last block joins
-    # the one before it
+    # blocks of at least a tile (the overlap needs blocks no thinner than its depth): a thin last block joins the
+    # one before it
     chunk = max(chunk, tile)
 
     def sizes(n):
@@ -272,31 +446,39 @@ def _lazy(arr, predict, shape, chunk, tile, kwargs):
         return tuple(out) or (n,)
 
     x = da.concatenate([x, da.zeros_like(x[:1])], axis=0).rechunk(((4,), sizes(shape[0]), sizes(shape[1])))
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks[1:]]
-    n_samples = kwargs["n_samples"]
+    depth = {0: 0, 1: tile, 2: tile}
+    render = _LazyBlock(tuple(x.chunks[1]), tuple(x.chunks[2]), tuple(shape), tile, dict(kwargs))
+    y = da.map_blocks(
+        render,
+        dask.delayed(predict, traverse=False, pure=True),
+        overlap(x, depth=depth, boundary="none"),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+    )
+    y = trim_internal(y, depth, boundary="none")
+    rgb = y[:3].astype(np.uint8)  # exact: the block function rounded and clipped already
+    spread = y[3:] if kwargs["n_samples"] > 1 else None
+    return rgb, spread
 
-    def block_fn(block, block_info=None):
-        _, i, j = block_info[0]["chunk-location"]
-        r0, c0 = int(starts[0][i]), int(starts[1][j])
-        r1, c1 = r0 + x.chunks[1][i], c0 + x.chunks[2][j]
-        er0, ec0 = max(r0 - tile, 0), max(c0 - tile, 0)
+
+class _LazyBlock:
+    """One block of a lazy virtual H&E from its input block with ``tile`` pixels of context on each side."""
+
+    def __init__(self, rows, cols, shape, tile, kwargs) -> None:
+        self.starts = (np.concatenate([[0], np.cumsum(rows)[:-1]]), np.concatenate([[0], np.cumsum(cols)[:-1]]))
+        self.rows, self.cols, self.shape, self.tile, self.kwargs = rows, cols, shape, tile, kwargs
+
+    def __call__(self, predict, block, block_id=None):
+        from st2he.models._tiling import reader_from_array
+
+        _, i, j = block_id
+        r0, c0 = int(self.starts[0][i]), int(self.starts[1][j])
+        r1, c1 = r0 + self.rows[i], c0 + self.cols[j]
+        er0, ec0 = max(r0 - self.tile, 0), max(c0 - self.tile, 0)
         read = reader_from_array(block[:3], origin=(er0, ec0))
-        rgb, spread = render_region(predict, read, shape, (r0, r1, c0, c1), **kwargs)
+        rgb, spread = render_block(predict, read, self.shape, (r0, r1, c0, c1), **self.kwargs)
         out = np.zeros((4, *block.shape[1:]), dtype=np.float32)
         out[:3, r0 - er0 : r1 - er0, c0 - ec0 : c1 - ec0] = rgb
         if spread is not None:
             out[3:, r0 - er0 : r1 - er0, c0 - ec0 : c1 - ec0] = spread
         return out
-
-    y = da.map_overlap(
-        block_fn,
-        x,
-        depth={0: 0, 1: tile, 2: tile},
-        boundary="none",
-        trim=True,
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-    )
-    rgb = y[:3].astype(np.uint8)  # exact: the block function rounded and clipped already
-    spread = y[3:] if n_samples > 1 else None
-    return rgb, spread
