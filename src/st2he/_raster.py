@@ -164,13 +164,16 @@ class Raster:
         h, w = self.levels[0].shape
         return Grid(float(a[0, 2]), float(a[1, 2]), float(a[0, 0]), h, w)
 
-    def level_for(self, pixel_size: float | None) -> int:
-        """Index of the coarsest level whose pixels are no larger than ``pixel_size`` (level 0 when none is)."""
+    def level_for(self, pixel_size: float | None, *, slack: float = LEVEL_SLACK) -> int:
+        """Index of the coarsest level whose pixels are no larger than ``pixel_size`` (level 0 when none is).
+
+        ``slack``: a level whose pixels are at most this factor larger still counts.
+        """
         if pixel_size is None:
             return 0
         best = 0
         for i, level in enumerate(self.levels):
-            if level.pixel_size <= pixel_size * LEVEL_SLACK:
+            if level.pixel_size <= pixel_size * slack:
                 best = i
         return best
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from st2he._elements import ATTRS_KEY, add_image, check_key_free
 from st2he._grid import COORDINATE_SYSTEM, Grid, _scale0
+from st2he._raster import Raster
 
 from ._kernels import (
     BUCKET,
@@ -63,31 +64,22 @@ class _Geom:
         return (self.x0, self.y0, self.x0 + self.width * self.psx, self.y0 + self.height * self.psy)
 
 
-def _geom(data) -> _Geom:
-    from spatialdata.transformations import get_transformation
-
-    transformations = get_transformation(data, get_all=True)
-    if COORDINATE_SYSTEM not in transformations:
-        msg = f"The image has no transformation to the coordinate system {COORDINATE_SYSTEM!r}."
-        raise ValueError(msg)
-    m = transformations[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+def _geom(level) -> _Geom:
+    """The axis-aligned placement of a :class:`st2he._raster.Level` (the compiled resampler needs one)."""
+    m = level.affine
     if abs(m[0][1]) > 1e-9 or abs(m[1][0]) > 1e-9 or m[0][0] <= 0 or m[1][1] <= 0:
         msg = (
-            "The stain image is rotated, sheared or flipped relative to the global coordinate system; st2he needs "
-            "an axis-aligned image. Resample it first (spatialdata.transform)."
+            "The stain image is rotated, sheared or flipped relative to the global coordinate system; the "
+            "rasteriser draws over an axis-aligned stain. Resample it first (spatialdata.transform)."
         )
         raise ValueError(msg)
-    return _Geom(
-        float(m[0][2]), float(m[1][2]), float(m[0][0]), float(m[1][1]), int(data.sizes["y"]), int(data.sizes["x"])
-    )
+    h, w = level.shape
+    return _Geom(float(m[0][2]), float(m[1][2]), float(m[0][0]), float(m[1][1]), h, w)
 
 
 def _levels(element) -> list:
     """DataArrays of a raster element, finest first."""
-    if hasattr(element, "children") and "scale0" in getattr(element, "children", {}):
-        keys = sorted(element.children, key=lambda k: int(re.sub(r"\D", "", k) or 0))
-        return [next(iter(element[k].ds.data_vars.values())) for k in keys]
-    return [element]
+    return [lv.data for lv in Raster(element).levels]
 
 
 _NUCLEAR_CHANNEL = re.compile(r"dapi|hoechst|nucle", re.IGNORECASE)
@@ -244,12 +236,10 @@ def _image_blocks(element, grid: Grid, chunk: int, channel: int, binary: bool = 
     ``bounds=True``: ``window`` is ``(source, y0, y1, x0, x1)`` instead, the 2-D dask array of the source
     channel and the window's pixel bounds in it.
     """
-    levels = _levels(element)
-    geoms = [_geom(lv) for lv in levels]
+    raster = Raster(element)
     # the coarsest level still at least as fine as the output, then a k x k mean down to about the output size
-    fine = [i for i, g in enumerate(geoms) if max(g.psx, g.psy) <= grid.pixel_size * (1 + 1e-6)]
-    li = fine[-1] if fine else 0
-    level, geom = levels[li], geoms[li]
+    li = raster.level_for(grid.pixel_size, slack=1 + 1e-6)
+    level, geom = raster.levels[li].data, _geom(raster.levels[li])
     k = max(1, int(math.floor(grid.pixel_size / max(geom.psx, geom.psy) + 1e-6)))
     arr = level.data
     if "c" in level.dims:
@@ -451,7 +441,7 @@ def _stain_bounds(sdata, stain_key) -> tuple[float, float, float, float] | None:
     key = _auto_stain_image(sdata) if stain_key == "auto" else stain_key
     if key is None or key not in sdata.images:
         return None
-    return _geom(_scale0(sdata.images[key])).bounds
+    return Raster(sdata.images[key], name=repr(key)).bounds
 
 
 def _default_grid(mol, img, pixel_size) -> Grid:
@@ -584,7 +574,7 @@ def _stain_extent(sdata, stain_info) -> tuple[float, float, float, float] | None
     if key is None:
         return None
     if kind in ("images", "labels"):
-        return _geom(_scale0(getattr(sdata, kind)[key])).bounds
+        return Raster(getattr(sdata, kind)[key], name=repr(key)).bounds
     from spatialdata.transformations import get_transformation
 
     gdf = sdata.shapes[key]
