@@ -6,6 +6,7 @@ from ._common import CONTROL_PREFIXES, NUCLEAR_STAIN_KEYS
 from ._cosmx import read_cosmx
 from ._he import read_he_image
 from ._merscope import read_merscope
+from ._write import write_element
 from ._xenium import read_xenium
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "read_he_image",
     "read_merscope",
     "read_xenium",
+    "write_element",
 ]

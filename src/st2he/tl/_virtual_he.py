@@ -81,7 +81,8 @@ def virtual_he(
         ``method="diffusion"``: ``False`` (default) runs the model now, block by block, and stores the result
         (in memory, or in a temporary zarr store for outputs over 1 GB); ``True`` returns a dask-backed element
         that runs the model whenever it is computed (for out-of-core or distributed use; every computation, e.g.
-        each pyramid level written, runs the model again).
+        each pyramid level written, runs the model again). Write it into a backed object's store with
+        :func:`st2he.io.write_element`: a failure while it computes then leaves nothing half-written on disk.
 
     Returns
     -------
