@@ -1,6 +1,8 @@
 """Sphinx configuration for st2he."""
 
+import os
 from datetime import datetime
+from pathlib import Path
 from importlib.metadata import metadata
 
 info = metadata("st2he")
@@ -39,6 +41,13 @@ nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_merge_streams = True
 nb_execution_excludepatterns = []
+# the real-platform tutorial reads the real data crops kept beside the repository (../shared/data, or
+# ST2HE_SHARED_DATA); where they are not (Read the Docs), it is shown as written, not executed
+_here = Path(__file__).resolve().parent
+_crops = [Path(os.environ["ST2HE_SHARED_DATA"])] if "ST2HE_SHARED_DATA" in os.environ else []
+_crops += [parent / "shared" / "data" for parent in _here.parents]
+if not any(c.is_dir() for c in _crops):
+    nb_execution_excludepatterns.append("tutorials/real_platforms.md")
 
 source_suffix = {".rst": "restructuredtext", ".ipynb": "myst-nb", ".md": "myst-nb"}
 master_doc = "index"
