@@ -489,6 +489,48 @@ def _labelled_crops(sdata, rng, n_draws: int, size_um: float):
     return np.stack(crops), np.array(labels)
 
 
+def _fine_tune(model, tokenizer, x_all, y_all, rng, *, n_steps: int, batch_size: int = 32, n_prompts: int = 8):
+    """Fine-tune a CLIP model on labelled tiles with CLIP's symmetric contrastive loss against the class prompts.
+
+    Each step draws ``n_prompts`` prompts per class (a random name in a random template) and averages their
+    embeddings, as the zero-shot prompt ensemble does. The loss runs both ways, as CLIP's does: each tile against
+    the class prompts, and each class prompt against the batch's tiles (all tiles of its class are positives). The
+    second direction ranks the tiles of a slide for each class, which is what the slide-level top-k pooling reads:
+    trained one way only, a stroma tile could match the gland prompt better than the solid tiles match the solid
+    prompt, and the call of a held-out solid slide flipped with the torch seed, the thread count or a library's
+    float rounding. The learning rate decays to zero, so the model does not end wherever its last batches pushed it.
+    """
+    templates = st2he.tl.TEMPLATES
+    n_classes = len(CLASSES)
+    model.token_embedding.requires_grad_(False)
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, n_steps)
+    torch.manual_seed(0)
+    model.train()
+    for step in range(n_steps):
+        idx = torch.randint(0, len(x_all), (batch_size,))
+        xb = torch.rot90(x_all[idx], step % 4, dims=(2, 3))
+        prompts = [
+            templates[rng.integers(len(templates))].format(names[rng.integers(len(names))])
+            for names in CLASSES.values()
+            for _ in range(n_prompts)
+        ]
+        image = torch.nn.functional.normalize(model.encode_image(xb), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        text = torch.nn.functional.normalize(text.view(n_classes, n_prompts, -1).mean(1), dim=-1)
+        logits = model.logit_scale.exp() * image @ text.T  # (tiles, classes)
+        tile_to_text = torch.nn.functional.cross_entropy(logits, y_all[idx])
+        positives = torch.nn.functional.one_hot(y_all[idx], n_classes).T.float()  # (classes, tiles)
+        present = positives.sum(1) > 0
+        text_to_tile = -(torch.log_softmax(logits.T, dim=1) * positives).sum(1)[present] / positives.sum(1)[present]
+        loss = (tile_to_text + text_to_tile.mean()) / 2
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+    model.eval()
+
+
 def test_fine_tuned_tiny_model_classifies_held_out_tiles(tiny_checkpoint, tmp_path):
     import open_clip
     from spatialdata.models import ShapesModel
@@ -507,27 +549,7 @@ def test_fine_tuned_tiny_model_classifies_held_out_tiles(tiny_checkpoint, tmp_pa
     clip = st2he.models.load_clip(model, tokenizer=tokenizer, mpp=TILE_UM / 64)
     x_all = clip.preprocess(crops)
     y_all = torch.as_tensor([list(CLASSES).index(label) for label in labels])
-    templates = st2he.tl.TEMPLATES
-    model.token_embedding.requires_grad_(False)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    torch.manual_seed(0)
-    model.train()
-    for step in range(150):
-        idx = torch.randint(0, len(x_all), (32,))
-        xb = torch.rot90(x_all[idx], step % 4, dims=(2, 3))
-        prompts = [
-            templates[rng.integers(len(templates))].format(names[rng.integers(len(names))])
-            for names in CLASSES.values()
-            for _ in range(8)
-        ]
-        image = torch.nn.functional.normalize(model.encode_image(xb), dim=-1)
-        text = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-        text = torch.nn.functional.normalize(text.view(len(CLASSES), 8, -1).mean(1), dim=-1)
-        loss = torch.nn.functional.cross_entropy(model.logit_scale.exp() * image @ text.T, y_all[idx])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
+    _fine_tune(model, tokenizer, x_all, y_all, rng, n_steps=300)
     tuned = tmp_path / "tuned.pt"
     torch.save(model.state_dict(), tuned)
 
@@ -591,16 +613,20 @@ def test_fine_tuned_tiny_model_classifies_held_out_tiles(tiny_checkpoint, tmp_pa
     assert all(r == pytest.approx(1.0) for r in agree["probability_correlation"].values())
     assert agree["per_tile"]["agree"].all()
 
-    # slide-level subtyping (MI-Zero top-k pooling) of held-out samples with one tumour subtype each
+    # slide-level subtyping (MI-Zero top-k pooling) of held-out samples with one tumour subtype each (and stroma),
+    # two slides of each subtype, each called right and clearly so
     subtypes = {k: CLASSES[k] for k in ("gland", "solid")}
-    for subtype in ("gland", "solid"):
-        slide_sdata = st2he.datasets.synthetic_tissue(303, size_um=192.0, subtype=subtype)
-        slide = st2he.tl.zero_shot(
-            slide_sdata,
-            image_key="he_image",
-            classes=subtypes,
-            model=st2he.models.load_clip(model_arg, mpp=TILE_UM / 64),
-            top_k=5,
-            progress=False,
-        ).uns["zero_shot"]["slide"]
-        assert slide["class"] == subtype, slide
+    for seed in (303, 304):
+        for subtype in subtypes:
+            slide_sdata = st2he.datasets.synthetic_tissue(seed, size_um=192.0, subtype=subtype)
+            slide = st2he.tl.zero_shot(
+                slide_sdata,
+                image_key="he_image",
+                classes=subtypes,
+                model=st2he.models.load_clip(model_arg, mpp=TILE_UM / 64),
+                top_k=5,
+                progress=False,
+            ).uns["zero_shot"]["slide"]
+            print(f"slide {seed} ({subtype}): {slide['scores']}")
+            assert slide["class"] == subtype, slide
+            assert slide["probabilities"][subtype] > 0.75, slide
