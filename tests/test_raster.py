@@ -349,3 +349,50 @@ def test_whole_pixel_reads_in_all_eight_orientations_match_the_reference(picture
     np.testing.assert_allclose(got, _reference_read(data.astype(np.float64), matrix, grid, fill=-1), atol=1e-9)
     assert (got == -1).any() and (got >= 0).any() and np.array_equal(got, np.round(got))  # whole pixels, untouched
     np.testing.assert_array_equal(raster.read(grid, fill=7, dtype=np.uint8), np.where(got == -1, 7, got).astype(np.uint8))
+
+
+def test_odd_sized_pyramids_of_images_and_labels_work_in_every_function(tmp_path):
+    """Multiscale images and labels of odd width and height (coarse levels with x and y scales a hair apart)."""
+    import matplotlib
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import get_transformation
+
+    matplotlib.use("Agg")
+    sdata = st2he.datasets.synthetic_tissue(5, size_um=96)
+    for key in ("he_image", "morphology_focus"):  # cut to odd sizes, stored as 3-level pyramids
+        raster = Raster(sdata.images[key])
+        data = np.asarray(raster.level0.values)[:, :-1, :-3]
+        assert data.shape[1] % 2 and data.shape[2] % 2
+        sdata[key] = Image2DModel.parse(
+            data,
+            dims=("c", "y", "x"),
+            c_coords=list(raster.level0.coords["c"].values),
+            scale_factors=[2, 2],
+            transformations={"global": get_transformation(raster.level0)},
+        )
+        assert len(Raster(sdata.images[key]).levels) == 3
+    # nuclei as odd-sized multiscale labels, on the stain's lattice
+    dapi = Raster(sdata.images["morphology_focus"])
+    labels = (np.asarray(dapi.level0.values)[0] > np.percentile(dapi.level0.values, 80)).astype(np.int32)
+    sdata["nuclei"] = Labels2DModel.parse(
+        labels, dims=("y", "x"), scale_factors=[2, 2], transformations={"global": get_transformation(dapi.level0)}
+    )
+    # the rasteriser over the stain image and over the labels
+    st2he.pp.rasterize_transcripts(sdata, stain_key="morphology_focus", pixel_size=1.0)
+    over_labels = st2he.pp.rasterize_transcripts(sdata, stain_key="nuclei", pixel_size=1.0, key_added="over_labels")
+    assert np.asarray(Raster(over_labels).level0.values).max() > 0
+    # tiles, evaluation (same image: exact), the stain baseline against the odd H&E, plots, training pairs
+    tiles = st2he.pp.make_tiles(sdata, "he_image", tile_size=64, key_added="tiles")
+    assert len(tiles) > 0
+    sdata["he_copy"] = sdata.images["he_image"]
+    df = st2he.tl.evaluate_he(sdata, pred_key="he_copy", true_key="he_image", pixel_size=2.0)
+    assert df.loc["overall", "mse"] == 0
+    st2he.tl.virtual_he(sdata, method="stain")
+    df = st2he.tl.evaluate_he(sdata, pred_key="virtual_he", true_key="he_image", key_added="m2")
+    assert 10 < df.loc["overall", "psnr"] < 40
+    axes = st2he.pl.compare(sdata, true_key="he_image", genes=[], max_pixels=40, save=tmp_path / "odd.png")
+    assert len(axes) == 3
+    from st2he.tl._train import prepare_pairs
+
+    pairs = prepare_pairs(sdata, validation=None, tile_size=32)
+    assert pairs["train_targets"][0].shape == pairs["train_inputs"][0].shape
