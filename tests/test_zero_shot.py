@@ -93,6 +93,31 @@ def _toy_sdata(*, with_cells: bool = True, blank: bool = False):
     return sdata
 
 
+def _open_clip_reference(tiny_checkpoint):
+    """The tiny model as open_clip itself loads it from the checkpoint, with open_clip's own preprocessing."""
+    import open_clip
+
+    arch, ckpt = tiny_checkpoint
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(ckpt))
+    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
+
+
+def _reference_image_embeddings(reference, tiles: np.ndarray) -> np.ndarray:
+    """L2-normalised open_clip embeddings of ``(n, 64, 64, 3)`` uint8 tiles (the model's input size: no resize)."""
+    from PIL import Image
+
+    model, preprocess, _ = reference
+    with torch.no_grad():
+        x = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(t))) for t in tiles])
+        return torch.nn.functional.normalize(model.encode_image(x), dim=-1).numpy()
+
+
+def _reference_text_embeddings(reference, prompts: list[str]) -> np.ndarray:
+    model, _, tokenizer = reference
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1).numpy()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mechanics
 
@@ -109,6 +134,29 @@ def test_embeddings_are_unit_vectors_of_the_right_shape(tiny_clip):
     # channels-first uint8 tensors give the same embeddings as channels-last arrays
     chw = torch.from_numpy(tiles).permute(0, 3, 1, 2)
     np.testing.assert_allclose(tiny_clip.encode_image(chw).numpy(), emb.numpy(), atol=1e-5)
+
+
+
+def test_embeddings_are_open_clips_own_on_the_same_weights(tiny_clip, tiny_checkpoint):
+    reference = _open_clip_reference(tiny_checkpoint)
+    # tiles at the model's input size: open_clip's preprocessing (PIL, to tensor, normalise) and image tower
+    tiles = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        tiny_clip.encode_image(tiles).numpy(), _reference_image_embeddings(reference, tiles), atol=1e-5
+    )
+    prompts = ["an H&E image of tumor.", "stroma.", "lymphocytes"]
+    np.testing.assert_allclose(
+        tiny_clip.encode_text(prompts).numpy(), _reference_text_embeddings(reference, prompts), atol=1e-5
+    )
+    assert tiny_clip.logit_scale == pytest.approx(float(reference[0].logit_scale.detach().exp()))
+    # larger tiles are first resampled to 64 px (bilinear, antialiased), then embedded as above
+    big = np.random.default_rng(2).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    x = torch.from_numpy(big).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor(tiny_clip.mean).view(1, 3, 1, 1), torch.tensor(tiny_clip.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(reference[0].encode_image((x - mean) / std), dim=-1).numpy()
+    np.testing.assert_allclose(tiny_clip.encode_image(big).numpy(), want, atol=1e-5)
 
 
 def test_prompt_ensemble_is_the_normalised_mean_over_names_and_templates(tiny_clip):
@@ -149,7 +197,7 @@ def test_top_k_pooling_is_the_mean_of_the_k_best_tiles_per_class():
     assert zs.pool_top_k(np.array([[0.95, 0.5], [0.1, 0.6], [0.1, 0.6]]), ["A", "B"], top_k=1)["class"] == "A"
 
 
-def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
+def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tiny_checkpoint, tmp_path):
     sdata = _toy_sdata()
     classes = {"tumour": ["tumor", "carcinoma"], "stroma": ["stroma"], "lymph": ["lymphocytes"]}
     table = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
@@ -181,6 +229,30 @@ def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
     info = table.uns["zero_shot"]
     assert info["slide"] == slide
     assert slide == zs.pool_top_k(table.obsm["similarity"], list(classes), top_k=3, logit_scale=tiny_clip.logit_scale)
+    # the numbers, computed independently of st2he: each tile read by hand from the picture (64 x 64 px at 0.5 µm,
+    # the model's input: no resampling), embedded by open_clip; classes as the mean of the normalised prompts
+    reference = _open_clip_reference(tiny_checkpoint)
+    picture = np.moveaxis(np.asarray(Raster(sdata.images["he"]).level0), 0, -1)
+    rc = [divmod(t - 10, 4) for t in table.obs["tile_id"]]  # tile 10 + 4 r + c: rows and columns of 64 px
+    by_hand = np.stack([picture[64 * r : 64 * (r + 1), 64 * c : 64 * (c + 1)] for r, c in rc])
+    image_emb = _reference_image_embeddings(reference, by_hand)
+    np.testing.assert_allclose(table.obsm["embedding"], image_emb, atol=1e-5)
+    rows = []
+    for names in classes.values():
+        names = [names] if isinstance(names, str) else names
+        each = _reference_text_embeddings(reference, [t.format(n) for n in names for t in st2he.tl.TEMPLATES])
+        rows.append(each.mean(0) / np.linalg.norm(each.mean(0)))
+    similarity = image_emb @ np.stack(rows).T
+    np.testing.assert_allclose(table.obsm["similarity"], similarity, atol=1e-5)
+    logits = float(reference[0].logit_scale.detach().exp()) * similarity
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(table.X, probs / probs.sum(1, keepdims=True), atol=1e-4)
+    # the slide call by hand: per class the mean of its 3 highest tile similarities, the largest wins
+    top3 = np.sort(similarity, axis=0)[-3:].mean(axis=0)
+    assert slide["scores"] == pytest.approx(dict(zip(classes, top3)), abs=1e-5)
+    assert slide["class"] == list(classes)[int(np.argmax(top3))]
+    # the tissue fraction of a kept tile: every pixel of these tiles is stained (no glass)
+    np.testing.assert_allclose(table.obs["tissue_fraction"], 1.0)
     assert info["params"]["tile_size_um"] == 32.0 and info["params"]["n_tiles_total"] == 16
     assert info["classes"]["tumour"] == ["tumor", "carcinoma"] and "{}" in info["templates"][0]
     # each cell has the class of the tile it lies in; the cell on glass (x=105) has none
