@@ -336,6 +336,40 @@ def test_tiles_far_below_the_model_input_are_refused(tiny_clip):
     assert table.uns["zero_shot"]["params"]["tile_size_um"] == 16.0
 
 
+def test_agreement_between_two_different_runs_has_the_expected_kappa(tiny_clip):
+    """Calls that differ on known tiles: kappa, agreement and correlations against values worked out by hand."""
+    from scipy.stats import pearsonr
+
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "tiles_key": "tiles"}
+    st2he.tl.zero_shot(sdata, **kwargs, progress=False)
+    st2he.tl.zero_shot(sdata, **kwargs, key_added="other", progress=False)
+    a, b = sdata.tables["zero_shot"], sdata.tables["other"]
+    assert a.n_obs == b.n_obs == 12
+    # set the calls: a says tumour on its first 6 tiles, b on the first 5 and the last 2 (9 of 12 agree)
+    calls_a = ["tumor"] * 6 + ["stroma"] * 6
+    calls_b = ["tumor"] * 5 + ["stroma"] * 5 + ["tumor"] * 2
+    rng = np.random.default_rng(0)
+    for table, calls in ((a, calls_a), (b, calls_b)):
+        p = np.where(np.asarray(calls) == "tumor", rng.uniform(0.55, 0.95, 12), rng.uniform(0.05, 0.45, 12))
+        table.X = np.column_stack([p, 1 - p]).astype(np.float32)
+        table.obs["class"] = pd.Categorical(calls, categories=["tumor", "stroma"])
+    # b's rows in another order: tiles are matched by position, not by row
+    order = rng.permutation(12)
+    sdata.tables["other"] = b[order].copy()
+    agree = st2he.tl.evaluate_zero_shot(sdata, other_key="other")["agreement"]
+    # observed agreement 9/12; chance agreement (6/12)(7/12) + (6/12)(5/12) = 1/2: kappa = (3/4 - 1/2) / (1/2) = 1/2
+    assert agree["n_tiles"] == 12
+    assert agree["fraction_agreeing"] == pytest.approx(0.75)
+    assert agree["cohen_kappa"] == pytest.approx(0.5)
+    per_tile = agree["per_tile"].set_index("tile_id")
+    assert per_tile.loc[a.obs["tile_id"].to_numpy(), "agree"].tolist() == [c == d for c, d in zip(calls_a, calls_b)]
+    assert (per_tile["other_class"] == pd.Series(calls_b, index=a.obs["tile_id"].to_numpy())).all()
+    for j, cls in enumerate(["tumor", "stroma"]):
+        want = pearsonr(np.asarray(a.X)[:, j], np.asarray(b.X)[:, j]).statistic
+        assert agree["probability_correlation"][cls] == pytest.approx(want)
+
+
 def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
     boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], float)
     pts = np.array([[6.0, 5.0], [9.0, 5.0], [2.0, 2.0], [18.0, 18.0], [np.nan, 1.0], [10.0, 5.0]])
@@ -382,6 +416,12 @@ def test_default_tiles_from_make_tiles(tiny_clip):
     assert table.uns["spatialdata_attrs"]["region"] == "zero_shot_tiles"
     assert 0 < table.n_obs < len(tiles) and slide["n_tiles"] == table.n_obs
     assert set(slide["probabilities"]) == {"tumor", "normal"}
+    # by hand: the 128 µm square image at (100, 200) µm in 4 x 4 tiles of 32 µm; the left column (x < 132 µm) is glass
+    want = {(100.0 + 32 * c, 200.0 + 32 * r, 132.0 + 32 * c, 232.0 + 32 * r) for r in range(4) for c in range(4)}
+    assert len(tiles) == 16
+    assert {tuple(np.round(row, 6)) for row in bounds.to_numpy()} == want
+    kept = bounds.loc[table.obs["tile_id"].to_numpy()]
+    assert table.n_obs == 12 and (kept["minx"] >= 132.0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,6 +523,20 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     assert cm.loc["BACK"].sum() == 0 and (cm.drop(index="BACK").sum(axis=1) == 4).all()
     assert 0.0 <= res["roc_auc"] <= 1.0 and np.isnan(res["roc_auc_per_class"]["BACK"])
     assert 0.0 <= res["balanced_accuracy"] <= 1.0
+    # the metrics, computed directly with scikit-learn from the stored probabilities and the tile labels
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    tile_labels = np.asarray(labels)[np.asarray(table.obs["tile_id"]).astype(int)]
+    classes = list(table.var_names)
+    probs = np.asarray(table.X, dtype=float)
+    called = np.asarray(classes)[probs.argmax(1)]
+    per_class = {c: roc_auc_score(tile_labels == c, probs[:, j]) for j, c in enumerate(classes) if c != "BACK"}
+    assert res["roc_auc_per_class"] == pytest.approx({**per_class, "BACK": np.nan}, nan_ok=True)
+    assert res["roc_auc"] == pytest.approx(np.mean(list(per_class.values())))
+    assert res["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(tile_labels, called))
+    assert res["accuracy"] == pytest.approx(np.mean(tile_labels == called))
+    want_cm = pd.crosstab(pd.Categorical(tile_labels, classes), pd.Categorical(called, classes), dropna=False)
+    np.testing.assert_array_equal(cm.to_numpy(), want_cm.to_numpy())
     axes = st2he.pl.zero_shot(sdata, class_name="TUM")
     assert len(axes) == 2 and axes[1].get_title().startswith("P(TUM)")
     ax = st2he.pl.roc(res)
