@@ -416,7 +416,7 @@ def test_default_tiles_from_make_tiles(tiny_clip):
     assert table.uns["spatialdata_attrs"]["region"] == "zero_shot_tiles"
     assert 0 < table.n_obs < len(tiles) and slide["n_tiles"] == table.n_obs
     assert set(slide["probabilities"]) == {"tumor", "normal"}
-    # by hand: the 128 µm square image at (100, 200) µm in 4 x 4 tiles of 32 µm; the left column (x < 132 µm) is glass
+    # by hand: the 128 µm square at (100, 200) µm in 4 x 4 tiles of 32 µm; the left column (x < 132 µm) is glass
     want = {(100.0 + 32 * c, 200.0 + 32 * r, 132.0 + 32 * c, 232.0 + 32 * r) for r in range(4) for c in range(4)}
     assert len(tiles) == 16
     assert {tuple(np.round(row, 6)) for row in bounds.to_numpy()} == want
