@@ -100,6 +100,20 @@ def test_scored_against_the_simulated_he(sample):
     assert np.isfinite(overall["psnr"]) and 14 < overall["psnr"] < 30
     assert 0.4 < overall["ssim"] < 0.95
     assert overall["mse"] > 50  # the baseline cannot know fibres, keratin, mucin or red cells
+    # the scores by hand, on the common pixels of both images (the same lattice; the input grid has one more pixel)
+    from skimage.metrics import structural_similarity
+
+    he_grid, grid = Grid.from_element(sample.images["he_image"]), Grid.from_element(element)
+    assert (he_grid.x0, he_grid.y0, he_grid.pixel_size) == (grid.x0, grid.y0, grid.pixel_size)
+    h, w = min(he_grid.height, grid.height), min(he_grid.width, grid.width)
+    pred = np.moveaxis(np.asarray(_scale0(element).values), 0, -1)[:h, :w].astype(float)
+    true = np.moveaxis(np.asarray(_scale0(sample.images["he_image"]).values), 0, -1)[:h, :w].astype(float)
+    mse = np.mean((pred - true) ** 2)
+    assert overall["mse"] == pytest.approx(mse, rel=1e-9)
+    assert overall["psnr"] == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-9)
+    assert overall["ssim"] == pytest.approx(
+        structural_similarity(pred, true, channel_axis=-1, data_range=255), rel=1e-9
+    )
 
 
 def test_bad_input(sample):
