@@ -61,6 +61,21 @@ def test_model_in_memory_with_tokenizer_and_preprocess(tiny):
     np.testing.assert_allclose(clip.encode_text(["stroma."]).numpy(), ref.encode_text(["stroma."]).numpy(), atol=1e-5)
     # open_clip's default BPE tokenizer is used when none is given
     assert load_clip(tiny.model).encode_text(["a", "b"]).shape == (2, 16)
+    # the numbers: open_clip's own tokenizer and towers on the same weights, computed directly
+    from PIL import Image
+
+    with torch.no_grad():
+        want_text = tiny.model.encode_text(open_clip.get_tokenizer(ARCH)(["a", "b"]))
+        rgb = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # the model's input size
+        want_image = tiny.model.encode_image(torch.stack([tiny.preprocess(Image.fromarray(im)) for im in rgb]))
+    np.testing.assert_allclose(
+        load_clip(tiny.model).encode_text(["a", "b"]).numpy(),
+        torch.nn.functional.normalize(want_text, dim=-1).numpy(),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        clip.encode_image(rgb).numpy(), torch.nn.functional.normalize(want_image, dim=-1).numpy(), atol=1e-5
+    )
 
 
 def test_hub_id_from_the_local_cache_only(tiny, tmp_path, monkeypatch):
@@ -139,6 +154,17 @@ def test_transformers_clip_folder(tmp_path):
         out = model(pixel_values=clip.preprocess(_batch()), input_ids=torch.tensor([[0, 1]]))
     np.testing.assert_allclose(emb.numpy(), torch.nn.functional.normalize(out.image_embeds, dim=-1).numpy(), atol=1e-5)
     assert clip.encode_text(["an h&e image of tumor.", "stroma"]).shape == (2, 16)
+    # the text embeddings are transformers' own text features of the same prompts, padded together
+    with torch.no_grad():
+        enc = tokenizer(["an h&e image of tumor.", "stroma"], padding=True, return_tensors="pt")
+        want = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    want = getattr(want, "pooler_output", want) if not isinstance(want, torch.Tensor) else want
+    np.testing.assert_allclose(
+        clip.encode_text(["an h&e image of tumor.", "stroma"]).numpy(),
+        torch.nn.functional.normalize(want, dim=-1).numpy(),
+        atol=1e-5,
+    )
+    assert clip.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
     # the loaded transformers model works too, with its tokenizer
     assert load_clip(model, tokenizer=tokenizer, image_size=32).encode_text(["x"]).shape == (1, 16)
     # a vision-only checkpoint has no text tower
@@ -149,7 +175,105 @@ def test_transformers_clip_folder(tmp_path):
         load_clip(vision_only)
 
 
+# CONCH's published preprocessing constants (conch/open_clip_custom/constants.py: the OpenAI CLIP ones)
+CONCH_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CONCH_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _fake_conch_package(tiny, calls):
+    """A stand-in for ``conch.open_clip_custom`` that mirrors the published CONCH code path.
+
+    It follows github.com/mahmoodlab/CONCH (conch/open_clip_custom): ``create_model_from_pretrained(model_cfg,
+    checkpoint_path, device=...)`` reads the weights from the checkpoint file (a state dict, optionally under
+    ``"state_dict"`` and with ``"module."`` prefixes, as ``read_state_dict`` accepts), sets ``visual.image_mean`` /
+    ``visual.image_std`` to the OpenAI constants and returns ``image_transform(visual.image_size, mean, std)``
+    (Resize bicubic, CenterCrop, RGB, ToTensor, Normalize); the model's ``encode_image(images, normalize=True,
+    proj_contrast=True)`` gives the contrastive projection (``proj_contrast=False`` the un-projected trunk features)
+    and ``encode_text(text, normalize=True, embed_cls=True)`` drops the last token (the place of the CLS token);
+    ``tokenize(tokenizer, texts)`` pads to the context length and appends one pad token. The towers themselves are
+    the tiny open_clip ViT's: the real CoCa towers (timm ViT-B/16 at 448 px, 512-d) and their weights are not
+    available offline.
+    """
+    import open_clip
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    def image_transform(image_size, mean, std):
+        return Compose(
+            [
+                Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+                CenterCrop(image_size),
+                lambda image: image.convert("RGB"),
+                ToTensor(),
+                Normalize(mean=mean, std=std),
+            ]
+        )
+
+    class CoCa(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.visual = inner.visual
+            self.logit_scale = inner.logit_scale
+            self.context_length = inner.context_length
+
+        def encode_image(self, images, normalize=True, proj_contrast=True):
+            calls["encode_image"] = {"normalize": normalize, "proj_contrast": proj_contrast}
+            calls["proj_contrast"] = proj_contrast
+            if proj_contrast:
+                latent = self.inner.encode_image(images)
+            else:  # the trunk's features before the projection: another space altogether
+                latent = self.inner.encode_image(images) @ self.visual.proj.T
+            return torch.nn.functional.normalize(latent, dim=-1) if normalize else latent
+
+        def encode_text(self, text, normalize=True, embed_cls=True):
+            calls["text_tokens"] = tuple(text.shape)
+            text = text[:, :-1] if embed_cls else text
+            latent = self.inner.encode_text(text)
+            return torch.nn.functional.normalize(latent, dim=-1) if normalize else latent
+
+    def create_model_from_pretrained(model_cfg, checkpoint_path=None, device="cpu", **kwargs):
+        calls["create"] = (model_cfg, checkpoint_path)
+        calls["device"] = device
+        state = torch.load(checkpoint_path, map_location="cpu")
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if next(iter(state)).startswith("module"):
+            state = {k[7:]: v for k, v in state.items()}
+        torch.manual_seed(123)  # other random weights: only the checkpoint makes it the tiny model
+        inner = open_clip.create_model(ARCH)
+        inner.load_state_dict(state)
+        model = CoCa(inner).to(device)
+        model.train()  # as CONCH returns it: st2he must switch it to eval mode
+        model.visual.image_mean, model.visual.image_std = CONCH_MEAN, CONCH_STD
+        return model, image_transform(model.visual.image_size, CONCH_MEAN, CONCH_STD)
+
+    context = TINY_VIT["text_cfg"]["context_length"]
+
+    def tokenize(tokenizer, texts):
+        tokens = tokenizer(texts)[:, : context]  # CONCH: max_length = context - 1 ... then one pad appended
+        calls["tokenized"] = list(texts)
+        return torch.nn.functional.pad(tokens, (0, 1), value=0)
+
+    package = types.ModuleType("conch")
+    custom = types.ModuleType("conch.open_clip_custom")
+    custom.create_model_from_pretrained = create_model_from_pretrained
+    custom.get_tokenizer = lambda: open_clip.get_tokenizer(ARCH)
+    custom.tokenize = tokenize
+    package.open_clip_custom = custom
+    return package, custom
+
+
 def test_conch_goes_through_the_conch_package(tiny, monkeypatch, tmp_path):
+    """CONCH through a stand-in of its package (see ``_fake_conch_package``).
+
+    Limit: the ``conch`` package and the gated CONCH weights are not available offline, so the real CoCa towers are
+    never run here. What is checked is st2he's side of the published interface: the factory's name and checkpoint,
+    the preprocessing constants and input size taken from CONCH's transform, ``encode_image(...,
+    proj_contrast=True, normalize=False)``, ``tokenize(tokenizer=..., texts=...)`` and ``encode_text``, and that
+    the numbers are those of the model CONCH's own preprocessing and towers give for the same image and prompt.
+    """
+    from PIL import Image
+
     # the CONCH package is not installed here: without it, a clear error; with it, its factory and tokenizer are used
     if "conch" not in sys.modules:
         with pytest.raises(ImportError, match="CONCH package"):
@@ -159,32 +283,7 @@ def test_conch_goes_through_the_conch_package(tiny, monkeypatch, tmp_path):
     import open_clip
 
     calls = {}
-
-    def create_model_from_pretrained(name, checkpoint_path, device="cpu"):
-        calls["create"] = (name, checkpoint_path)
-        model = tiny.model
-
-        class Conch(torch.nn.Module):  # CONCH's encode_image takes proj_contrast and normalize
-            def __init__(self):
-                super().__init__()
-                self.inner = model
-                self.logit_scale = model.logit_scale
-
-            def encode_image(self, x, proj_contrast=True, normalize=True):
-                calls["proj_contrast"] = proj_contrast
-                return self.inner.encode_image(x)
-
-            def encode_text(self, tokens):
-                return self.inner.encode_text(tokens)
-
-        return Conch(), tiny.preprocess
-
-    package = types.ModuleType("conch")
-    custom = types.ModuleType("conch.open_clip_custom")
-    custom.create_model_from_pretrained = create_model_from_pretrained
-    custom.get_tokenizer = lambda: open_clip.get_tokenizer(ARCH)
-    custom.tokenize = lambda texts, tokenizer: tokenizer(texts)
-    package.open_clip_custom = custom
+    package, custom = _fake_conch_package(tiny, calls)
     monkeypatch.setitem(sys.modules, "conch", package)
     monkeypatch.setitem(sys.modules, "conch.open_clip_custom", custom)
     clip = load_clip("conch", checkpoint=tiny.ckpt)
@@ -193,6 +292,33 @@ def test_conch_goes_through_the_conch_package(tiny, monkeypatch, tmp_path):
     assert clip.encode_image(_batch()).shape == (3, 16) and calls["proj_contrast"] is True
     assert clip.encode_text(["tumor"]).shape == (1, 16)
     assert load_clip(("conch", tiny.ckpt)).backend == "conch"
+
+    # the values: CONCH's normalisation constants and input size, from its transform
+    assert clip.mean == pytest.approx(CONCH_MEAN) and clip.std == pytest.approx(CONCH_STD)
+    assert not clip.model.training  # put in eval mode
+    assert clip.logit_scale == pytest.approx(float(tiny.model.logit_scale.detach().exp()))
+    # an image at CONCH's input size: st2he's embedding is CONCH's own preprocessing + contrastive projection
+    rgb = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    got = clip.encode_image(rgb)
+    assert calls["encode_image"] == {"normalize": False, "proj_contrast": True}
+    _, transform = custom.create_model_from_pretrained("conch_ViT-B-16", str(tiny.ckpt))
+    x = torch.stack([transform(Image.fromarray(im)) for im in rgb])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(tiny.model.encode_image(x), dim=-1)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    # a prompt: CONCH's tokenisation (one extra pad token, dropped again by encode_text) and the text tower
+    got = clip.encode_text(["tumor", "stroma."])
+    assert calls["tokenized"] == ["tumor", "stroma."]
+    assert calls["text_tokens"] == (2, TINY_VIT["text_cfg"]["context_length"] + 1)
+    with torch.no_grad():
+        want = tiny.model.encode_text(open_clip.get_tokenizer(ARCH)(["tumor", "stroma."]))
+    np.testing.assert_allclose(got.numpy(), torch.nn.functional.normalize(want, dim=-1).numpy(), atol=1e-5)
+    # a checkpoint as a training run saves it ({"state_dict": {"module.…": …}}) gives the same model
+    wrapped = tmp_path / "pytorch_model.bin"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny.model.state_dict().items()}}, wrapped)
+    again = load_clip("conch", checkpoint=wrapped)
+    assert calls["create"] == ("conch_ViT-B-16", str(wrapped)) and again.name == "conch:pytorch_model.bin"
+    np.testing.assert_allclose(again.encode_image(rgb).numpy(), clip.encode_image(rgb).numpy(), atol=1e-6)
 
 
 def test_bad_models(tiny, tmp_path):

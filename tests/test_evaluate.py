@@ -80,6 +80,15 @@ def test_different_pixel_sizes_are_resampled_onto_one_grid(picture):
     assert df.attrs["params"]["pixel_size"] == pytest.approx(1.0)  # the coarser of the two
     assert df.loc["overall", "mse"] < 0.5  # only rounding
     assert df.loc["overall", "ssim"] > 0.99
+    # by hand: at 1 µm the fine picture is its 2 x 2 means (exact, as floats): what is left is the rounding of `coarse`
+    rounded = np.rint(coarse)
+    assert df.loc["overall", "mse"] == pytest.approx(np.mean((rounded - coarse) ** 2), rel=1e-9)
+    expected_ssim = structural_similarity(
+        rounded.transpose(1, 2, 0), coarse.transpose(1, 2, 0), channel_axis=-1, data_range=255
+    )
+    assert df.loc["overall", "ssim"] == pytest.approx(expected_ssim, rel=1e-6)
+    bounds = df.loc["overall", ["x_min", "y_min", "x_max", "y_max"]].tolist()
+    assert bounds == pytest.approx([200, 100, 200 + w, 100 + h])
     # at the finer pixel size the coarse image is interpolated: close, not exact
     df = st2he.tl.evaluate_he(sdata, pred_key="coarse", true_key="fine", pixel_size=PS, key_added="fine_metrics")
     assert df.attrs["params"]["pixel_size"] == pytest.approx(PS)
@@ -181,3 +190,26 @@ def test_blockwise_reading_gives_the_whole_image_metrics(picture, monkeypatch):
         noisy.transpose(1, 2, 0), picture.transpose(1, 2, 0), channel_axis=-1, data_range=255
     )
     assert blocks.loc["overall", "ssim"] == pytest.approx(expected, rel=1e-9)
+    # each tile's numbers by hand: MSE and PSNR (scikit-image) of its pixels, SSIM the mean of the whole image's
+    # SSIM map (scikit-image, 7 x 7 window, channels averaged) over the tile, without the image's 3-pixel border
+    from skimage.metrics import peak_signal_noise_ratio
+
+    pred, true = noisy.transpose(1, 2, 0).astype(float), picture.transpose(1, 2, 0).astype(float)
+    _, smap = structural_similarity(pred, true, channel_axis=-1, data_range=255, win_size=7, full=True)
+    smap = smap.mean(axis=-1)
+    inside = np.zeros(smap.shape, bool)
+    inside[3:-3, 3:-3] = True
+    tiles = blocks.drop(index=["overall", "mean_over_tiles"])
+    assert len(tiles) == 6 * 8  # 300 x 380 px in tiles of 50 px
+    for r in range(6):
+        for c in range(8):
+            row = tiles.loc[f"tile_{r}_{c}"]
+            sl = (slice(50 * r, 50 * (r + 1)), slice(50 * c, 50 * (c + 1)))
+            width = min(50, 380 - 50 * c)
+            assert (row["row0"], row["col0"], row["height"], row["width"]) == (50 * r, 50 * c, 50, width)
+            assert (row["x_min"], row["y_min"]) == pytest.approx((25.0 * c, 25.0 * r))
+            assert row["mse"] == pytest.approx(np.mean((pred[sl] - true[sl]) ** 2), rel=1e-9)
+            assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(true[sl], pred[sl], data_range=255), rel=1e-9)
+            assert row["ssim"] == pytest.approx(smap[sl][inside[sl]].mean(), rel=1e-9)
+    for metric in ("mse", "psnr", "ssim"):
+        assert blocks.loc["mean_over_tiles", metric] == pytest.approx(tiles[metric].mean(), rel=1e-12)

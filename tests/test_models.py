@@ -52,6 +52,11 @@ def test_shapes_and_ranges(tiny):
     tiles = np.random.default_rng(0).integers(0, 256, (3, 3, 40, 48), dtype=np.uint8)
     out = tiny.predict(tiles, batch_size=2)
     assert out.shape == tiles.shape and out.dtype == np.uint8
+    # the values: predict is the forward pass on tiles scaled to [-1, 1], mapped back to 0-255 and rounded
+    with torch.no_grad():
+        y = tiny(torch.from_numpy(tiles).float() / 127.5 - 1.0)
+    want = ((y.double() + 1.0) * 127.5).round().clamp(0, 255).numpy()
+    assert np.abs(out - want).max() <= 1 and (out == want).mean() > 0.99
     assert tiny.downscale == 8
     # the architecture is SD-shaped: skip convs from every encoder block into the decoder, LoRA where pix2pix-turbo has it
     assert all(hasattr(tiny.vae.decoder, f"skip_conv_{i}") for i in (1, 2, 3, 4))

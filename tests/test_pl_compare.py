@@ -50,6 +50,29 @@ def test_default_panels(sample):
     for ax in axes:
         assert ax.get_xlim() == pytest.approx((x0, x1))
         assert ax.get_ylim() == pytest.approx((y1, y0))
+    # what is drawn: the input and virtual H&E panels show the elements' own pixels over their bounds
+    from matplotlib.colors import to_rgb
+
+    from st2he._grid import _scale0
+
+    for ax, key in zip(axes[:2], ("st2he_input", "virtual_he"), strict=True):
+        drawn = np.asarray(ax.get_images()[0].get_array())
+        pixels = np.moveaxis(np.asarray(_scale0(sample.images[key]).values), 0, -1)
+        np.testing.assert_allclose(drawn[..., :3] * 255, pixels, atol=1e-3)
+        assert ax.get_images()[0].get_extent() == pytest.approx([x0, x1, y1, y0])
+    # each gene panel: a dot at every molecule of that gene, in the gene's colour, counted in the title
+    tx = sample["transcripts"].compute()
+    palette = st2he._elements.get_params(sample, "st2he_input")["palette"]
+    for ax, gene in zip(axes[3:], shown, strict=True):
+        dots = np.asarray(ax.collections[0].get_offsets())
+        want = tx.loc[tx["gene"] == gene, ["x", "y"]].to_numpy()
+        assert sorted(map(tuple, dots.round(6))) == sorted(map(tuple, want.round(6)))
+        assert ax.get_title() == f"{gene} ({len(want):,} molecules)"
+        # (the palette colour, lightened towards white until it shows on the black background: c = p + t (1 - p))
+        dot, base = np.asarray(ax.collections[0].get_facecolors()[0][:3]), np.asarray(to_rgb(palette[gene]))
+        t = (dot - base)[np.argmax(1 - base)] / (1 - base).max()
+        assert 0 <= t < 1
+        np.testing.assert_allclose(dot, base + t * (1 - base), atol=1e-6)
 
 
 def test_chosen_genes_region_and_given_axes(sample):

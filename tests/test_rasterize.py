@@ -98,6 +98,13 @@ def test_image_overlays_the_molecules_exactly():
     assert np.all(grid.y0 + rows * grid.pixel_size <= y) and np.all(y < grid.y0 + (rows + 1) * grid.pixel_size)
     assert img[:, rows, cols].any(axis=0).all()
     assert img.any(axis=0).sum() == len(set(zip(rows.tolist(), cols.tolist(), strict=True)))
+    # colours: a pixel whose molecules are all of one gene has that gene's palette colour; a shared pixel one of them
+    genes_at: dict[tuple[int, int], set[str]] = {}
+    for r, c, g in zip(rows.tolist(), cols.tolist(), genes, strict=True):
+        genes_at.setdefault((r, c), set()).add(str(g))
+    assert sum(len(v) == 1 for v in genes_at.values()) > 350
+    for (r, c), here in genes_at.items():
+        assert tuple(img[:, r, c]) in {hex_to_rgb(PALETTE[g]) for g in here}, (r, c, here)
 
 
 def test_points_transformation_is_applied():
@@ -283,6 +290,14 @@ def test_styles_and_stain_background():
     assert tuple(single[:, 2, 2]) == (255, 255, 0) and tuple(single[:, 2, 7]) == (255, 255, 0)
     np.testing.assert_array_equal(single[:, 10:20, :], stain[:, 10:20, :])
     st2he.pp.rasterize_transcripts(sd, palette=PALETTE, pixel_size=1.0, key_added="multi")
+    # each molecule's pixel has its gene's palette colour, every other pixel the grey stain background
+    multi = _image(sd, "multi")
+    at = {(2, 2): "A", (2, 7): "B", (20, 20): "C"}
+    for (r, c), gene in at.items():
+        assert tuple(multi[:, r, c]) == hex_to_rgb(PALETTE[gene])
+    elsewhere = np.ones(multi.shape[1:], bool)
+    elsewhere[tuple(np.array(list(at)).T)] = False
+    np.testing.assert_array_equal(multi[:, elsewhere], stain[:, elsewhere])
     params = get_params(sd, "multi")
     assert params["stain_key"] == "morphology_focus" and params["style"] == "multicolor"
     assert params["palette"] == PALETTE and params["pixel_size"] == 1.0

@@ -53,6 +53,13 @@ def test_overlap_and_tissue_filter():
     assert frac[0] == pytest.approx(1.0) and frac[24] == pytest.approx(1.0)
     assert frac[48] == pytest.approx(0.5, abs=0.1)  # columns 48..80 straddle the tissue edge at 64
     assert frac[96] == pytest.approx(0.0)
+    # by hand: starts every 32 - 8 = 24 px and one flush with the far edge; tissue fraction = the share of the
+    # tile's 32 columns left of column 64; bounds = the image origin + start x 0.5 µm, 16 µm wide
+    assert sorted(set(tiles["row0"])) == [0, 24, 48, 68] and len(tiles) == 4 * 6
+    for t in tiles.itertuples():
+        assert t.tissue_fraction == pytest.approx(max(0, min(t.col0 + 32, 64) - t.col0) / 32)
+        x0, y0 = 100.0 + 0.5 * t.col0, 50.0 + 0.5 * t.row0
+        assert t.geometry.bounds == pytest.approx((x0, y0, x0 + 16.0, y0 + 16.0))
     kept = st2he.pp.make_tiles(sd, "he", tile_size=32, overlap=8, min_tissue_fraction=0.6, key_added="k")
     assert set(kept["col0"]) == {0, 24} and (kept["tissue_fraction"] >= 0.6).all()
     assert get_params(sd, "k")["n_dropped"] == len(tiles) - len(kept)

@@ -174,6 +174,16 @@ def test_train_generator_on_simulated_data(tmp_path):
     assert loaded.metadata["pixel_size"] == pytest.approx(0.5)
     st2he.tl.virtual_he(sdata, model=loaded, progress=False)
     assert "virtual_he" in sdata.images
+    # the saved weights are the trained ones: the reloaded model predicts what the trained model predicts
+    val = np.asarray(data["val_inputs"][:2])
+    np.testing.assert_array_equal(loaded.predict(val), model.predict(val))
+    # and the virtual H&E is that model's output: its top-left corner, inside the first tile only, by hand
+    from st2he._grid import _scale0
+
+    picture = np.asarray(_scale0(sdata.images["st2he_input"]).values)
+    out = np.asarray(_scale0(sdata.images["virtual_he"]).values)
+    corner = loaded.predict(picture[None, :, :32, :32])[0]
+    assert np.abs(out[:, :4, :4].astype(int) - corner[:, :4, :4]).max() <= 1
     with pytest.raises(ValueError, match="multiple of 8"):
         st2he.tl.train_generator(sdata, model="tiny", tile_size=30, steps=1)
     # a new run into that folder is refused; overwrite=True replaces the earlier run

@@ -120,6 +120,16 @@ def test_tiny_model_end_to_end_with_uncertainty(tiny):
     st2he.tl.virtual_he(sdata, model=tiny, tile_size=64, overlap=16, progress=False)
     out = _image(sdata, "virtual_he")
     assert out.shape == (3, 96, 80) and out.dtype == np.uint8
+    # the values: an image of exactly one tile comes back as the model's own prediction of that tile
+    one = _picture(64, 64, seed=4)
+    single, _ = _sdata(one)
+    st2he.tl.virtual_he(single, model=tiny, tile_size=64, overlap=16, progress=False)
+    want = tiny.predict(one[None])[0]
+    got = _image(single, "virtual_he")
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got == want).mean() > 0.99
+    # in a larger image, a pixel covered by one tile only (the top-left corner) is that tile's prediction there
+    corner = tiny.predict(_picture(96, 80)[None, :, :64, :64])[0]
+    assert np.abs(out[:, :8, :8].astype(int) - corner[:, :8, :8]).max() <= 1
     st2he.tl.virtual_he(sdata, model=tiny, n_samples=3, r=0.5, key_added="vs", progress=False)
     spread = _image(sdata, "vs_uncertainty")
     assert spread.shape == (1, 96, 80) and spread.dtype == np.float32
@@ -171,6 +181,11 @@ def test_stain_method():
     out = _image(sdata, "virtual_he")
     assert out.dtype == np.uint8 and out.shape[0] == 3
     assert Grid.from_element(sdata.images["virtual_he"]) == Grid.from_element(sdata.images["st2he_input"])
+    # the values are those of the stain baseline (checked pixel by pixel against the recipe in test_stain.py)
+    from st2he.tl._stain import stain_he
+
+    np.testing.assert_array_equal(out, stain_he(sdata).compute())
+    assert 0 < (out.min(axis=0) < 200).mean() < 1  # stained tissue and glass, not one flat colour
 
 
 # ----------------------------------------------------------------------------------------------- failures

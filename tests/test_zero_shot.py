@@ -93,6 +93,31 @@ def _toy_sdata(*, with_cells: bool = True, blank: bool = False):
     return sdata
 
 
+def _open_clip_reference(tiny_checkpoint):
+    """The tiny model as open_clip itself loads it from the checkpoint, with open_clip's own preprocessing."""
+    import open_clip
+
+    arch, ckpt = tiny_checkpoint
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(ckpt))
+    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
+
+
+def _reference_image_embeddings(reference, tiles: np.ndarray) -> np.ndarray:
+    """L2-normalised open_clip embeddings of ``(n, 64, 64, 3)`` uint8 tiles (the model's input size: no resize)."""
+    from PIL import Image
+
+    model, preprocess, _ = reference
+    with torch.no_grad():
+        x = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(t))) for t in tiles])
+        return torch.nn.functional.normalize(model.encode_image(x), dim=-1).numpy()
+
+
+def _reference_text_embeddings(reference, prompts: list[str]) -> np.ndarray:
+    model, _, tokenizer = reference
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1).numpy()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mechanics
 
@@ -109,6 +134,29 @@ def test_embeddings_are_unit_vectors_of_the_right_shape(tiny_clip):
     # channels-first uint8 tensors give the same embeddings as channels-last arrays
     chw = torch.from_numpy(tiles).permute(0, 3, 1, 2)
     np.testing.assert_allclose(tiny_clip.encode_image(chw).numpy(), emb.numpy(), atol=1e-5)
+
+
+
+def test_embeddings_are_open_clips_own_on_the_same_weights(tiny_clip, tiny_checkpoint):
+    reference = _open_clip_reference(tiny_checkpoint)
+    # tiles at the model's input size: open_clip's preprocessing (PIL, to tensor, normalise) and image tower
+    tiles = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        tiny_clip.encode_image(tiles).numpy(), _reference_image_embeddings(reference, tiles), atol=1e-5
+    )
+    prompts = ["an H&E image of tumor.", "stroma.", "lymphocytes"]
+    np.testing.assert_allclose(
+        tiny_clip.encode_text(prompts).numpy(), _reference_text_embeddings(reference, prompts), atol=1e-5
+    )
+    assert tiny_clip.logit_scale == pytest.approx(float(reference[0].logit_scale.detach().exp()))
+    # larger tiles are first resampled to 64 px (bilinear, antialiased), then embedded as above
+    big = np.random.default_rng(2).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    x = torch.from_numpy(big).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor(tiny_clip.mean).view(1, 3, 1, 1), torch.tensor(tiny_clip.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(reference[0].encode_image((x - mean) / std), dim=-1).numpy()
+    np.testing.assert_allclose(tiny_clip.encode_image(big).numpy(), want, atol=1e-5)
 
 
 def test_prompt_ensemble_is_the_normalised_mean_over_names_and_templates(tiny_clip):
@@ -149,7 +197,7 @@ def test_top_k_pooling_is_the_mean_of_the_k_best_tiles_per_class():
     assert zs.pool_top_k(np.array([[0.95, 0.5], [0.1, 0.6], [0.1, 0.6]]), ["A", "B"], top_k=1)["class"] == "A"
 
 
-def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
+def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tiny_checkpoint, tmp_path):
     sdata = _toy_sdata()
     classes = {"tumour": ["tumor", "carcinoma"], "stroma": ["stroma"], "lymph": ["lymphocytes"]}
     table = st2he.tl.zero_shot(sdata, image_key="he", classes=classes, model=tiny_clip, tiles_key="tiles", top_k=3)
@@ -181,6 +229,30 @@ def test_table_layout_tissue_filter_and_cell_assignment(tiny_clip, tmp_path):
     info = table.uns["zero_shot"]
     assert info["slide"] == slide
     assert slide == zs.pool_top_k(table.obsm["similarity"], list(classes), top_k=3, logit_scale=tiny_clip.logit_scale)
+    # the numbers, computed independently of st2he: each tile read by hand from the picture (64 x 64 px at 0.5 µm,
+    # the model's input: no resampling), embedded by open_clip; classes as the mean of the normalised prompts
+    reference = _open_clip_reference(tiny_checkpoint)
+    picture = np.moveaxis(np.asarray(Raster(sdata.images["he"]).level0), 0, -1)
+    rc = [divmod(t - 10, 4) for t in table.obs["tile_id"]]  # tile 10 + 4 r + c: rows and columns of 64 px
+    by_hand = np.stack([picture[64 * r : 64 * (r + 1), 64 * c : 64 * (c + 1)] for r, c in rc])
+    image_emb = _reference_image_embeddings(reference, by_hand)
+    np.testing.assert_allclose(table.obsm["embedding"], image_emb, atol=1e-5)
+    rows = []
+    for names in classes.values():
+        names = [names] if isinstance(names, str) else names
+        each = _reference_text_embeddings(reference, [t.format(n) for n in names for t in st2he.tl.TEMPLATES])
+        rows.append(each.mean(0) / np.linalg.norm(each.mean(0)))
+    similarity = image_emb @ np.stack(rows).T
+    np.testing.assert_allclose(table.obsm["similarity"], similarity, atol=1e-5)
+    logits = float(reference[0].logit_scale.detach().exp()) * similarity
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(table.X, probs / probs.sum(1, keepdims=True), atol=1e-4)
+    # the slide call by hand: per class the mean of its 3 highest tile similarities, the largest wins
+    top3 = np.sort(similarity, axis=0)[-3:].mean(axis=0)
+    assert slide["scores"] == pytest.approx(dict(zip(classes, top3)), abs=1e-5)
+    assert slide["class"] == list(classes)[int(np.argmax(top3))]
+    # the tissue fraction of a kept tile: every pixel of these tiles is stained (no glass)
+    np.testing.assert_allclose(table.obs["tissue_fraction"], 1.0)
     assert info["params"]["tile_size_um"] == 32.0 and info["params"]["n_tiles_total"] == 16
     assert info["classes"]["tumour"] == ["tumor", "carcinoma"] and "{}" in info["templates"][0]
     # each cell has the class of the tile it lies in; the cell on glass (x=105) has none
@@ -264,6 +336,40 @@ def test_tiles_far_below_the_model_input_are_refused(tiny_clip):
     assert table.uns["zero_shot"]["params"]["tile_size_um"] == 16.0
 
 
+def test_agreement_between_two_different_runs_has_the_expected_kappa(tiny_clip):
+    """Calls that differ on known tiles: kappa, agreement and correlations against values worked out by hand."""
+    from scipy.stats import pearsonr
+
+    sdata = _toy_sdata(with_cells=False)
+    kwargs = {"image_key": "he", "classes": ["tumor", "stroma"], "model": tiny_clip, "tiles_key": "tiles"}
+    st2he.tl.zero_shot(sdata, **kwargs, progress=False)
+    st2he.tl.zero_shot(sdata, **kwargs, key_added="other", progress=False)
+    a, b = sdata.tables["zero_shot"], sdata.tables["other"]
+    assert a.n_obs == b.n_obs == 12
+    # set the calls: a says tumour on its first 6 tiles, b on the first 5 and the last 2 (9 of 12 agree)
+    calls_a = ["tumor"] * 6 + ["stroma"] * 6
+    calls_b = ["tumor"] * 5 + ["stroma"] * 5 + ["tumor"] * 2
+    rng = np.random.default_rng(0)
+    for table, calls in ((a, calls_a), (b, calls_b)):
+        p = np.where(np.asarray(calls) == "tumor", rng.uniform(0.55, 0.95, 12), rng.uniform(0.05, 0.45, 12))
+        table.X = np.column_stack([p, 1 - p]).astype(np.float32)
+        table.obs["class"] = pd.Categorical(calls, categories=["tumor", "stroma"])
+    # b's rows in another order: tiles are matched by position, not by row
+    order = rng.permutation(12)
+    sdata.tables["other"] = b[order].copy()
+    agree = st2he.tl.evaluate_zero_shot(sdata, other_key="other")["agreement"]
+    # observed agreement 9/12; chance agreement (6/12)(7/12) + (6/12)(5/12) = 1/2: kappa = (3/4 - 1/2) / (1/2) = 1/2
+    assert agree["n_tiles"] == 12
+    assert agree["fraction_agreeing"] == pytest.approx(0.75)
+    assert agree["cohen_kappa"] == pytest.approx(0.5)
+    per_tile = agree["per_tile"].set_index("tile_id")
+    assert per_tile.loc[a.obs["tile_id"].to_numpy(), "agree"].tolist() == [c == d for c, d in zip(calls_a, calls_b)]
+    assert (per_tile["other_class"] == pd.Series(calls_b, index=a.obs["tile_id"].to_numpy())).all()
+    for j, cls in enumerate(["tumor", "stroma"]):
+        want = pearsonr(np.asarray(a.X)[:, j], np.asarray(b.X)[:, j]).statistic
+        assert agree["probability_correlation"][cls] == pytest.approx(want)
+
+
 def test_assign_points_to_overlapping_tiles_prefers_the_nearest_centre():
     boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], float)
     pts = np.array([[6.0, 5.0], [9.0, 5.0], [2.0, 2.0], [18.0, 18.0], [np.nan, 1.0], [10.0, 5.0]])
@@ -310,6 +416,12 @@ def test_default_tiles_from_make_tiles(tiny_clip):
     assert table.uns["spatialdata_attrs"]["region"] == "zero_shot_tiles"
     assert 0 < table.n_obs < len(tiles) and slide["n_tiles"] == table.n_obs
     assert set(slide["probabilities"]) == {"tumor", "normal"}
+    # by hand: the 128 µm square at (100, 200) µm in 4 x 4 tiles of 32 µm; the left column (x < 132 µm) is glass
+    want = {(100.0 + 32 * c, 200.0 + 32 * r, 132.0 + 32 * c, 232.0 + 32 * r) for r in range(4) for c in range(4)}
+    assert len(tiles) == 16
+    assert {tuple(np.round(row, 6)) for row in bounds.to_numpy()} == want
+    kept = bounds.loc[table.obs["tile_id"].to_numpy()]
+    assert table.n_obs == 12 and (kept["minx"] >= 132.0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,6 +523,20 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     assert cm.loc["BACK"].sum() == 0 and (cm.drop(index="BACK").sum(axis=1) == 4).all()
     assert 0.0 <= res["roc_auc"] <= 1.0 and np.isnan(res["roc_auc_per_class"]["BACK"])
     assert 0.0 <= res["balanced_accuracy"] <= 1.0
+    # the metrics, computed directly with scikit-learn from the stored probabilities and the tile labels
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    tile_labels = np.asarray(labels)[np.asarray(table.obs["tile_id"]).astype(int)]
+    classes = list(table.var_names)
+    probs = np.asarray(table.X, dtype=float)
+    called = np.asarray(classes)[probs.argmax(1)]
+    per_class = {c: roc_auc_score(tile_labels == c, probs[:, j]) for j, c in enumerate(classes) if c != "BACK"}
+    assert res["roc_auc_per_class"] == pytest.approx({**per_class, "BACK": np.nan}, nan_ok=True)
+    assert res["roc_auc"] == pytest.approx(np.mean(list(per_class.values())))
+    assert res["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(tile_labels, called))
+    assert res["accuracy"] == pytest.approx(np.mean(tile_labels == called))
+    want_cm = pd.crosstab(pd.Categorical(tile_labels, classes), pd.Categorical(called, classes), dropna=False)
+    np.testing.assert_array_equal(cm.to_numpy(), want_cm.to_numpy())
     axes = st2he.pl.zero_shot(sdata, class_name="TUM")
     assert len(axes) == 2 and axes[1].get_title().startswith("P(TUM)")
     ax = st2he.pl.roc(res)
