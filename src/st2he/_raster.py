@@ -322,7 +322,7 @@ def _finish(plan: _Plan, window: np.ndarray | None, fill: float, out_dtype: np.d
         return out
     window = window.astype(np.float64, copy=False)
     if plan.order == 0:
-        values, inside = _gather(window, matrix, offset - [r_lo, c_lo], plan.shape, nearest=True)
+        values, inside = _nearest(window, matrix, offset - [r_lo, c_lo], plan.shape)
     else:
         if k_row > 1 or k_col > 1:
             window = _pool(window, k_row, k_col)
@@ -440,12 +440,11 @@ def _index_grids(matrix, offset, shape):
     return rows, cols
 
 
-def _gather(window, matrix, offset, shape, *, nearest: bool):
-    """Nearest-pixel values and the inside mask."""
+def _nearest(window, matrix, offset, shape):
+    """Nearest-pixel values (labels) and the inside mask."""
     rows, cols = _index_grids(matrix, offset, shape)
     h, w = window.shape[1:]
-    if nearest:
-        rows, cols = np.floor(rows + 0.5), np.floor(cols + 0.5)
+    rows, cols = np.floor(rows + 0.5), np.floor(cols + 0.5)
     ri, ci = rows.astype(np.int64), cols.astype(np.int64)
     inside = (ri >= 0) & (ri < h) & (ci >= 0) & (ci < w)
     values = window[:, np.clip(ri, 0, h - 1), np.clip(ci, 0, w - 1)]

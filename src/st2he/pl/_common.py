@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from st2he._grid import COORDINATE_SYSTEM
-from st2he._raster import Raster, check_region, region_grid
+from st2he._raster import Raster, region_grid
 
 
 def draw_image(axis, element, region, *, max_pixels: int, coordinate_system: str = COORDINATE_SYSTEM, name=None) -> bool:
@@ -114,7 +114,3 @@ def save_figure(figure, save: str | Path | None) -> None:
         raise FileNotFoundError(msg)
     figure.savefig(path, dpi=150, bbox_inches="tight")
 
-
-def check_plot_region(region) -> tuple[float, float, float, float]:
-    """A plot region as four finite floats with positive extent."""
-    return check_region(region)
