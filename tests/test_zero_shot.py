@@ -539,6 +539,9 @@ def test_kather_tiles_through_the_tile_pipeline(shared_data, tiny_checkpoint):
     np.testing.assert_array_equal(cm.to_numpy(), want_cm.to_numpy())
     axes = st2he.pl.zero_shot(sdata, class_name="TUM")
     assert len(axes) == 2 and axes[1].get_title().startswith("P(TUM)")
+    he, faded = (np.asarray(ax.get_images()[0].get_array(), dtype=np.float32) for ax in axes)
+    np.testing.assert_allclose(faded[..., :3], 1 - (1 - he[..., :3]) * 0.35, atol=1e-6)  # the H&E, faded, once read
+    assert axes[0].get_images()[0].get_extent() == axes[1].get_images()[0].get_extent()
     ax = st2he.pl.roc(res)
     assert len(ax.get_lines()) == 9  # eight classes present, plus the diagonal
     import matplotlib.pyplot as plt

@@ -90,11 +90,11 @@ def zero_shot(
     ax_he, ax_map = ax
     draw_image(ax_he, sdata.images[image_key], region, max_pixels=max_pixels, coordinate_system=coordinate_system)
     ax_he.set_title(f"H&E ({image_key})")
-    draw_image(ax_map, sdata.images[image_key], region, max_pixels=max_pixels, coordinate_system=coordinate_system)
-    for im in ax_map.get_images():  # a faded copy of the H&E under the tiles
+    ax_map.set_facecolor("black")
+    for im in ax_he.get_images():  # a faded copy of the H&E under the tiles (read once, drawn twice)
         rgba = np.array(im.get_array(), dtype=np.float32)
         rgba[..., :3] = 1 - (1 - rgba[..., :3]) * 0.35
-        im.set_data(rgba)
+        ax_map.imshow(rgba, extent=im.get_extent(), interpolation="nearest")
     boxes = tile_boxes(sdata, adata, coordinate_system=coordinate_system)
     probs = np.asarray(adata.X)[:, classes.index(class_name)]
     patches = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
