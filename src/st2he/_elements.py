@@ -12,9 +12,8 @@ Every st2he function that writes elements follows one rule, implemented here:
 - an element that a table annotates is replaced only together with that table (else the table would annotate
   elements it was not made from);
 - only the object in memory changes. When it is backed by a zarr store (``sdata.is_backed()``) nothing is deleted
-  from or written to the store: the old element stays on disk until you save the object yourself (safest to a new
-  store, ``sdata.write(new_path)``; spatialdata's ``delete_element_from_disk`` followed by ``write_element`` loses
-  the element if the write fails).
+  from or written to the store: the old element stays on disk until you save it yourself, with
+  :func:`st2he.io.write_element` (all or nothing) or ``sdata.write(new_path)``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from pathlib import Path
 
 logger = logging.getLogger("st2he")
 
-KINDS = ("images", "labels", "points", "shapes", "tables")
 _STAGING = ".st2he-partial"
 
 
@@ -38,19 +37,22 @@ def write_element(sdata, key: str, *, overwrite: bool = False) -> Path:
     """
     from spatialdata import SpatialData
 
+    from st2he._elements import ELEMENT_TYPES, element_type
+
     if not sdata.is_backed() or sdata.path is None:
         msg = (
             "write_element needs a SpatialData object backed by a zarr store; write the whole object once with "
             "sdata.write(path) (or read it with spatialdata.read_zarr) and call write_element for later elements."
         )
         raise ValueError(msg)
-    kind = next((k for k in KINDS if key in getattr(sdata, k)), None)
+    kind = element_type(sdata, key)
     if kind is None:
-        msg = f"{key!r} is not an element of this SpatialData object; its elements are {sorted(_names(sdata))}."
+        names = sorted(name for k in ELEMENT_TYPES for name in getattr(sdata, k))
+        msg = f"{key!r} is not an element of this SpatialData object; its elements are {names}."
         raise KeyError(msg)
     store = Path(sdata.path)
     target = store / kind / key
-    on_disk = [k for k in KINDS if (store / k / key).exists()]
+    on_disk = [k for k in ELEMENT_TYPES if (store / k / key).exists()]
     if on_disk and not overwrite:
         msg = (
             f"The store {str(store)!r} already holds an element {key!r} ({on_disk[0]}). Pass overwrite=True to "
@@ -85,6 +87,3 @@ def write_element(sdata, key: str, *, overwrite: bool = False) -> Path:
     logger.info("write_element: %s %r written to %s", kind, key, store)
     return target
 
-
-def _names(sdata) -> list[str]:
-    return [name for kind in KINDS for name in getattr(sdata, kind)]
