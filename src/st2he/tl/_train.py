@@ -52,12 +52,13 @@ def aligned_pair(
     if xin.dtype != np.uint8:
         msg = f"{input_key!r} must be uint8 (as st2he.pp.rasterize_transcripts writes), got {xin.dtype}."
         raise TypeError(msg)
-    yt = target.read(sub, dtype=np.uint8)
-    if not target.is_axis_aligned():
-        covered = target.read(sub, channels=[0], fill=-1.0, dtype=np.float32)[0] >= 0
-        if not covered.all():
-            xin = np.where(covered, xin, 0).astype(np.uint8)
-    return xin, yt, sub
+    if target.is_axis_aligned():
+        return xin, target.read(sub, dtype=np.uint8), sub
+    # read once, the uncovered pixels marked: both images are black there
+    values = target.read(sub, fill=-1.0, dtype=np.float32)
+    covered = values[0] >= 0
+    yt = np.where(covered, np.clip(np.rint(values), 0, 255), 0).astype(np.uint8)
+    return np.where(covered, xin, 0).astype(np.uint8), yt, sub
 
 
 def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
