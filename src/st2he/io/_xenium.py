@@ -52,6 +52,11 @@ def read_xenium(
     labels: bool = False,
     aligned_images: bool = True,
     use_spatialdata_io: bool | None = None,
+    he_image: str | Path | None = None,
+    alignment: str | Path | None = None,
+    keypoints: str | Path | None = None,
+    he_pixel_size: float | None = None,
+    he_key: str = "he_image",
 ):
     """Read a 10x Genomics Xenium output folder into a SpatialData object in micrometres.
 
@@ -81,6 +86,22 @@ def read_xenium(
     use_spatialdata_io
         Force (True) or forbid (False) reading through :func:`spatialdata_io.xenium`; by default it is used when
         the folder has ``experiment.xenium`` and ``cells.zarr.zip``.
+    he_image
+        A post-run H&E (or other brightfield) image file to place over the run as image ``he_key``, read lazily
+        with :func:`st2he.io.read_he_image` (pyramid levels kept).
+    alignment
+        Xenium Explorer's image alignment CSV for ``he_image`` (``*_imagealignment.csv``: the 3x3 matrix from the
+        image's pixels to the morphology image's pixels). The image gets that transformation, in µm: rotations,
+        flips and shears included.
+    keypoints
+        Xenium Explorer's keypoints CSV of the same alignment (``*_keypoints.csv``). Optional: when given, the
+        matrix is checked against the landmarks (whether it was written in pixels or in µm, and the residual in
+        µm, recorded in ``sdata.attrs["st2he"]["source"]["he_alignment"]``; a warning above 20 µm RMS).
+    he_pixel_size
+        Without ``alignment``: the image is taken as already aligned to the run, with this many µm per pixel and
+        its first pixel at the run's origin.
+    he_key
+        Name of the H&E image element.
 
     Returns
     -------
@@ -165,10 +186,42 @@ def read_xenium(
             image_origin=None if grid is None else [grid.x0, grid.y0],
         )
     sdata[TRANSCRIPTS_KEY] = transcripts
+    if he_image is not None:
+        source["he_alignment"] = _place_he(sdata, he_image, alignment, keypoints, he_pixel_size, native, he_key)
+    elif alignment is not None or keypoints is not None:
+        msg = "alignment= and keypoints= place an H&E image: pass the image file as he_image= too."
+        raise ValueError(msg)
     source["nuclear_stain"] = next((k for k in ("morphology_focus", "morphology_mip") if k in sdata.images), None)
     source["assumptions"] = assumptions
     set_source(sdata, source)
     return sdata
+
+
+def _place_he(sdata, image, alignment, keypoints, pixel_size, native: float, key: str) -> dict:
+    """Read an H&E image into ``sdata[key]``, placed by Xenium Explorer's alignment (or a plain pixel size)."""
+    from ._alignment import alignment_to_um, read_alignment_matrix, read_keypoints
+    from ._common import to_microns
+    from ._he import read_he_image
+
+    if key in sdata:
+        msg = f"he_key={key!r} is already an element of this Xenium run (from its folder); pass another he_key."
+        raise ValueError(msg)
+    if alignment is None:
+        if pixel_size is None:
+            msg = (
+                "he_image= needs alignment= (Xenium Explorer's *_imagealignment.csv) to be placed over the run, or "
+                "he_pixel_size= when the image is already aligned to it."
+            )
+            raise ValueError(msg)
+        read_he_image(image, pixel_size=pixel_size, key=key, sdata=sdata)
+        return {"matrix_units": None, "pixel_size": float(pixel_size), "file": str(image)}
+    matrix = read_alignment_matrix(alignment)
+    points = read_keypoints(keypoints) if keypoints is not None else None
+    to_um, report = alignment_to_um(matrix, native, points)
+    read_he_image(image, pixel_size=1.0, key=key, sdata=sdata)  # image pixels first, then the alignment
+    to_microns(sdata.images[key], to_um)
+    report.update(file=str(image), alignment=str(alignment), matrix_um=to_um.tolist())
+    return report
 
 
 def _read_specs(folder: Path) -> dict:
