@@ -2,7 +2,7 @@
 
 from ._molecules import MoleculesDroppedWarning
 from ._palette import make_palette
-from ._rasterize import rasterize_transcripts, transcript_density
+from ._rasterize import StainWarning, rasterize_transcripts, transcript_density
 from ._tiles import make_tiles
 
-__all__ = ["MoleculesDroppedWarning", "make_palette", "make_tiles", "rasterize_transcripts", "transcript_density"]
+__all__ = ["MoleculesDroppedWarning", "StainWarning", "make_palette", "make_tiles", "rasterize_transcripts", "transcript_density"]

@@ -83,6 +83,18 @@ def _levels(element) -> list:
 
 
 _NUCLEAR_CHANNEL = re.compile(r"dapi|hoechst|nucle", re.IGNORECASE)
+#: Stains that mark something other than nuclei (MERSCOPE PolyT and cell-boundary stains, Xenium's multimodal
+#: segmentation channels, CosMx's membrane and protein channels): never taken as the nuclear stain by "auto".
+_NON_NUCLEAR = re.compile(
+    r"poly-?t|cellbound|boundary|membrane|cadherin|18s|vimentin|pan-?ck|cd45|cd298|b2m|cd3|alphasma|gfap|rrna",
+    re.IGNORECASE,
+)
+#: Fraction of a stain's pixels at or above its upper normalisation bound beyond which it has no usable contrast.
+SATURATED_FRACTION = 0.25
+
+
+class StainWarning(UserWarning):
+    """The nuclear stain chosen is probably not one, or has no usable contrast."""
 
 
 def _is_rgb(data) -> bool:
@@ -126,6 +138,8 @@ def _auto_stain_image(sdata) -> str | None:
         key, data = item
         low = key.lower()
         channels = [str(c) for c in data.coords["c"].values] if "c" in data.coords else []
+        if _NON_NUCLEAR.search(low) and not _NUCLEAR_CHANNEL.search(low):
+            return 99  # PolyT, cell-boundary and protein stains are not nuclear stains
         if low == "morphology_focus":
             return 0
         if low == "morphology_mip":
@@ -153,6 +167,41 @@ def _auto_nuclei(sdata) -> tuple[str, str] | None:
             if "nucle" in key.lower():
                 return kind, key
     return None
+
+
+def _check_stain(element, key: str, channel_name, channel: int, lo: float, hi: float, *, chosen: str) -> None:
+    """Say which image became the nuclear stain; warn when it is probably not nuclear or has no contrast."""
+    import warnings
+
+    how = "picked by stain_key='auto'" if chosen == "auto" else "given as stain_key"
+    where = f"image {key!r}" + (f", channel {channel_name!r}" if channel_name is not None else "")
+    logger.info("nuclear stain: %s (%s)", where, how)
+    names = " ".join(n for n in (key, channel_name) if n)
+    if _NON_NUCLEAR.search(names) and not _NUCLEAR_CHANNEL.search(names):
+        msg = (
+            f"The nuclear stain is {where}, which by its name marks something other than nuclei (PolyT, cell "
+            "boundaries, a protein): the picture's grey will not show nuclei. Pass the DAPI image as stain_key."
+        )
+        warnings.warn(msg, StainWarning, stacklevel=4)
+    fraction = _fraction_at_or_above(element, channel, hi)
+    if fraction > SATURATED_FRACTION:
+        msg = (
+            f"The nuclear stain {where} has no usable contrast: {fraction:.0%} of its pixels are at or above its "
+            f"upper bound ({hi:g}) and are all drawn white, so the picture shows no chromatin texture there. Check "
+            "that it is the raw DAPI image, not a saturated or thresholded one; percentiles= sets the bounds."
+        )
+        warnings.warn(msg, StainWarning, stacklevel=4)
+
+
+def _fraction_at_or_above(element, channel: int, value: float) -> float:
+    """Fraction of a coarse level's pixels (at most ~2 M) that are >= value."""
+    levels = _levels(element)
+    level = next((lv for lv in levels if lv.sizes["y"] * lv.sizes["x"] <= 2_000_000), levels[-1])
+    arr = level.data[channel] if "c" in level.dims else level.data
+    step = max(1, int(math.ceil(math.sqrt(arr.shape[-2] * arr.shape[-1] / 2_000_000))))
+    sample = np.asarray(arr[::step, ::step])
+    finite = np.isfinite(sample)
+    return float((sample[finite] >= value).mean()) if finite.any() else 0.0
 
 
 def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -373,6 +422,7 @@ def _stain(
         lo, hi = _robust_range(element, channel, tuple(percentiles))
         if "c" in data.coords:
             info["stain_channel"] = str(data.coords["c"].values[channel])
+        _check_stain(element, key, info.get("stain_channel"), channel, lo, hi, chosen="auto" if stain_key == "auto" else "given")
         info["stain_range"] = [lo, hi]
         info["stain_percentiles"] = list(percentiles)
         return (_image_layer(element, grid, chunk, channel, lo, hi) if image_layer else None), info
