@@ -166,7 +166,7 @@ def test_palette_and_pixel_size_warnings(tiny):
     try:
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            st2he.tl.virtual_he(sdata, model=tiny, progress=False)
+            st2he.tl.virtual_he(sdata, model=tiny, progress=False, palette_mismatch="warn")
         messages = [str(w.message) for w in rec]
         assert any("EPCAM" in m and "#ff0000" in m for m in messages)
         assert any("0.5 µm pixels" in m for m in messages)

@@ -73,6 +73,102 @@ def check_palette(model_palette: dict | None, input_palette: dict | None, *, inp
         )
 
 
+#: What virtual_he does when the input picture was drawn with other gene colours than the model was trained with.
+PALETTE_MISMATCH = ("redraw", "error", "warn")
+
+
+def compare_palettes(model_palette: dict, input_palette: dict) -> tuple[list[str], list[str], list[str]]:
+    """``(common, differ, unknown)``: genes in both, genes coloured differently, input genes the model never saw."""
+    norm = {str(g): str(c).lower() for g, c in model_palette.items()}
+    other = {str(g): str(c).lower() for g, c in input_palette.items()}
+    common = sorted(set(norm) & set(other))
+    differ = [g for g in common if norm[g] != other[g]]
+    unknown = sorted(set(other) - set(norm))
+    return common, differ, unknown
+
+
+def redraw_with_model_palette(sdata, input_key: str, model_palette: dict, grid: Grid, *, key: str, overwrite: bool):
+    """The input picture drawn again with the model's gene colours, or ``None`` when it already is.
+
+    The picture is redrawn from the molecules and stain it was made from, with every parameter recorded for it
+    (pixel size, region, stain, dot size, filters) and the model's palette for the genes the model knows; genes
+    it never saw are left out (with a warning). Returns ``(element, params)`` for storing under ``key``; nothing
+    is stored here. Raises when the model shares no gene with the picture or the picture cannot be redrawn.
+    """
+    from spatialdata import SpatialData
+
+    from st2he._elements import element_type
+    from st2he.pp import rasterize_transcripts
+
+    made = get_params(sdata, input_key)
+    input_palette = made.get("palette")
+    if not model_palette or not input_palette:
+        return None
+    common, differ, unknown = compare_palettes(model_palette, input_palette)
+    if not differ and not unknown:
+        return None
+    if not common:
+        msg = (
+            f"The genes of {input_key!r} share no gene with the palette the model was trained with: in the input "
+            "picture colours mean genes, so this model cannot read this panel. Use a model trained on this panel "
+            "(st2he.tl.train_generator)."
+        )
+        raise ValueError(msg)
+    points_key = made.get("points_key")
+    if made.get("style", "multicolor") != "multicolor" or points_key not in getattr(sdata, "points", {}):
+        msg = (
+            f"{input_key!r} was drawn with other gene colours than the model was trained with, and it cannot be "
+            f"redrawn here (its molecules {points_key!r} are not in this object). Rasterise with the model's "
+            "palette (palette=model.metadata['palette']), or pass palette_mismatch='warn' to use it as it is."
+        )
+        raise ValueError(msg)
+    check_key_free(sdata, key, overwrite=overwrite, kind="images", inputs={input_key, points_key})
+    if unknown:
+        warnings.warn(
+            f"{len(unknown)} genes of {input_key!r} are not in the model's palette and are left out of the picture "
+            f"redrawn for it (e.g. {', '.join(unknown[:10])}): the model never saw them.",
+            UserWarning,
+            stacklevel=4,
+        )
+    stain = made.get("stain") or {}
+    stain_key = stain.get("stain_key")
+    elements = {points_key: sdata.points[points_key]}
+    parts: dict = {"points": elements}
+    if stain_key is not None:
+        kind = element_type(sdata, stain_key)
+        parts.setdefault(kind, {})[stain_key] = getattr(sdata, kind)[stain_key]
+    sub = SpatialData(**parts)
+    palette = {g: model_palette[g] for g in common}
+    ps = grid.pixel_size
+    rasterize_transcripts(
+        sub,
+        points_key=points_key,
+        stain_key=stain_key,
+        style="multicolor",
+        palette=palette,
+        pixel_size=ps,
+        dot_size=made.get("dot_size", 1),
+        # the grid's pixels exactly (a region's far edge is inclusive: stop half a pixel short of it)
+        region=(grid.x0, grid.y0, grid.x0 + (grid.width - 0.5) * ps, grid.y0 + (grid.height - 0.5) * ps),
+        min_qv=made.get("min_qv"),
+        drop_controls=made.get("drop_controls", True),
+        genes=common,
+        boundaries_key=None,
+        percentiles=tuple(stain.get("stain_percentiles") or (1.0, 99.5)),
+        chunk=made.get("chunk", 1024),
+        key_added=key,
+    )
+    params = dict(get_params(sub, key))
+    params["redrawn_from"] = input_key
+    logger.warning(
+        "%r was drawn with %d gene colours other than the model's: redrawn with the model's palette as %r",
+        input_key,
+        len(differ),
+        key,
+    )
+    return sub.images[key], params
+
+
 def generate_he(
     sdata,
     data,
@@ -93,6 +189,7 @@ def generate_he(
     overwrite: bool = False,
     progress: bool = True,
     lazy: bool = False,
+    palette_mismatch: str = "redraw",
 ):
     """Run the generator over image ``data`` (``(3, H, W)`` uint8 on ``grid``) and store the result; see ``virtual_he``."""
     import torch
@@ -152,8 +249,36 @@ def generate_he(
             UserWarning,
             stacklevel=3,
         )
+    if palette_mismatch not in PALETTE_MISMATCH:
+        msg = f"palette_mismatch must be one of {PALETTE_MISMATCH}, got {palette_mismatch!r}."
+        raise ValueError(msg)
     params_in = get_params(sdata, input_key)
-    check_palette(meta.get("palette"), params_in.get("palette"), input_key=input_key)
+    redrawn = None
+    redrawn_key = f"{key_added}_input"
+    if palette_mismatch == "redraw":
+        redrawn = redraw_with_model_palette(
+            sdata, input_key, meta.get("palette"), grid, key=redrawn_key, overwrite=overwrite
+        )
+    elif palette_mismatch == "error" and meta.get("palette") and params_in.get("palette"):
+        _, differ, unknown = compare_palettes(meta["palette"], params_in["palette"])
+        if differ or unknown:
+            msg = (
+                f"{input_key!r} was drawn with other gene colours than the model was trained with ({len(differ)} "
+                f"genes coloured differently, {len(unknown)} unknown to it). Rasterise with the model's palette "
+                "(palette=model.metadata['palette']) or pass palette_mismatch='redraw'."
+            )
+            raise ValueError(msg)
+    else:
+        check_palette(meta.get("palette"), params_in.get("palette"), input_key=input_key)
+    if redrawn is not None:
+        from st2he._raster import Raster
+
+        redrawn_element, redrawn_params = redrawn
+        redrawn_raster = Raster(redrawn_element)
+        if redrawn_raster.grid() != grid:  # pragma: no cover - the recorded region and pixel size give the same grid
+            msg = f"The picture redrawn for the model does not cover {input_key!r} pixel for pixel."
+            raise RuntimeError(msg)
+        data = redrawn_raster.level0
     trained_px = meta.get("pixel_size")
     if trained_px and abs(grid.pixel_size - trained_px) > PIXEL_SIZE_TOLERANCE * trained_px:
         warnings.warn(
@@ -227,6 +352,11 @@ def generate_he(
             "of": key_added,
             "what": "per-pixel standard deviation across samples, 0..1",
         }
+    if redrawn is not None:
+        elements[redrawn_key] = redrawn_element
+        element_params[redrawn_key] = redrawn_params
+        params["input_key"] = redrawn_key
+        params["redrawn_input_from"] = input_key
     stored = write_elements(sdata, elements, overwrite=overwrite, inputs={input_key}, params=element_params)
     return stored[key_added]
 

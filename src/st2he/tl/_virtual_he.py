@@ -31,6 +31,7 @@ def virtual_he(
     overwrite: bool = False,
     progress: bool = True,
     lazy: bool = False,
+    palette_mismatch: str = "redraw",
 ):
     """Generate a virtual H&E image from the ST2HE input picture and store it in ``sdata``.
 
@@ -83,6 +84,14 @@ def virtual_he(
         that runs the model whenever it is computed (for out-of-core or distributed use; every computation, e.g.
         each pyramid level written, runs the model again). Write it into a backed object's store with
         :func:`st2he.io.write_element`: a failure while it computes then leaves nothing half-written on disk.
+    palette_mismatch
+        ``method="diffusion"``: what to do when ``input_key`` was drawn with other gene colours than the model was
+        trained with (in the picture colours mean genes, so a model reads another palette's colours as other
+        genes). ``"redraw"`` (default): draw the picture again from the same molecules and stain with every
+        parameter recorded for it but the model's palette (genes the model never saw are left out, with a
+        warning), store it as ``{key_added}_input`` next to the virtual H&E and generate from it; the input
+        picture itself is kept as it is. ``"error"``: refuse. ``"warn"``: use the picture as it is, with a warning.
+        A model that shares no gene with the picture is always refused.
 
     Returns
     -------
@@ -127,4 +136,5 @@ def virtual_he(
         overwrite=overwrite,
         progress=progress,
         lazy=lazy,
+        palette_mismatch=palette_mismatch,
     )

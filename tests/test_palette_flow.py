@@ -1,0 +1,98 @@
+"""The palette flows from the model: virtual_he redraws a picture drawn with other gene colours (issue 12 §3)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import st2he
+from st2he._elements import get_params
+from st2he._raster import Raster
+from st2he.models import Pix2PixTurbo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class _Identity(Pix2PixTurbo):
+    """Tiles come back unchanged: the virtual H&E is the picture it was given."""
+
+    def predict(self, tiles, **kwargs):
+        return np.asarray(tiles).copy()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _Identity.from_config("tiny", seed=0)
+    m.metadata["tile_size"] = 64
+    return m.set_eval()
+
+
+def _pixels(sdata, key):
+    return np.asarray(Raster(sdata[key]).level0.values)
+
+
+def _sample():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        sdata = st2he.datasets.synthetic_tissue(0, size_um=80)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0)  # a fresh co-expression palette
+    return sdata
+
+
+def _model_palette(sdata, drop=()):
+    genes = sorted(get_params(sdata, "st2he_input")["palette"])
+    hues = st2he.pp.make_palette(genes, method="hue")
+    return {g: c for g, c in hues.items() if g not in drop}
+
+
+def test_redraws_with_the_models_palette(model):
+    sdata = _sample()
+    before = _pixels(sdata, "st2he_input").copy()
+    palette = _model_palette(sdata)
+    assert palette != get_params(sdata, "st2he_input")["palette"]
+    model.metadata["palette"] = palette
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+            st2he.tl.virtual_he(sdata, model=model, progress=False)
+            # the same picture drawn directly with the model's palette
+            st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0, palette=palette, key_added="direct")
+    finally:
+        del model.metadata["palette"]
+    redrawn = _pixels(sdata, "virtual_he_input")
+    np.testing.assert_array_equal(redrawn, _pixels(sdata, "direct"))
+    assert not np.array_equal(redrawn, before)  # the colours did change
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), redrawn)  # generated from the redrawn picture
+    np.testing.assert_array_equal(_pixels(sdata, "st2he_input"), before)  # the user's picture is kept
+    assert get_params(sdata, "virtual_he")["input_key"] == "virtual_he_input"
+    assert get_params(sdata, "virtual_he_input")["palette"] == palette
+
+
+def test_unknown_genes_are_left_out_with_a_warning(model):
+    sdata = _sample()
+    genes = sorted(get_params(sdata, "st2he_input")["palette"])
+    model.metadata["palette"] = _model_palette(sdata, drop=genes[:5])
+    try:
+        with pytest.warns(UserWarning, match="5 genes of 'st2he_input' are not in the model's palette"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False)
+    finally:
+        del model.metadata["palette"]
+    assert sorted(get_params(sdata, "virtual_he_input")["palette"]) == genes[5:]
+
+
+def test_refusals_lose_nothing(model):
+    sdata = _sample()
+    model.metadata["palette"] = {"NOT_A_GENE": "#ff0000"}
+    try:
+        with pytest.raises(ValueError, match="share no gene"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False)
+        model.metadata["palette"] = _model_palette(sdata)
+        with pytest.raises(ValueError, match="other gene colours"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False, palette_mismatch="error")
+        with pytest.raises(ValueError, match="palette_mismatch must be one of"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False, palette_mismatch="ignore")
+    finally:
+        del model.metadata["palette"]
+    assert "virtual_he" not in sdata and "virtual_he_input" not in sdata
