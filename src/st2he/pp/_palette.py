@@ -16,6 +16,16 @@ Methods
     is the same on every run for the same data. Because it is learnt from data, reuse the stored palette
     (``get_params(sdata, key)["palette"]``) to keep colours fixed across slides, e.g. between training and
     inference.
+``"lineage"``
+    Panel-independent: every gene that marks a cell lineage (epithelial, glandular and squamous epithelium,
+    T/NK, B and plasma cells, myeloid cells, granulocytes and mast cells, fibroblasts, smooth muscle and
+    pericytes, endothelium, red cells, cycling cells, neurons, astrocytes, oligodendrocytes, adipocytes,
+    melanocytes) gets that lineage's colour (:data:`LINEAGE_COLOURS`), from a curated table of markers shipped
+    with st2he (``st2he/pp/data/lineage_markers.csv``; human symbols, matched case-insensitively so that mouse
+    symbols match too). A gene the table does not know takes the colour of the lineage whose markers it is most
+    co-expressed with in the sample (mean Pearson correlation over cells or bins, as for ``"coexpression"``, at
+    least 0.15), else the colour of ``"other"``. A gene means the same colour on every panel, so a generator
+    trained with it can read a panel it never saw.
 a mapping
     ``{gene: colour}`` with any matplotlib colour; see :func:`make_palette` for genes it lacks or does not
     know.
@@ -33,7 +43,33 @@ import numpy as np
 
 logger = logging.getLogger("st2he")
 
-METHODS = ("coexpression", "hue")
+METHODS = ("coexpression", "hue", "lineage")
+
+#: The colour of each lineage of the ``"lineage"`` palette (saturated, far from the grey of the stain).
+LINEAGE_COLOURS: dict[str, str] = {
+    "epithelial": "#ff9900",
+    "glandular_epithelial": "#ffee00",
+    "squamous_epithelial": "#ff3300",
+    "t_nk_cell": "#0044ff",
+    "b_cell": "#00ccff",
+    "plasma_cell": "#8800ff",
+    "immune": "#5a5aff",
+    "myeloid": "#ff00cc",
+    "granulocyte_mast": "#ff66aa",
+    "fibroblast": "#00ff44",
+    "smooth_muscle_pericyte": "#99ff00",
+    "endothelial": "#00ffcc",
+    "erythroid": "#cc0000",
+    "proliferating": "#ff0066",
+    "neuron": "#ffcc00",
+    "astrocyte": "#66ffaa",
+    "oligodendrocyte": "#cc77ff",
+    "adipocyte": "#ffff66",
+    "melanocyte": "#996600",
+    "other": "#808000",
+}
+#: Least mean correlation with a lineage's markers for a gene outside the marker table to take its colour.
+LINEAGE_MIN_CORRELATION = 0.15
 
 
 def _hex(rgb: Sequence[float]) -> str:
@@ -147,6 +183,57 @@ def coexpression_palette(genes: Sequence[str], corr: np.ndarray) -> dict[str, st
     hues = np.arange(n) / n
     colours = _hues_to_hex(hues)
     return {genes[i]: colours[k] for k, i in enumerate(ring)}
+
+
+def lineage_markers() -> dict[str, str]:
+    """The shipped marker table: ``{GENE (upper case): lineage}``."""
+    global _MARKERS
+    if _MARKERS is None:
+        from importlib.resources import files
+
+        text = files("st2he.pp").joinpath("data", "lineage_markers.csv").read_text()
+        markers: dict[str, str] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#") or line == "gene,lineage":
+                continue
+            gene, lineage = line.split(",")
+            markers.setdefault(gene.strip().upper(), lineage.strip())
+        _MARKERS = markers
+    return _MARKERS
+
+
+_MARKERS: dict[str, str] | None = None
+
+
+def lineage_of(genes: Sequence[str], corr: np.ndarray | None = None) -> dict[str, str]:
+    """``{gene: lineage}``: by the marker table, else by co-expression with marked genes (``corr`` over ``genes``)."""
+    markers = lineage_markers()
+    genes = [str(g) for g in genes]
+    out = {g: markers.get(g.upper(), "") for g in genes}
+    unmarked = [i for i, g in enumerate(genes) if not out[g]]
+    if unmarked and corr is not None:
+        by_lineage: dict[str, list[int]] = {}
+        for i, g in enumerate(genes):
+            if out[g]:
+                by_lineage.setdefault(out[g], []).append(i)
+        names = sorted(by_lineage)
+        for i in unmarked:
+            if not names:
+                break
+            scores = np.array([np.nanmean(corr[i, by_lineage[n]]) for n in names])
+            scores = np.nan_to_num(scores, nan=-1.0)
+            best = int(np.argmax(scores))
+            if scores[best] >= LINEAGE_MIN_CORRELATION:
+                out[genes[i]] = names[best]
+    return {g: (lin or "other") for g, lin in out.items()}
+
+
+def lineage_palette(genes: Sequence[str], corr: np.ndarray | None = None) -> dict[str, str]:
+    """The ``"lineage"`` palette of ``genes`` (``corr``: their gene-gene correlation, for unmarked genes)."""
+    lineages = lineage_of(genes, corr)
+    marked = sum(lin != "other" for lin in lineages.values())
+    logger.info("Lineage palette: %d of %d genes placed in a lineage.", marked, len(lineages))
+    return {g: LINEAGE_COLOURS[lin] for g, lin in sorted(lineages.items())}
 
 
 class BinCounts:
@@ -300,8 +387,10 @@ def make_palette(
         genes met; control probes are left out when ``drop_controls``), an AnnData (cells x genes; the panel is
         its ``var_names``) or a sequence of gene names (``"hue"`` and mappings only).
     method
-        ``"coexpression"``, ``"hue"`` or a mapping gene -> colour (see :mod:`st2he.pp._palette`). A mapping is
-        checked against the panel: see ``missing`` and ``unknown``.
+        ``"coexpression"``, ``"hue"``, ``"lineage"`` or a mapping gene -> colour (see :mod:`st2he.pp._palette`).
+        ``"lineage"`` colours each gene by the cell lineage it marks (a curated marker table shipped with st2he;
+        genes it lacks by their co-expression with marked genes), so colours mean the same on every panel. A
+        mapping is checked against the panel: see ``missing`` and ``unknown``.
     points_key
         Points element of the molecules.
     table_key
@@ -329,6 +418,11 @@ def make_palette(
         return check_mapping(method, genes, missing=missing, unknown=unknown)
     if method == "hue":
         return hue_palette(genes)
+    if method == "lineage":
+        corr = corr_from_table() if corr_from_table is not None else None
+        if corr is None and counts_from_points is not None:
+            corr = counts_from_points()
+        return lineage_palette(genes, corr)
     if method != "coexpression":
         msg = f"method must be one of {METHODS} or a mapping gene -> colour, got {method!r}."
         raise ValueError(msg)
@@ -362,7 +456,7 @@ def _panel_and_sources(data, method, points_key, table_key, source, bin_size, mi
     from ._molecules import bin_molecules, is_control_name, molecule_source
 
     src = molecule_source(data, points_key, need_genes=True)
-    need_counts = method == "coexpression" and source != "table"
+    need_counts = method in ("coexpression", "lineage") and source != "table"
     bins = BinCounts(bin_size) if need_counts else None
     names = list(src.panel or ())
     if src.panel is None or need_counts:

@@ -951,13 +951,17 @@ def _resolve_palette(sdata, palette, panel, drawn, bins: BinCounts | None, binne
     panel = drawn
     if palette == "hue":
         return hue_palette(panel)
-    if palette == "coexpression":
+    if palette in ("coexpression", "lineage"):
         corr = _table_correlation(sdata, panel, table_key)
         if corr is None:
             index = {g: i for i, g in enumerate(binned.genes)}  # every gene of the panel has a code
             m = bins.matrix(len(binned.genes))
             logger.info("Palette co-expression from %d spatial bins of %g µm.", m.shape[0], bins.bin_size)
             corr = correlation(m[:, [index[g] for g in panel]])
+        if palette == "lineage":
+            from ._palette import lineage_palette
+
+            return lineage_palette(panel, corr)
         return coexpression_palette(panel, corr)
     msg = f"palette must be one of {METHODS} or a mapping gene -> colour, got {palette!r}."
     raise ValueError(msg)
@@ -1010,8 +1014,9 @@ def rasterize_transcripts(
         ``"multicolor"``: each gene in its palette colour (the default); ``"single"``: every transcript in
         ``color``; ``"stain"``: the stain alone (the ablations of the ST2HE paper).
     palette
-        ``"coexpression"`` (default), ``"hue"`` or a mapping gene -> colour covering the genes drawn, e.g. a
-        stored palette ``get_params(sdata, "st2he_input")["palette"]``; see :func:`make_palette`.
+        ``"coexpression"`` (default), ``"hue"``, ``"lineage"`` (each gene in the colour of the cell lineage it
+        marks: the same on every panel) or a mapping gene -> colour covering the genes drawn, e.g. a stored
+        palette ``get_params(sdata, "st2he_input")["palette"]``; see :func:`make_palette`.
     pixel_size
         Output pixel edge in µm.
     dot_size
@@ -1082,7 +1087,7 @@ def rasterize_transcripts(
     bins = None
     if source is not None:
         # style="stain" reads the molecules too, so that its picture has the same grid as the others
-        bins = BinCounts() if style == "multicolor" and palette == "coexpression" else None
+        bins = BinCounts() if style == "multicolor" and palette in ("coexpression", "lineage") else None
         binned, grid = _bin_and_place(
             source,
             region,
