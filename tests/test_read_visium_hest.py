@@ -1,0 +1,283 @@
+"""read_visium and read_hest on tiny folders in the real formats (Space Ranger, HEST-1k), built here."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import st2he
+
+GENES = ["GAPDH", "EPCAM", "PTPRC", "COL1A1", "KRT19"]
+
+
+# ------------------------------------------------------------------------------------------------- builders
+
+
+def _write_10x_h5(file: Path, barcodes: list[str], genes: list[str], counts: np.ndarray) -> None:
+    """A feature-barcode matrix in the 10x HDF5 layout (CSC over barcodes) as Space Ranger writes it."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    csc = sparse.csc_matrix(counts.T.astype(np.int32))  # genes x barcodes
+    with h5py.File(file, "w") as f:
+        f.attrs["filetype"] = "matrix"
+        f.attrs["version"] = 2
+        f.attrs["library_ids"] = np.array([b"sample"])
+        f.attrs["chemistry_description"] = "Visium V2 Slide"
+        f.attrs["software_version"] = "spaceranger-3.0.0"
+        m = f.create_group("matrix")
+        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        m.create_dataset("data", data=csc.data.astype(np.int32))
+        m.create_dataset("indices", data=csc.indices.astype(np.int64))
+        m.create_dataset("indptr", data=csc.indptr.astype(np.int64))
+        m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
+        feats = m.create_group("features")
+        feats.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+        feats.create_dataset("id", data=np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S"))
+        feats.create_dataset("name", data=np.array(genes, dtype="S"))
+        feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(genes)))
+        feats.create_dataset("genome", data=np.array([b"GRCh38"] * len(genes)))
+
+
+def _he_crop(shared_data: Path, height: int, width: int) -> np.ndarray:
+    import tifffile
+
+    slide = tifffile.imread(shared_data / "he_cmu1_small_region.svs")
+    return np.ascontiguousarray(slide[200 : 200 + height, 300 : 300 + width, :3])
+
+
+def _png(file: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(file)
+
+
+def _downscale(rgb: np.ndarray, factor: float) -> np.ndarray:
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((round(w * factor), round(h * factor)), Image.BILINEAR))
+
+
+VISIUM_UM_PER_PX = 0.5  # spot_diameter_fullres = 110 px
+VISIUM_HIRES = 0.25
+VISIUM_LOWRES = 0.05
+
+
+def _visium_spots():
+    """Eight spots of a Visium hexagonal array (odd rows shifted), two of them outside the tissue."""
+    rows, cols, barcodes = [], [], []
+    for r in range(2):
+        for k in range(4):
+            c = 2 * k + (r % 2)
+            rows.append(r)
+            cols.append(c)
+            barcodes.append(f"{'ACGT'[r]}{'ACGT'[k]}AACGTTGCAACG-1")
+    rows, cols = np.array(rows), np.array(cols)
+    # pixel centres on a slightly rotated, fractional lattice as Space Ranger's registration gives them
+    pxl_col = 150.0 + cols * 100.0 + rows * 0.7
+    pxl_row = 160.0 + rows * 173.2 - cols * 0.3
+    in_tissue = np.array([1, 1, 1, 0, 1, 1, 0, 1])
+    return barcodes, rows, cols, pxl_row, pxl_col, in_tissue
+
+
+@pytest.fixture(scope="module")
+def visium_dir(tmp_path_factory, shared_data) -> Path:
+    """A Space Ranger 3 Visium folder: matrix, spatial/ (positions, scale factors, hires, lowres), the microscope image."""
+    root = tmp_path_factory.mktemp("visium") / "outs"
+    barcodes, rows, cols, pxl_row, pxl_col, in_tissue = _visium_spots()
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(len(barcodes), len(GENES)))
+    counts[0] = [0, 7, 0, 1, 12]
+    keep = in_tissue.astype(bool)  # the filtered matrix holds the spots under tissue
+    _write_10x_h5(
+        root / "filtered_feature_bc_matrix.h5",
+        [b for b, k in zip(barcodes, keep, strict=True) if k],
+        GENES,
+        counts[keep],
+    )
+    spatial = root / "spatial"
+    spatial.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue,
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": pxl_row,
+            "pxl_col_in_fullres": pxl_col,
+        }
+    ).to_csv(spatial / "tissue_positions.csv", index=False)
+    factors = {
+        "tissue_hires_scalef": VISIUM_HIRES,
+        "tissue_lowres_scalef": VISIUM_LOWRES,
+        "fiducial_diameter_fullres": 164.99999,
+        "spot_diameter_fullres": 55.0 / VISIUM_UM_PER_PX,
+        "regist_target_img_scalef": VISIUM_HIRES,
+    }
+    (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
+    full = _he_crop(shared_data, 520, 960)
+    _png(spatial / "tissue_hires_image.png", _downscale(full, VISIUM_HIRES))
+    _png(spatial / "tissue_lowres_image.png", _downscale(full, VISIUM_LOWRES))
+    import tifffile
+
+    tifffile.imwrite(root / "sample_tissue_image.tif", full, photometric="rgb", tile=(256, 256))
+    np.save(root.parent / "full.npy", full)
+    np.save(root.parent / "counts.npy", counts[keep])
+    return root
+
+
+def _read(reader, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reader(*args, **kwargs)
+
+
+def _pixel(sdata, x0: float, y0: float, size: float) -> np.ndarray:
+    """The he_image's RGB over the square [x0, x0 + size) x [y0, y0 + size) µm, read at ``size`` µm per pixel."""
+    raster = st2he.io.Raster(sdata.images["he_image"])
+    return raster.read_region((x0, y0, x0 + size, y0 + size), pixel_size=size)[:, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------- Visium
+
+
+@pytest.mark.parametrize("use_spatialdata_io", [True, False])
+def test_visium_spots_table_and_image_in_um(visium_dir, use_spatialdata_io):
+    sdata = _read(st2he.io.read_visium, visium_dir, use_spatialdata_io=use_spatialdata_io)
+    barcodes, rows, cols, pxl_row, pxl_col, in_tissue = _visium_spots()
+    keep = in_tissue.astype(bool)
+    counts = np.load(visium_dir.parent / "counts.npy")
+    source = sdata.attrs["st2he"]["source"]
+    assert source["reader"] == ("spatialdata_io.visium" if use_spatialdata_io else "st2he (files)")
+    assert source["microns_per_pixel"] == pytest.approx(VISIUM_UM_PER_PX)
+
+    table = sdata.tables["table"]
+    ids = [b for b, k in zip(barcodes, keep, strict=True) if k]
+    assert list(table.obs_names) == ids
+    assert sparse.isspmatrix_csr(table.X) and table.X.dtype == np.float32
+    np.testing.assert_array_equal(table.X.toarray(), counts)
+    assert list(table.var_names) == GENES
+    np.testing.assert_array_equal(table.obs["total_counts"].to_numpy(), counts.sum(axis=1))
+    np.testing.assert_array_equal(table.obs["array_row"].to_numpy(), rows[keep])
+    np.testing.assert_array_equal(table.obs["array_col"].to_numpy(), cols[keep])
+    assert table.obs["in_tissue"].dtype == bool and table.obs["in_tissue"].all()
+    expected = np.column_stack([pxl_col[keep], pxl_row[keep]]) * VISIUM_UM_PER_PX
+    np.testing.assert_allclose(table.obsm["spatial"], expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(table.obs["area_um2"], np.pi * 27.5**2)
+
+    from spatialdata.models import get_table_keys
+
+    region, region_key, instance_key = get_table_keys(table)
+    assert region == "spots"
+    spots = sdata.shapes["spots"]
+    assert list(spots.index) == list(table.obs[instance_key])
+    np.testing.assert_allclose(spots["radius"], 27.5)
+    np.testing.assert_allclose(np.column_stack([spots.geometry.x, spots.geometry.y]), expected, atol=1e-9)
+    from spatialdata.transformations import get_transformation
+
+    assert set(get_transformation(spots, get_all=True)) == {"global"}
+
+    # the full-resolution image: pixel (row, col) covers [col, col + 1) x [row, row + 1) pixels of 0.5 µm
+    full = np.load(visium_dir.parent / "full.npy")
+    assert source["image"]["kind"] == "full" and source["image"]["file"].endswith("sample_tissue_image.tif")
+    for row, col in [(0, 0), (173, 411), (519, 959), (int(pxl_row[4]), int(pxl_col[4]))]:
+        got = _pixel(sdata, col * VISIUM_UM_PER_PX, row * VISIUM_UM_PER_PX, VISIUM_UM_PER_PX)
+        np.testing.assert_allclose(got, full[row, col], atol=1e-3)
+    x0, y0, x1, y1 = st2he.io.Raster(sdata.images["he_image"]).bounds
+    assert (x0, y0, x1, y1) == pytest.approx((0, 0, 960 * VISIUM_UM_PER_PX, 520 * VISIUM_UM_PER_PX))
+
+
+def test_visium_partial_folder_hires_and_lowres(visium_dir, tmp_path):
+    """Without the microscope image (and through the files alone) he_image is the hires, then the lowres PNG."""
+    import shutil
+
+    part = tmp_path / "outs"
+    shutil.copytree(visium_dir, part, ignore=shutil.ignore_patterns("*tissue_image.tif"))
+    sdata = _read(st2he.io.read_visium, part)
+    source = sdata.attrs["st2he"]["source"]
+    assert source["image"]["kind"] == "hires"
+    assert source["image"]["pixel_size"] == pytest.approx(VISIUM_UM_PER_PX / VISIUM_HIRES)
+    assert "hires" in " ".join(source["assumptions"])
+    from PIL import Image
+
+    hires = np.asarray(Image.open(part / "spatial" / "tissue_hires_image.png"))
+    size = VISIUM_UM_PER_PX / VISIUM_HIRES  # 2 µm per hires pixel
+    for row, col in [(0, 0), (40, 100), (129, 239)]:
+        np.testing.assert_allclose(_pixel(sdata, col * size, row * size, size), hires[row, col], atol=1e-3)
+    np.testing.assert_allclose(sdata.shapes["spots"]["radius"], 27.5)
+
+    lowres = _read(st2he.io.read_visium, part, image="lowres")
+    assert lowres.attrs["st2he"]["source"]["image"]["pixel_size"] == pytest.approx(10.0)
+    assert st2he.io.Raster(lowres.images["he_image"]).bounds == pytest.approx((0, 0, 480, 260))
+
+    (part / "spatial" / "tissue_hires_image.png").unlink()
+    (part / "spatial" / "tissue_lowres_image.png").unlink()
+    with pytest.warns(UserWarning, match="no H&E image"):
+        bare = st2he.io.read_visium(part, use_spatialdata_io=False)
+    assert "he_image" not in bare.images and bare.tables["table"].n_obs == 6
+    with pytest.raises(FileNotFoundError, match="tissue_hires_image.png"):
+        st2he.io.read_visium(part, image="hires")
+    none = _read(st2he.io.read_visium, part, image=None)
+    assert "he_image" not in none.images
+
+
+def test_visium_fullres_image_file_and_old_positions(visium_dir, tmp_path):
+    """Space Ranger 1 positions (no header), a prefixed matrix and a microscope image passed by path."""
+    import shutil
+
+    part = tmp_path / "outs"
+    shutil.copytree(visium_dir, part, ignore=shutil.ignore_patterns("*tissue_image.tif"))
+    (part / "filtered_feature_bc_matrix.h5").rename(part / "S1_filtered_feature_bc_matrix.h5")
+    positions = pd.read_csv(part / "spatial" / "tissue_positions.csv")
+    positions.to_csv(part / "spatial" / "tissue_positions_list.csv", index=False, header=False)
+    (part / "spatial" / "tissue_positions.csv").unlink()
+    image = tmp_path / "elsewhere" / "slide.tif"
+    image.parent.mkdir()
+    shutil.copy(visium_dir / "sample_tissue_image.tif", image)
+    for use in (True, False):
+        sdata = _read(st2he.io.read_visium, part, fullres_image_file=image, use_spatialdata_io=use)
+        assert sdata.attrs["st2he"]["source"]["image"]["kind"] == "full"
+        table = sdata.tables["table"]
+        expected = positions.set_index("barcode").loc[table.obs_names]
+        np.testing.assert_allclose(
+            table.obsm["spatial"], expected[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy() * 0.5
+        )
+        np.testing.assert_array_equal(table.X.toarray(), np.load(visium_dir.parent / "counts.npy"))
+
+
+def test_visium_bad_input(visium_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        st2he.io.read_visium(tmp_path / "nowhere")
+    no_matrix = tmp_path / "no_matrix"
+    shutil.copytree(visium_dir, no_matrix)
+    (no_matrix / "filtered_feature_bc_matrix.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="filtered_feature_bc_matrix.h5"):
+        st2he.io.read_visium(no_matrix)
+    no_factors = tmp_path / "no_factors"
+    shutil.copytree(visium_dir, no_factors)
+    (no_factors / "spatial" / "scalefactors_json.json").unlink()
+    with pytest.raises(FileNotFoundError, match="scalefactors_json.json"):
+        st2he.io.read_visium(no_factors)
+    no_positions = tmp_path / "no_positions"
+    shutil.copytree(visium_dir, no_positions)
+    (no_positions / "spatial" / "tissue_positions.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="tissue_positions"):
+        st2he.io.read_visium(no_positions)
+    bad_factors = tmp_path / "bad_factors"
+    shutil.copytree(visium_dir, bad_factors)
+    (bad_factors / "spatial" / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.25}))
+    with pytest.raises(ValueError, match="spot_diameter_fullres"):
+        st2he.io.read_visium(bad_factors)
+    with pytest.raises(ValueError, match="image must be one of"):
+        st2he.io.read_visium(visium_dir, image="medium")
+    with pytest.raises(FileNotFoundError, match="fullres_image_file"):
+        st2he.io.read_visium(visium_dir, fullres_image_file="missing.tif")
