@@ -281,3 +281,143 @@ def test_visium_bad_input(visium_dir, tmp_path):
         st2he.io.read_visium(visium_dir, image="medium")
     with pytest.raises(FileNotFoundError, match="fullres_image_file"):
         st2he.io.read_visium(visium_dir, fullres_image_file="missing.tif")
+
+
+# -------------------------------------------------------------------------------------------------- Visium HD
+
+HD_UM_PER_PX = 0.25
+HD_HIRES = 0.1
+
+
+def _hd_bins(size: int):
+    """Bins of ``size`` µm over a 96 x 64 µm area, the last one outside the tissue."""
+    n_rows, n_cols = 64 // size, 96 // size
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
+    side_px = size / HD_UM_PER_PX
+    pxl_col = 40.5 + side_px * (cols + 0.5)
+    pxl_row = 60.25 + side_px * (rows + 0.5)
+    in_tissue = np.ones(len(rows), dtype=np.int32)
+    in_tissue[-1] = 0
+    return barcodes, rows, cols, pxl_row, pxl_col, in_tissue
+
+
+def _hd_factors(bin_size: float) -> dict:
+    return {
+        "spot_diameter_fullres": bin_size / HD_UM_PER_PX,
+        "bin_size_um": float(bin_size),
+        "microns_per_pixel": HD_UM_PER_PX,
+        "tissue_lowres_scalef": 0.01,
+        "fiducial_diameter_fullres": 1000.0,
+        "tissue_hires_scalef": HD_HIRES,
+        "regist_target_img_scalef": HD_HIRES,
+    }
+
+
+@pytest.fixture(scope="module")
+def hd_dir(tmp_path_factory, shared_data) -> Path:
+    """A Space Ranger 3 Visium HD folder: feature_slice.h5, spatial/, binned_outputs/square_008um and square_016um."""
+    import tifffile
+
+    root = tmp_path_factory.mktemp("visium_hd") / "outs"
+    rng = np.random.default_rng(1)
+    for size in (8, 16):
+        barcodes, rows, cols, pxl_row, pxl_col, in_tissue = _hd_bins(size)
+        counts = rng.poisson(1.0, size=(len(barcodes), len(GENES)))
+        bin_dir = root / "binned_outputs" / f"square_{size:03d}um"
+        keep = in_tissue.astype(bool)
+        _write_10x_h5(
+            bin_dir / "filtered_feature_bc_matrix.h5",
+            [b for b, k in zip(barcodes, keep, strict=True) if k],
+            GENES,
+            counts[keep],
+        )
+        np.save(root.parent / f"counts_{size}.npy", counts[keep])
+        (bin_dir / "spatial").mkdir(parents=True)
+        pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": in_tissue,
+                "array_row": rows,
+                "array_col": cols,
+                "pxl_row_in_fullres": pxl_row,
+                "pxl_col_in_fullres": pxl_col,
+            }
+        ).to_parquet(bin_dir / "spatial" / "tissue_positions.parquet", index=False)
+        (bin_dir / "spatial" / "scalefactors_json.json").write_text(json.dumps(_hd_factors(size)))
+    (root / "spatial").mkdir()
+    (root / "spatial" / "scalefactors_json.json").write_text(json.dumps(_hd_factors(2)))
+    full = _he_crop(shared_data, 400, 480)  # 120 x 100 µm
+    _png(root / "spatial" / "tissue_hires_image.png", _downscale(full, HD_HIRES))
+    tifffile.imwrite(root / "sample_tissue_image.btf", full, photometric="rgb", tile=(128, 128), bigtiff=True)
+    np.save(root.parent / "full.npy", full)
+    with h5py.File(root / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps({"hd_layout_json": json.dumps({"file_format": "1.0"})})
+    return root
+
+
+@pytest.mark.parametrize("use_spatialdata_io", [True, False])
+def test_visium_hd_bins_in_um(hd_dir, use_spatialdata_io):
+    sdata = _read(st2he.io.read_visium, hd_dir, use_spatialdata_io=use_spatialdata_io)
+    source = sdata.attrs["st2he"]["source"]
+    assert source["platform"] == "visium_hd" and source["bin_size"] == 8
+    assert source["reader"] == ("spatialdata_io.visium_hd" if use_spatialdata_io else "st2he (files)")
+    barcodes, rows, cols, pxl_row, pxl_col, in_tissue = _hd_bins(8)
+    keep = in_tissue.astype(bool)
+    table = sdata.tables["table"]
+    assert list(table.obs_names) == [b for b, k in zip(barcodes, keep, strict=True) if k]
+    np.testing.assert_array_equal(table.X.toarray(), np.load(hd_dir.parent / "counts_8.npy"))
+    np.testing.assert_array_equal(table.obs["array_row"], rows[keep])
+    np.testing.assert_array_equal(table.obs["array_col"], cols[keep])
+    np.testing.assert_allclose(table.obs["area_um2"], 64.0)
+    centres = np.column_stack([pxl_col[keep], pxl_row[keep]]) * HD_UM_PER_PX
+    np.testing.assert_allclose(table.obsm["spatial"], centres, atol=1e-9)
+    # 8 µm squares: the first one spans x 10.125-18.125, y 15.0625-23.0625 µm
+    bins = sdata.shapes["bins_8um"]
+    assert list(bins.index) == list(table.obs["instance_id"])
+    bounds = bins.geometry.bounds.to_numpy()
+    np.testing.assert_allclose(bounds, np.column_stack([centres - 4.0, centres + 4.0]), atol=1e-9)
+    np.testing.assert_allclose(bins.geometry.area, 64.0)
+    assert bounds[0] == pytest.approx([10.125, 15.0625, 18.125, 23.0625])
+
+    full = np.load(hd_dir.parent / "full.npy")
+    assert source["image"]["kind"] == "full" and source["image"]["file"].endswith(".btf")
+    for row, col in [(0, 0), (123, 321), (399, 479)]:
+        got = _pixel(sdata, col * HD_UM_PER_PX, row * HD_UM_PER_PX, HD_UM_PER_PX)
+        np.testing.assert_allclose(got, full[row, col], atol=1e-3)
+
+
+def test_visium_hd_bin_sizes_and_partial_folders(hd_dir, tmp_path):
+    import shutil
+
+    sixteen = _read(st2he.io.read_visium, hd_dir, bin_size=16, image="hires")
+    table = sixteen.tables["table"]
+    _, rows, cols, pxl_row, pxl_col, in_tissue = _hd_bins(16)
+    keep = in_tissue.astype(bool)
+    np.testing.assert_allclose(table.obsm["spatial"], np.column_stack([pxl_col[keep], pxl_row[keep]]) * 0.25)
+    np.testing.assert_allclose(sixteen.shapes["bins_16um"].geometry.area, 256.0)
+    np.testing.assert_array_equal(table.X.toarray(), np.load(hd_dir.parent / "counts_16.npy"))
+    assert sixteen.attrs["st2he"]["source"]["image"]["pixel_size"] == pytest.approx(HD_UM_PER_PX / HD_HIRES)
+    with pytest.raises(FileNotFoundError, match=r"No 2 µm bins.*\[8, 16\]"):
+        st2he.io.read_visium(hd_dir, bin_size=2)
+
+    # one bin folder copied on its own, no feature_slice.h5, no image: read file by file
+    alone = tmp_path / "square_008um"
+    shutil.copytree(hd_dir / "binned_outputs" / "square_008um", alone)
+    with pytest.warns(UserWarning, match="no H&E image"):
+        sdata = st2he.io.read_visium(alone)
+    assert sdata.attrs["st2he"]["source"]["reader"] == "st2he (files)"
+    _, rows, cols, pxl_row, pxl_col, in_tissue = _hd_bins(8)
+    keep = in_tissue.astype(bool)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], np.column_stack([pxl_col, pxl_row])[keep] * 0.25)
+    with pytest.raises(FileNotFoundError, match="feature_slice.h5"):
+        st2he.io.read_visium(alone, use_spatialdata_io=True)
+
+    missing = tmp_path / "outs"
+    shutil.copytree(hd_dir, missing)
+    (missing / "binned_outputs" / "square_008um" / "filtered_feature_bc_matrix.h5").unlink()
+    with pytest.raises(FileNotFoundError, match=r"square_008um/filtered_feature_bc_matrix.h5"):
+        st2he.io.read_visium(missing)
+    (missing / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"square_016um/spatial/tissue_positions.parquet"):
+        st2he.io.read_visium(missing, bin_size=16)
