@@ -421,3 +421,162 @@ def test_visium_hd_bin_sizes_and_partial_folders(hd_dir, tmp_path):
     (missing / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet").unlink()
     with pytest.raises(FileNotFoundError, match=r"square_016um/spatial/tissue_positions.parquet"):
         st2he.io.read_visium(missing, bin_size=16)
+
+
+# ------------------------------------------------------------------------------------------------------- HEST
+
+HEST_PX = 0.4994  # pixel_size_um_estimated
+HEST_ID = "TENX999"
+
+
+def _write_pyramid(file: Path, rgb: np.ndarray) -> None:
+    """A tiled pyramidal TIFF (full resolution + 2 halvings as sub-IFDs), as HEST-1k ships its WSIs."""
+    import tifffile
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(file) as tif:
+        tif.write(rgb, photometric="rgb", tile=(128, 128), subifds=2)
+        level = rgb
+        for _ in range(2):
+            level = level[::2, ::2]
+            tif.write(level, photometric="rgb", tile=(128, 128), subfiletype=1)
+
+
+def _hest_sample(root: Path, shared_data: Path, sample_id: str, technology: str = "Visium", meta: dict | None = None):
+    import anndata as ad
+
+    rng = np.random.default_rng(2)
+    n = 7
+    rows, cols = np.arange(n) // 4, np.arange(n) % 4 * 2 + np.arange(n) // 4 % 2
+    xy = np.column_stack([300.0 + cols * 100.2, 250.0 + rows * 173.5])  # pixels of the WSI
+    counts = rng.poisson(4.0, size=(n, len(GENES))).astype(np.float32)
+    adata = ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame(
+            {
+                "in_tissue": np.ones(n, dtype=np.int64),
+                "pxl_col_in_fullres": xy[:, 0],
+                "pxl_row_in_fullres": xy[:, 1],
+                "array_row": rows,
+                "array_col": cols,
+            },
+            index=[f"{r}x{c}" for r, c in zip(rows, cols, strict=True)],
+        ),
+        var=pd.DataFrame(index=GENES),
+    )
+    adata.obsm["spatial"] = xy
+    adata.uns["spatial"] = {"ST": {"scalefactors": {"spot_diameter_fullres": 55.0 / HEST_PX}}}
+    (root / "st").mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(root / "st" / f"{sample_id}.h5ad")
+    full = _he_crop(shared_data, 700, 900)
+    _write_pyramid(root / "wsis" / f"{sample_id}.tif", full)
+    (root / "metadata").mkdir(exist_ok=True)
+    metadata = {
+        "pixel_size_um_embedded": 0.5,
+        "pixel_size_um_estimated": HEST_PX,
+        "spot_diameter": 55.0,
+        "inter_spot_dist": 100.0,
+        "st_technology": technology,
+        "fullres_px_width": 900,
+        "fullres_px_height": 700,
+        "spots_under_tissue": n,
+    }
+    metadata.update(meta or {})
+    (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(metadata))
+    return xy, counts, full
+
+
+@pytest.fixture(scope="module")
+def hest_dir(tmp_path_factory, shared_data) -> Path:
+    root = tmp_path_factory.mktemp("hest_data")
+    xy, counts, full = _hest_sample(root, shared_data, HEST_ID)
+    np.save(root / "xy.npy", xy)
+    np.save(root / "counts.npy", counts)
+    np.save(root / "full.npy", full)
+    return root
+
+
+def test_hest_spots_table_and_wsi_in_um(hest_dir):
+    sdata = _read(st2he.io.read_hest, hest_dir, HEST_ID)
+    xy, counts, full = (np.load(hest_dir / f"{k}.npy") for k in ("xy", "counts", "full"))
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["spatial"], xy * HEST_PX, atol=1e-9)
+    np.testing.assert_array_equal(table.X.toarray(), counts)
+    assert sparse.isspmatrix_csr(table.X) and table.X.dtype == np.float32
+    np.testing.assert_array_equal(table.obs["total_counts"], counts.sum(axis=1))
+    assert table.obs["in_tissue"].dtype == bool
+    spots = sdata.shapes["spots"]
+    np.testing.assert_allclose(spots["radius"], 27.5)
+    np.testing.assert_allclose(np.column_stack([spots.geometry.x, spots.geometry.y]), xy * HEST_PX, atol=1e-9)
+    assert list(spots.index) == list(table.obs["instance_id"]) == ["0x0", "0x2", "0x4", "0x6", "1x1", "1x3", "1x5"]
+    source = sdata.attrs["st2he"]["source"]
+    assert source["pixel_size"] == HEST_PX and source["pixel_size_from"] == "pixel_size_um_estimated"
+    assert source["spot_shape"] == "circle" and source["sample_id"] == HEST_ID
+
+    # lazy and pyramidal: the WSI's own levels, each placed by its size
+    image = sdata.images["he_image"]
+    assert len(image.children) == 3
+    raster = st2he.io.Raster(image)
+    assert raster.bounds == pytest.approx((0, 0, 900 * HEST_PX, 700 * HEST_PX))
+    for row, col in [(0, 0), (250, 300), (699, 899)]:
+        np.testing.assert_allclose(_pixel(sdata, col * HEST_PX, row * HEST_PX, HEST_PX), full[row, col], atol=1e-3)
+
+
+def test_hest_options_technologies_and_cells(hest_dir, tmp_path, shared_data):
+    import geopandas as gpd
+    import shapely
+
+    xy = np.load(hest_dir / "xy.npy")
+    given = _read(st2he.io.read_hest, hest_dir, pixel_size=0.25, spot_diameter=60.0, image=False)
+    np.testing.assert_allclose(given.tables["table"].obsm["spatial"], xy * 0.25)
+    np.testing.assert_allclose(given.shapes["spots"]["radius"], 30.0)
+    assert "he_image" not in given.images
+
+    # a Xenium sample pooled by HEST into 100 µm squares; only the embedded pixel size in its metadata
+    root = tmp_path / "hest"
+    _hest_sample(
+        root,
+        shared_data,
+        "TENX158",
+        technology="Xenium",
+        meta={"spot_diameter": 100.0, "inter_spot_dist": 100.0, "pixel_size_um_estimated": None},
+    )
+    cells = gpd.GeoDataFrame(
+        {"class": ["Neoplastic", "Connective"]},
+        geometry=[shapely.box(10, 20, 30, 50), shapely.Polygon([(100, 100), (120, 100), (110, 130)])],
+    )
+    (root / "cellvit_seg").mkdir()
+    cells.to_parquet(root / "cellvit_seg" / "TENX158_cellvit_seg.parquet")
+    sdata = _read(st2he.io.read_hest, root, cells=True)
+    source = sdata.attrs["st2he"]["source"]
+    assert source["pixel_size"] == 0.5 and source["pixel_size_from"] == "pixel_size_um_embedded"
+    assert source["spot_shape"] == "square"
+    squares = sdata.shapes["spots"].geometry
+    np.testing.assert_allclose(squares.area, 100.0**2)
+    np.testing.assert_allclose(np.column_stack([squares.centroid.x, squares.centroid.y]), xy * 0.5, atol=1e-9)
+    got = sdata.shapes["cellvit"]
+    assert got.geometry.iloc[0].bounds == pytest.approx((5, 10, 15, 25))
+    assert list(got["class"]) == ["Neoplastic", "Connective"]
+
+
+def test_hest_bad_input(hest_dir, tmp_path, shared_data):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match=r"No HEST sample 'TENX1'.*st/TENX1.h5ad.*TENX999"):
+        st2he.io.read_hest(hest_dir, "TENX1")
+    with pytest.raises(FileNotFoundError, match="no st/ folder"):
+        st2he.io.read_hest(tmp_path)
+    root = tmp_path / "copy"
+    shutil.copytree(hest_dir, root)
+    (root / "metadata" / f"{HEST_ID}.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"metadata/{HEST_ID}.json"):
+        st2he.io.read_hest(root, HEST_ID)
+    assert _read(st2he.io.read_hest, root, HEST_ID, pixel_size=0.5, spot_diameter=55).tables["table"].n_obs == 7
+    (root / "wsis" / f"{HEST_ID}.tif").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"wsis/{HEST_ID}.tif.*image=False"):
+        st2he.io.read_hest(root, HEST_ID, pixel_size=0.5)
+    with pytest.raises(FileNotFoundError, match="cellvit_seg"):
+        st2he.io.read_hest(hest_dir, HEST_ID, cells=True)
+    _hest_sample(root, shared_data, "TENX2")
+    with pytest.raises(ValueError, match=rf"2 samples \(TENX2, {HEST_ID}\).*sample_id="):
+        st2he.io.read_hest(root)
