@@ -459,6 +459,7 @@ def _hest_sample(root: Path, shared_data: Path, sample_id: str, technology: str 
                 "pxl_row_in_fullres": xy[:, 1],
                 "array_row": rows,
                 "array_col": cols,
+                "pathology": ["tumour", "stroma", "tumour", "tumour", "stroma", "tumour", "stroma"],
             },
             index=[f"{r}x{c}" for r, c in zip(rows, cols, strict=True)],
         ),
@@ -505,6 +506,7 @@ def test_hest_spots_table_and_wsi_in_um(hest_dir):
     assert sparse.isspmatrix_csr(table.X) and table.X.dtype == np.float32
     np.testing.assert_array_equal(table.obs["total_counts"], counts.sum(axis=1))
     assert table.obs["in_tissue"].dtype == bool
+    assert list(table.obs["pathology"][:3]) == ["tumour", "stroma", "tumour"]  # the h5ad's own columns are kept
     spots = sdata.shapes["spots"]
     np.testing.assert_allclose(spots["radius"], 27.5)
     np.testing.assert_allclose(np.column_stack([spots.geometry.x, spots.geometry.y]), xy * HEST_PX, atol=1e-9)
@@ -580,3 +582,27 @@ def test_hest_bad_input(hest_dir, tmp_path, shared_data):
     _hest_sample(root, shared_data, "TENX2")
     with pytest.raises(ValueError, match=rf"2 samples \(TENX2, {HEST_ID}\).*sample_id="):
         st2he.io.read_hest(root)
+
+
+def test_zarr_round_trip_and_table_keys(visium_dir, hest_dir, tmp_path):
+    from spatialdata import read_zarr
+
+    from st2he._units import table_keys
+
+    for name, sdata in (
+        ("visium", _read(st2he.io.read_visium, visium_dir)),
+        ("hest", _read(st2he.io.read_hest, hest_dir, HEST_ID)),
+    ):
+        assert table_keys(sdata.tables["table"]) == (["spots"], "region", "instance_id")
+        store = tmp_path / f"{name}.zarr"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sdata.write(store)
+            back = read_zarr(store)
+        table = back.tables["table"]
+        np.testing.assert_array_equal(table.X.toarray(), sdata.tables["table"].X.toarray())
+        np.testing.assert_allclose(table.obsm["spatial"], sdata.tables["table"].obsm["spatial"])
+        assert list(back.shapes["spots"].index) == list(table.obs["instance_id"])
+        assert back.attrs["st2he"]["source"] == sdata.attrs["st2he"]["source"]
+        raster, original = st2he.io.Raster(back.images["he_image"]), st2he.io.Raster(sdata.images["he_image"])
+        assert raster.bounds == pytest.approx(original.bounds)

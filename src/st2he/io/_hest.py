@@ -15,7 +15,8 @@ from ._visium import HE_KEY, SPOTS_KEY, VISIUM_SPOT_DIAMETER, _plain_counts, ass
 CELLS_KEY = "cellvit"
 #: ``st_technology`` values of HEST-1k whose units are squares (transcripts or 2 µm bins pooled by HEST).
 _SQUARE_TECHNOLOGIES = ("xenium", "visium hd", "visium_hd", "visium-hd")
-_KEPT_OBS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+#: obs columns st2he derives itself (a column of the same name in the h5ad is replaced).
+_DERIVED_OBS = ("instance_id", "region", "total_counts", "area_um2")
 
 
 def read_hest(
@@ -61,8 +62,9 @@ def read_hest(
     ``r, g, b``), ``spots`` (shapes: circles of the spot diameter, or squares for pooled technologies, indexed by
     the h5ad's barcodes), ``table`` (counts as CSR float32, genes in ``var``; ``obs``: ``instance_id`` (the
     barcode), ``region``, ``in_tissue``, ``array_row`` / ``array_col`` when the h5ad has them,
-    ``pxl_row_in_fullres`` / ``pxl_col_in_fullres``, ``total_counts``, ``area_um2``; ``obsm["spatial"]`` spot
-    centres in µm; annotating ``spots``) and, with ``cells=True``, ``cellvit`` (shapes).
+    ``pxl_row_in_fullres`` / ``pxl_col_in_fullres`` and the h5ad's other obs columns, ``total_counts``,
+    ``area_um2``; ``obsm["spatial"]`` spot centres in µm; annotating ``spots``) and, with ``cells=True``,
+    ``cellvit`` (shapes).
     ``sdata.attrs["st2he"]["source"]`` records ``platform="hest"``, ``sample_id``, ``st_technology``,
     ``pixel_size`` (and where it came from), ``spot_diameter``, ``spot_shape`` and the files read.
 
@@ -87,9 +89,9 @@ def read_hest(
     diameter, diameter_how = _spot_diameter(spot_diameter, meta, adata_file, technology, pixel_size, meta_file)
 
     adata = _plain_counts(adata_file)
-    for col in _KEPT_OBS:
-        if col in adata_file.obs:
-            adata.obs[col] = adata_file.obs[col].to_numpy()
+    for col in adata_file.obs.columns:  # HEST's spot columns (in_tissue, array_row, pxl_*, ...) and any others
+        if col not in _DERIVED_OBS:
+            adata.obs[str(col)] = adata_file.obs[col].to_numpy()
 
     from spatialdata import SpatialData
 
