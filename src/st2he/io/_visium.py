@@ -179,7 +179,7 @@ def _read_visium(folder: Path, *, image, fullres_image_file, counts_file: str, u
         )
         raise FileNotFoundError(msg)
     if use_spatialdata_io:
-        adata, xy_px = _visium_through_spatialdata_io(folder, counts)
+        adata, xy_px = _visium_through_spatialdata_io(folder, counts, counts_file)
         reader = "spatialdata_io.visium"
     else:
         adata = _read_counts(counts)
@@ -237,10 +237,10 @@ def _find_counts(folder: Path, counts_file: str) -> Path:
     return found.parent if found.name == "matrix.mtx.gz" else found
 
 
-def _visium_through_spatialdata_io(folder: Path, counts: Path):
+def _visium_through_spatialdata_io(folder: Path, counts: Path, counts_file: str):
     from spatialdata_io import visium
 
-    prefix = counts.name[: -len(_COUNTS_FILE) - 1] if counts.name.endswith("_" + _COUNTS_FILE) else ""
+    prefix = counts.name[: -len(counts_file) - 1] if counts.name.endswith("_" + counts_file) else ""
     counts_name = counts.name[len(prefix) + 1 :] if prefix else counts.name
     with quiet_spatialdata_io(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
