@@ -252,7 +252,7 @@ def test_visium_fullres_image_file_and_old_positions(visium_dir, tmp_path):
         np.testing.assert_array_equal(table.X.toarray(), np.load(visium_dir.parent / "counts.npy"))
 
 
-def test_visium_bad_input(visium_dir, tmp_path):
+def test_visium_bad_input(visium_dir, tmp_path, shared_data):
     import shutil
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -281,6 +281,16 @@ def test_visium_bad_input(visium_dir, tmp_path):
         st2he.io.read_visium(visium_dir, image="medium")
     with pytest.raises(FileNotFoundError, match="fullres_image_file"):
         st2he.io.read_visium(visium_dir, fullres_image_file="missing.tif")
+    tile = shared_data / "he_tcga_tiles" / "TCGA-3X-AAVA-01Z-00-DX1" / "0_0_0_506.jpg"  # 128 µm: 1 of the 6 spots
+    with pytest.warns(UserWarning, match=r"spans x 0-128, y 0-128 µm but only 17% of the spot or bin centres"):
+        st2he.io.read_visium(visium_dir, fullres_image_file=tile)
+    stray = tmp_path / "stray"
+    shutil.copytree(visium_dir, stray)
+    positions = pd.read_csv(stray / "spatial" / "tissue_positions.csv")
+    positions.iloc[1:].to_csv(stray / "spatial" / "tissue_positions.csv", index=False)
+    for use in (True, False):
+        with pytest.raises(ValueError, match="position"):
+            _read(st2he.io.read_visium, stray, use_spatialdata_io=use)
 
 
 # -------------------------------------------------------------------------------------------------- Visium HD
@@ -412,6 +422,9 @@ def test_visium_hd_bin_sizes_and_partial_folders(hd_dir, tmp_path):
     np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], np.column_stack([pxl_col, pxl_row])[keep] * 0.25)
     with pytest.raises(FileNotFoundError, match="feature_slice.h5"):
         st2he.io.read_visium(alone, use_spatialdata_io=True)
+    (alone / "spatial" / "scalefactors_json.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"square_008um/spatial/scalefactors_json.json"):
+        st2he.io.read_visium(alone)
 
     missing = tmp_path / "outs"
     shutil.copytree(hd_dir, missing)
