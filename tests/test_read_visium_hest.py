@@ -619,3 +619,13 @@ def test_zarr_round_trip_and_table_keys(visium_dir, hest_dir, tmp_path):
         assert back.attrs["st2he"]["source"] == sdata.attrs["st2he"]["source"]
         raster, original = st2he.io.Raster(back.images["he_image"]), st2he.io.Raster(sdata.images["he_image"])
         assert raster.bounds == pytest.approx(original.bounds)
+
+
+def test_visium_reads_images_beyond_pillows_bomb_limit(visium_dir, monkeypatch):
+    """A whole Visium microscope JPEG (20k x 20k px) is beyond Pillow's decompression-bomb limit; it is the user's."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the hires PNG (130 x 240 px) is "too large" now
+    sdata = _read(st2he.io.read_visium, visium_dir, image="hires", use_spatialdata_io=False)
+    assert st2he.io.Raster(sdata.images["he_image"]).bounds == pytest.approx((0, 0, 480, 260))
+    assert Image.MAX_IMAGE_PIXELS == 1000

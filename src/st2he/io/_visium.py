@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -687,9 +688,23 @@ def _add_image(
         warn_assumption(note, "Pass fullres_image_file= to read the microscope image")
         return None
     file, pixel_size = chosen
-    read_he_image(file, pixel_size=pixel_size, key=HE_KEY, origin=(0.0, 0.0), sdata=sdata)
+    with _large_images():
+        read_he_image(file, pixel_size=pixel_size, key=HE_KEY, origin=(0.0, 0.0), sdata=sdata)
     _check_covers(sdata, xy_um, file, assumptions)
     return {"kind": kind, "file": str(file), "pixel_size": pixel_size}
+
+
+@contextmanager
+def _large_images():
+    """Let Pillow open a whole microscope image (Visium JPEGs of 20k x 20k px exceed its decompression-bomb limit)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _check_covers(sdata, xy_um: np.ndarray, file: Path, assumptions: list[str]) -> None:
