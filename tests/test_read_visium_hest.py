@@ -542,6 +542,9 @@ def test_hest_options_technologies_and_cells(hest_dir, tmp_path, shared_data):
     import shapely
 
     xy = np.load(hest_dir / "xy.npy")
+    by_file = _read(st2he.io.read_hest, hest_dir / "st" / f"{HEST_ID}.h5ad", image=False)
+    assert by_file.attrs["st2he"]["source"]["sample_id"] == HEST_ID
+    np.testing.assert_allclose(by_file.tables["table"].obsm["spatial"], xy * HEST_PX)
     given = _read(st2he.io.read_hest, hest_dir, pixel_size=0.25, spot_diameter=60.0, image=False)
     np.testing.assert_allclose(given.tables["table"].obsm["spatial"], xy * 0.25)
     np.testing.assert_allclose(given.shapes["spots"]["radius"], 30.0)

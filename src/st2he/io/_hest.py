@@ -41,7 +41,8 @@ def read_hest(
     Parameters
     ----------
     root
-        The HEST-1k download folder (holding ``st/``, ``wsis/``, ``metadata/``).
+        The HEST-1k download folder (holding ``st/``, ``wsis/``, ``metadata/``), or the sample's ``st/<id>.h5ad``
+        in it (then ``sample_id`` is its name).
     sample_id
         The sample's id (``"TENX95"``, ``"NCBI783"``, ...); may be left out when ``st/`` holds one sample.
     pixel_size
@@ -73,7 +74,13 @@ def read_hest(
     >>> import st2he
     >>> sdata = st2he.io.read_hest("hest_data", "TENX95")  # doctest: +SKIP
     """
-    folder = check_folder(root, "HEST-1k")
+    given = Path(root).expanduser()
+    if given.is_file() and given.suffix == ".h5ad" and given.parent.name == "st":
+        if sample_id is not None and str(sample_id) != given.stem:
+            msg = f"sample_id={sample_id!r} but the file given is sample {given.stem!r}; pass one or the other."
+            raise ValueError(msg)
+        root, sample_id = given.parent.parent, given.stem
+    folder = check_folder(root, "HEST")
     st_dir = folder / "st"
     sample_id = _sample_id(folder, st_dir, sample_id)
     st_file = st_dir / f"{sample_id}.h5ad"
