@@ -426,6 +426,15 @@ def test_visium_hd_bin_sizes_and_partial_folders(hd_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"square_008um/spatial/scalefactors_json.json"):
         st2he.io.read_visium(alone)
 
+    # Space Ranger 4 also segments cells; spatialdata-io would load them, so the bins are read file by file
+    segmented = tmp_path / "segmented"
+    shutil.copytree(hd_dir, segmented)
+    (segmented / "segmented_outputs").mkdir()
+    (segmented / "segmented_outputs" / "cell_segmentations.geojson").write_text("not read")
+    sdata = _read(st2he.io.read_visium, segmented, image=None)
+    assert sdata.attrs["st2he"]["source"]["reader"] == "st2he (files)"
+    np.testing.assert_array_equal(sdata.tables["table"].X.toarray(), np.load(hd_dir.parent / "counts_8.npy"))
+
     missing = tmp_path / "outs"
     shutil.copytree(hd_dir, missing)
     (missing / "binned_outputs" / "square_008um" / "filtered_feature_bc_matrix.h5").unlink()

@@ -99,7 +99,8 @@ def read_visium(
     use_spatialdata_io
         Force (True) or forbid (False) reading the counts and positions through spatialdata-io; by default it is
         used when the folder has what its reader needs (Visium: an ``.h5`` matrix and ``tissue_positions*.csv``;
-        Visium HD: ``feature_slice.h5`` and ``binned_outputs/``). Both ways give the same object.
+        Visium HD: ``feature_slice.h5`` and ``binned_outputs/``, and no ``segmented_outputs/`` cell segmentation,
+        which :func:`spatialdata_io.visium_hd` would load too). Both ways give the same object.
 
     Returns
     -------
@@ -342,7 +343,9 @@ def _read_hd(folder, outs, bin_dirs, *, bin_size, image, fullres_image_file, use
     feature_slice = next(iter(sorted(outs.glob("*feature_slice.h5"))), None)
     possible = feature_slice is not None and bin_dir == outs / "binned_outputs" / f"square_{bin_size:03d}um"
     if use_spatialdata_io is None:
-        use_spatialdata_io = possible
+        # spatialdata-io would also load Space Ranger's cell segmentation (a GeoJSON of millions of polygons)
+        segmented = (outs / "segmented_outputs" / "cell_segmentations.geojson").exists()
+        use_spatialdata_io = possible and not segmented
     elif use_spatialdata_io and not possible:
         msg = (
             f"use_spatialdata_io=True needs a full Visium HD output folder (feature_slice.h5 beside binned_outputs/), "
