@@ -13,7 +13,7 @@ from st2he._grid import COORDINATE_SYSTEM, Grid
 
 from ._common import TruncatedImageError, check_tiff_complete, damaged_image, ome_pixel_size
 
-_TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
+_TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".ndpi", ".scn", ".bif", ".qptiff")
 
 
 def read_he_image(
