@@ -509,3 +509,19 @@ def test_tables_survive_a_zarr_round_trip(tmp_path):
         assert list(back.tables[key].obs["instance_id"]) == list(sdata.tables[key].obs["instance_id"])
     np.testing.assert_array_equal(back.shapes["spots_55um"]["radius"], 27.5)
     assert get_params(back, "bins_8um_table")["molecules"]["counted"] == 3
+
+
+def test_cells_in_pixels_are_placed_in_micrometres_and_repeated_ids_are_refused():
+    # cell polygons stored in pixels of 0.5 µm: box(0, 0, 20, 20) px is 10 x 10 µm
+    squares = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 20, 20), shapely.box(20, 0, 40, 20)], index=["a", "b"])
+    scale = Scale([0.5, 0.5], axes=("x", "y"))
+    shapes = {"cells": ShapesModel.parse(squares, transformations={"global": scale})}
+    sdata = _sdata([5.0, 9.9, 10.1, 25.0], [5.0, 5.0, 5.0, 5.0], ["A"] * 4, shapes=shapes)
+    table = _aggregate(sdata, by="cells", shapes_key="cells")
+    assert _counts(table) == {("a", "A"): 2, ("b", "A"): 1}
+    np.testing.assert_array_equal(table.obs["area_um2"], [100.0, 100.0])
+    np.testing.assert_array_equal(table.obsm["spatial"], [[5, 5], [15, 5]])
+    twice = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1), shapely.box(2, 0, 3, 1)], index=["a", "a"])
+    sdata["twice"] = ShapesModel.parse(twice, transformations={"global": Identity()})
+    with pytest.raises(ValueError, match=r"'twice' has repeated index values \(e.g. \['a'\]\)"):
+        _aggregate(sdata, by="cells", shapes_key="twice")

@@ -211,6 +211,7 @@ def aggregate_transcripts(
 
     if by == "cells":
         cells = _Shapes.read(sdata, shapes_key, coordinate_system, "shapes_key")
+        _unique_ids(cells)
         id_column = _choose_cell_id_column(source, cells, cell_id_column, shapes_key)
         assigner = _CellAssigner(cells, id_column)
     elif by == "bins":
@@ -783,7 +784,7 @@ class _CellAssigner:
         self.cells = cells
         self.id_column = id_column
         self.columns = (id_column,) if id_column is not None else ()
-        self.index = pd.Index(_id_text(cells.frame.index))
+        self.index = _unique_ids(cells)
         self.locate = cells.locator() if id_column is None else None
         self.unknown_ids = 0  # kept molecules whose id is neither a cell nor an unassigned value
 
@@ -801,7 +802,10 @@ class _CellAssigner:
             return pos, np.where(codes >= 0, unknown[codes], False)
         text = _id_text(values)
         pos = self.index.get_indexer(text)
-        return pos, (pos < 0) & ~np.isin(np.char.lower(text.astype(str)), list(UNASSIGNED))
+        unknown = pos < 0
+        missing = np.flatnonzero(unknown)
+        unknown[missing] = ~np.isin(np.char.lower(text[missing].astype(str)), list(UNASSIGNED))
+        return pos, unknown
 
     def assign(self, batch: _Batch, context) -> tuple[np.ndarray, np.ndarray]:
         if context is None:
@@ -816,6 +820,19 @@ class _CellAssigner:
 
     def geometry(self, keys: np.ndarray):
         return None, None, self.cells.centroids()[keys], self.cells.areas()[keys]
+
+
+def _unique_ids(cells: _Shapes) -> pd.Index:
+    """The cells' ids as text; an error when two cells share one."""
+    index = pd.Index(_id_text(cells.frame.index))
+    if not index.is_unique:
+        twice = list(cells.frame.index[index.duplicated()][:3])
+        msg = (
+            f"The shapes element {cells.key!r} has repeated index values (e.g. {twice}); each cell needs its own id "
+            "to be a unit of the table."
+        )
+        raise ValueError(msg)
+    return index
 
 
 def _choose_cell_id_column(source: MoleculeSource, cells: _Shapes, cell_id_column, shapes_key: str) -> str | None:
@@ -840,7 +857,7 @@ def _choose_cell_id_column(source: MoleculeSource, cells: _Shapes, cell_id_colum
         candidate = cell_id_column
     sample = _id_sample(source, candidate)
     assigned = sample[~np.isin(np.char.lower(sample.astype(str)), list(UNASSIGNED))] if len(sample) else sample
-    matched = int(np.count_nonzero(pd.Index(_id_text(cells.frame.index)).get_indexer(assigned) >= 0))
+    matched = int(np.count_nonzero(_unique_ids(cells).get_indexer(assigned) >= 0))
     if cell_id_column == "auto":
         if len(assigned) and matched >= 0.5 * len(assigned):
             logger.info("aggregate_transcripts: molecules assigned to %r by the points' %r.", shapes_key, candidate)
