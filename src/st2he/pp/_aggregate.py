@@ -236,7 +236,7 @@ def aggregate_transcripts(
         )
         raise ValueError(msg)
 
-    shapes_element = None if by == "cells" else assigner.shapes(table_units.keys, coordinate_system)
+    shapes_element = None if by == "cells" else assigner.shapes(table_units.keys, table_units.ids, coordinate_system)
     centroids, areas = table_units.centroids, table_units.areas
     labels = None
     if labels_key is not None:
@@ -538,7 +538,8 @@ def _grid_rows_cols(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grid_ids(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return np.char.add(np.char.add(rows.astype(str), "_"), cols.astype(str)).astype(object)
+    """Unit ids ``f"{array_row}_{array_col}"``."""
+    return np.array([f"{r}_{c}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)], dtype=object)
 
 
 class _BinAssigner:
@@ -563,7 +564,7 @@ class _BinAssigner:
         centres = np.column_stack([(cols + 0.5) * b, (rows + 0.5) * b])
         return rows, cols, centres, np.full(len(keys), b * b)
 
-    def shapes(self, keys: np.ndarray, coordinate_system: str):
+    def shapes(self, keys: np.ndarray, ids: np.ndarray, coordinate_system: str):
         import geopandas as gpd
         import shapely
 
@@ -572,7 +573,7 @@ class _BinAssigner:
         frame = gpd.GeoDataFrame(
             {"array_row": rows, "array_col": cols},
             geometry=shapely.box(cols * b, rows * b, (cols + 1) * b, (rows + 1) * b),
-            index=pd.Index(_grid_ids(rows, cols)),
+            index=pd.Index(ids),
         )
         return _parse_shapes(frame, coordinate_system)
 
@@ -621,7 +622,7 @@ class _SpotAssigner:
         cx, cy = self.centres(rows, cols)
         return rows, cols, np.column_stack([cx, cy]), np.full(len(keys), math.pi * self.radius**2)
 
-    def shapes(self, keys: np.ndarray, coordinate_system: str):
+    def shapes(self, keys: np.ndarray, ids: np.ndarray, coordinate_system: str):
         import geopandas as gpd
         import shapely
 
@@ -630,7 +631,7 @@ class _SpotAssigner:
         frame = gpd.GeoDataFrame(
             {"radius": np.full(len(keys), self.radius), "array_row": rows, "array_col": cols},
             geometry=shapely.points(cx, cy),
-            index=pd.Index(_grid_ids(rows, cols)),
+            index=pd.Index(ids),
         )
         return _parse_shapes(frame, coordinate_system)
 
