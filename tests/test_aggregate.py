@@ -77,7 +77,8 @@ def test_bins_count_every_molecule_in_its_bin_edges_included_and_filtered_as_the
     control = [False] * len(rows)
     control[10] = True
     sdata = _sdata(x, y, g, qv=q, npartitions=3, extra={"is_control": control})
-    with pytest.warns(MoleculesDroppedWarning, match=r"kept 8 of 12 molecules; dropped 4: 2 control probes, 1 with qv < 20"):
+    report = r"kept 8 of 12 molecules; dropped 4: 2 control probes, 1 with qv < 20, 1 with NaN"
+    with pytest.warns(MoleculesDroppedWarning, match=report):
         table = st2he.pp.aggregate_transcripts(sdata, by="bins", bin_size=8.0)
     assert "bins_8um" in sdata.shapes and sdata.tables["bins_8um_table"] is table
     assert _counts(table) == {
@@ -140,7 +141,8 @@ def _reference_bins(df: pd.DataFrame, bin_size: float, min_qv: float = 20.0) -> 
     rows = np.floor(d["y"].to_numpy() / bin_size).astype(int)
     cols = np.floor(d["x"].to_numpy() / bin_size).astype(int)
     ids = [f"{r}_{c}" for r, c in zip(rows, cols, strict=True)]
-    return pd.Series(1, index=pd.MultiIndex.from_arrays([ids, d["gene"].astype(str)])).groupby(level=[0, 1]).sum().to_dict()
+    index = pd.MultiIndex.from_arrays([ids, d["gene"].astype(str)])
+    return pd.Series(1, index=index).groupby(level=[0, 1]).sum().to_dict()
 
 
 def test_bins_match_a_numpy_model_and_transcript_density_on_random_molecules():
