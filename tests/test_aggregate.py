@@ -314,6 +314,11 @@ def test_cells_by_the_points_cell_ids_with_unassigned_values_and_ids_of_other_ce
     # the same molecules by position
     by_position = _aggregate(sdata, by="cells", shapes_key="cells", cell_id_column=None, key_added="pos")
     assert _counts(by_position) == {("c1", "A"): 3, ("c1", "B"): 2, ("c3", "B"): 1}
+    # nuclei carry their cell's id, but only the molecules inside them are theirs: placed by position
+    sdata["nucleus_boundaries"] = _cells()["cells"]
+    nuclei = _aggregate(sdata, by="cells", shapes_key="nucleus_boundaries", key_added="nuc")
+    assert nuclei.uns["st2he"]["molecules"]["cells_by"] == "position"
+    assert _counts(nuclei) == _counts(by_position)
 
 
 def test_cells_by_integer_ids_where_0_and_minus_1_mean_no_cell():
@@ -463,6 +468,8 @@ def test_bad_input_fails_with_specific_errors_and_nothing_lost():
         _aggregate(sdata, min_counts=0)
     with pytest.raises(ValueError, match=r"1 gene\(s\) are not in the panel.*'Z'"):
         _aggregate(sdata, genes=["A", "Z"])
+    with pytest.raises(TypeError, match="genes must be a list of gene names"):
+        _aggregate(sdata, genes={"AB": ["A", "B"]})
     with pytest.raises(ValueError, match="labels_key and labels_column go together"):
         _aggregate(sdata, labels_key="cells")
     with pytest.raises(KeyError, match="labels_column='tissue' is not a column"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +125,11 @@ def aggregate_transcripts(
     cell_id_column
         ``by="cells"``: the points' column naming each molecule's cell. ``"auto"`` (default): the points element's
         ``instance_key`` (else a ``cell_id`` column) when its values name the shapes' index (at least half of the
-        assigned values met in the first partition do); otherwise molecules are placed by position. A column name
-        uses that column (an error when no value of it names a shape); ``None`` always places by position (e.g.
-        ``shapes_key="nucleus_boundaries"``, whose index holds cell ids too, counts only the molecules inside the
-        nuclei with ``None``). Values ``"UNASSIGNED"``, ``-1``, ``0``, empty or missing, and any value that names
-        no shape, count in no cell (reported).
+        assigned values met in the first partition, or of the column's categories, do) and ``shapes_key`` is not
+        named like nuclei (``nucle`` in its name: nuclei are indexed by their cell's id, but only the molecules
+        inside them are theirs); otherwise molecules are placed by position. A column name uses that column (an
+        error when no value of it names a shape); ``None`` always places by position. Values ``"UNASSIGNED"``,
+        ``-1``, ``0``, empty or missing, and any value that names no shape, count in no cell (reported).
     genes
         Count only these genes, in this order (default: every kept gene, sorted by name). ``total_counts`` sums
         the genes of the table.
@@ -367,6 +367,9 @@ def _positive(value, name: str) -> float:
 def _check_genes(genes) -> list[str] | None:
     if genes is None:
         return None
+    if isinstance(genes, Mapping):
+        msg = "genes must be a list of gene names (groups of genes are transcript_density's, not a table's)."
+        raise TypeError(msg)
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
     if not genes:
         msg = "genes must name at least one gene (or be None for all of them)."
@@ -842,6 +845,9 @@ def _choose_cell_id_column(source: MoleculeSource, cells: _Shapes, cell_id_colum
         return None
     columns = list(source.points.columns)
     if cell_id_column == "auto":
+        if "nucle" in shapes_key.lower():  # nuclei carry their cell's id: the cell's molecules are not theirs
+            logger.info("aggregate_transcripts: molecules placed in the nuclei of %r by position.", shapes_key)
+            return None
         attrs = source.points.attrs.get("spatialdata_attrs", {}) if hasattr(source.points, "attrs") else {}
         candidate = attrs.get("instance_key")
         if candidate not in columns:
