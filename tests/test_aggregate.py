@@ -23,8 +23,11 @@ from st2he.pp import MoleculesDroppedWarning
 SQRT3_2 = math.sqrt(3) / 2
 
 
-def _points(x, y, genes, *, qv=None, npartitions=1, extra=None, transformations=None, instance_key=None):
-    df = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float), "gene": pd.Categorical(genes)})
+def _points(
+    x, y, genes, *, qv=None, npartitions=1, extra=None, transformations=None, instance_key=None, categorical=True
+):
+    genes = pd.Categorical(genes) if categorical else np.asarray(genes, dtype=object)
+    df = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float), "gene": genes})
     if qv is not None:
         df["qv"] = np.asarray(qv, float)
     for k, v in (extra or {}).items():
@@ -158,6 +161,9 @@ def test_bins_match_a_numpy_model_and_transcript_density_on_random_molecules():
     for bin_size in (2.0, 8.0, 16.0):
         table = _aggregate(sdata, by="bins", bin_size=bin_size, overwrite=True)
         assert _counts(table) == _reference_bins(df, bin_size)
+    # genes as plain strings (no categories known before reading): the same table
+    strings = _sdata(x, y, genes, qv=qv, npartitions=4, categorical=False)
+    assert _counts(_aggregate(strings, by="bins", bin_size=16.0)) == _reference_bins(df, 16.0)
     # the same molecules through the rasteriser's density image on the same lattice
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MoleculesDroppedWarning)
@@ -287,6 +293,14 @@ def test_cells_by_position_edges_to_the_first_cell_outside_to_none_and_every_cel
     assert set(sdata.shapes) == {"cells"}  # nothing new written for cells
     m = table.uns["st2he"]["molecules"]
     assert (m["cells_by"], m["kept"], m["counted"], m["outside_units"]) == ("position", 6, 5, 1)
+
+
+def test_cells_without_kept_molecules_give_a_table_of_zeros():
+    sdata = _sdata([5.0, 15.0], [5.0, 5.0], ["A", "BLANK_2"], qv=[5.0, 30.0], shapes=_cells())
+    table = _aggregate(sdata, by="cells", shapes_key="cells")
+    assert table.shape == (3, 1) and table.X.nnz == 0
+    assert table.obs["total_counts"].tolist() == [0, 0, 0]
+    assert list(table.var_names) == ["A"]
 
 
 def test_cells_of_circles_count_molecules_within_the_radius():
