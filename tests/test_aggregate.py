@@ -548,3 +548,37 @@ def test_cells_in_pixels_are_placed_in_micrometres_and_repeated_ids_are_refused(
     sdata["twice"] = ShapesModel.parse(twice, transformations={"global": Identity()})
     with pytest.raises(ValueError, match=r"'twice' has repeated index values \(e.g. \['a'\]\)"):
         _aggregate(sdata, by="cells", shapes_key="twice")
+
+
+def test_the_molecules_are_read_partition_by_partition_never_whole(monkeypatch):
+    rng = np.random.default_rng(5)
+    n = 3000
+    x, y = rng.uniform(0, 40, n), rng.uniform(0, 40, n)
+    ids = np.where(x < 20, "c1", "UNASSIGNED")
+    sdata = _sdata(x, y, rng.choice(["A", "B"], n), shapes=_cells(), npartitions=6, extra={"cell_id": ids})
+    expected = {by: _counts(_aggregate(sdata, by=by, **kw)) for by, kw in (("bins", {}), ("spots", {}))}
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole points element was computed")
+
+    monkeypatch.setattr(dd.DataFrame, "compute", whole)
+    monkeypatch.setattr(dd.Series, "compute", whole)
+    import dask
+
+    seen = []
+    real = dask.compute
+
+    def one_partition(*args, **kwargs):
+        (part,) = args
+        out = real(part, **kwargs)
+        seen.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(dask, "compute", one_partition)
+    for by, kw in (("bins", {}), ("spots", {}), ("cells", {"shapes_key": "cells"})):
+        seen.clear()
+        table = _aggregate(sdata, by=by, key_added=f"{by}_again", shapes_added=None if by == "cells" else by, **kw)
+        if by != "cells":
+            assert _counts(table) == expected[by]
+        # each read is one partition (cells also read one partition of the cell ids to choose how to assign)
+        assert len(seen) == 6 + (by == "cells") and max(seen) <= n // 6 + 1
