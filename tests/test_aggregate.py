@@ -20,8 +20,6 @@ from st2he._elements import get_params
 from st2he._units import table_keys
 from st2he.pp import MoleculesDroppedWarning
 
-SQRT3_2 = math.sqrt(3) / 2
-
 
 def _points(
     x, y, genes, *, qv=None, npartitions=1, extra=None, transformations=None, instance_key=None, categorical=True
