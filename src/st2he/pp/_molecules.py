@@ -133,11 +133,14 @@ class MoleculeSource:
         return cols
 
 
-def molecule_source(sdata, points_key: str = "transcripts", *, need_genes: bool = True) -> MoleculeSource:
+def molecule_source(
+    sdata, points_key: str = "transcripts", *, need_genes: bool = True, coordinate_system: str = COORDINATE_SYSTEM
+) -> MoleculeSource:
     """Validate ``points_key`` and find its gene, quality and control columns.
 
     The gene column is the points element's ``feature_key`` (spatialdata's PointsModel attribute); without
     one, the first of :data:`GENE_COLUMNS` present is used. ``need_genes=True`` makes its absence an error.
+    ``affine`` maps the points to ``coordinate_system`` (``global`` unless told).
     """
     from spatialdata.transformations import get_transformation
 
@@ -171,14 +174,14 @@ def molecule_source(sdata, points_key: str = "transcripts", *, need_genes: bool 
     qv_column = next((c for c in QV_COLUMNS if c in columns), None)
     control_column = next((c for c in CONTROL_COLUMNS if c in columns), None)
     transformations = get_transformation(points, get_all=True)
-    if COORDINATE_SYSTEM not in transformations:
+    if coordinate_system not in transformations:
         msg = (
             f"The points element {points_key!r} has no transformation to the coordinate system "
-            f"{COORDINATE_SYSTEM!r} (it has {sorted(transformations)})."
+            f"{coordinate_system!r} (it has {sorted(transformations)})."
         )
         raise ValueError(msg)
     affine = np.asarray(
-        transformations[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")),
+        transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")),
         dtype=np.float64,
     )
     panel = None
@@ -230,11 +233,15 @@ _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 _EMPTY_I8 = np.zeros(0, dtype=np.int8)
 
 
-def _raw_partitions(source: MoleculeSource, genes: GeneCodes, *, min_qv, drop_controls, columns=None):
-    """Yield the arrays the kernels read from each non-empty partition."""
+def _raw_partitions(source: MoleculeSource, genes: GeneCodes, *, min_qv, drop_controls, columns=None, extra=()):
+    """Yield the arrays the kernels read from each non-empty partition.
+
+    ``extra``: more columns to read; each partition then also yields a tuple of those columns (pandas Series).
+    """
     import dask
 
     columns = list(columns or source.columns)
+    columns += [c for c in extra if c not in columns]
     points = source.points
     # selecting columns lets parquet skip the others, but copies in-memory frames: skip it when all are needed
     frame = points if list(points.columns) == columns else points[columns]
@@ -256,7 +263,10 @@ def _raw_partitions(source: MoleculeSource, genes: GeneCodes, *, min_qv, drop_co
         qv = _EMPTY_F32
         if min_qv is not None and source.qv_column is not None and source.qv_column in df.columns:
             qv = _numeric(df[source.qv_column])
-        yield x, y, raw, lut, control_code, control_col, qv
+        if extra:
+            yield x, y, raw, lut, control_code, control_col, qv, tuple(df[c] for c in extra)
+        else:
+            yield x, y, raw, lut, control_code, control_col, qv
 
 
 def _affine(source: MoleculeSource) -> tuple[np.ndarray, bool]:
