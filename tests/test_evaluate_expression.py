@@ -335,8 +335,14 @@ def test_stored_table_survives_zarr(sdata, tmp_path):
     with pytest.warns(UserWarning, match="no variance"):
         sdata.tables["predicted"].X[:, 1] = 0.0
         st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", key_added="m")
+    st2he.tl.evaluate_expression(
+        sdata, pred_key="predicted", true_key="measured", genes=["A"], tumour_key="tumour", key_added="m_a"
+    )
     sdata.write(tmp_path / "s.zarr")
-    back = read_zarr(tmp_path / "s.zarr").tables["m"]
+    tables = read_zarr(tmp_path / "s.zarr").tables
+    assert tables["m_a"].uns["summary"]["n_nan_genes"] == 0
+    assert tables["m_a"].uns["summary"]["tumour_auroc"] == sdata.tables["m_a"].uns["summary"]["tumour_auroc"]
+    back = tables["m"]
     assert list(back.obs_names) == GENES and np.isnan(back.obs.loc["B", "pearson"])
     assert back.uns["summary"]["n_nan_genes"] == 1 and list(back.uns["summary"]["nan_genes"]) == ["B"]
 
