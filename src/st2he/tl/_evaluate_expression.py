@@ -91,7 +91,7 @@ def evaluate_expression(
         Column of tumour labels in ``obs`` of the measured table (else of the predicted table): boolean or 0/1, or
         any column with ``tumour_values``. ``None``: no tumour metrics.
     tumour_values
-        Values of ``tumour_key`` that mean tumour (see :func:`st2he._units.tumour_labels`).
+        Values of ``tumour_key`` that mean tumour (every other non-missing value means not tumour).
     tumour_probability
         Column of the predicted table's ``obs`` with the predicted tumour probability.
     data_range
