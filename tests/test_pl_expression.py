@@ -183,3 +183,25 @@ def test_bad_input(sdata, tmp_path):
     del sdata.shapes["bins"]
     with pytest.raises(KeyError, match=r"annotates 'bins', which is not a shapes element"):
         call()
+
+
+def test_units_placed_through_their_transformation():
+    from spatialdata.transformations import Affine, set_transformation
+
+    # the shapes placed in global µm by a scale of 2 and a shift of (10, 5)
+    for circles in (False, True):
+        sdata = _tables.make_expression_sdata(circles=circles)
+        matrix = np.array([[2.0, 0, 10], [0, 2.0, 5], [0, 0, 1]])
+        affine = Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+        set_transformation(sdata.shapes["bins"], affine, to_coordinate_system="global")
+        axes = st2he.pl.expression(sdata, genes="A", pred_key="predicted", image_key=None, tumour=False)
+        (coll,) = axes[0].collections
+        pred = sdata.tables["predicted"]
+        k = list(pred.obs["instance_id"]).index("2_1")  # the bin at x 8..16, y 16..24 before the transformation
+        if circles:
+            np.testing.assert_allclose(coll.get_offsets()[k], [10 + 2 * 12, 5 + 2 * 20])
+            np.testing.assert_allclose(coll.get_widths()[k], 2 * 8.0)  # diameter 8, scaled by 2
+        else:
+            v = coll.get_paths()[k].vertices
+            np.testing.assert_allclose([*v.min(axis=0), *v.max(axis=0)], [26, 37, 42, 53])
+        assert axes[0].get_xlim() == pytest.approx((10, 170)) and axes[0].get_ylim() == pytest.approx((149, 5))

@@ -25,8 +25,8 @@ class _Units:
     """The shapes of a table's units in one coordinate system, ready to draw.
 
     ``rows``: the table rows drawn (one per unit). Circles: ``centres`` ``(n, 2)`` and ``radii`` ``(n,)``;
-    polygons: ``polygons`` (vertex arrays, a multipolygon's parts one each) and ``owner`` (the position in
-    ``rows`` of each polygon's unit).
+    polygons: ``polygons`` (closed :class:`matplotlib.path.Path` outlines, a multipolygon's parts one each, made once
+    and shared by every panel) and ``owner`` (the position in ``rows`` of each polygon's unit).
     """
 
     rows: np.ndarray
@@ -47,7 +47,7 @@ class _Units:
 
     def collection(self, values: np.ndarray, *, cmap, vmin: float, vmax: float, alpha: float, axis):
         """A matplotlib collection of the units coloured by ``values`` (one per unit), added to ``axis``."""
-        from matplotlib.collections import EllipseCollection, PolyCollection
+        from matplotlib.collections import EllipseCollection, PathCollection
 
         if self.centres is not None:
             coll = EllipseCollection(
@@ -60,7 +60,7 @@ class _Units:
             )
             coll.set_array(np.ma.masked_invalid(values))
         else:
-            coll = PolyCollection(self.polygons, closed=True)
+            coll = PathCollection(self.polygons)  # no sizes: the outlines are drawn in data coordinates
             coll.set_array(np.ma.masked_invalid(values[self.owner]))
         coll.set_cmap(cmap)
         coll.set_clim(vmin, vmax)
@@ -341,7 +341,7 @@ def _units(sdata, table, name: str, coordinate_system: str) -> _Units:
     """The shapes of the units of ``table``, in ``coordinate_system``, matched to its rows by instance id."""
     import pandas as pd
     import shapely
-    from spatialdata import transform
+    from matplotlib.path import Path
     from spatialdata.transformations import get_transformation
 
     regions, region_key, instance_key = table_keys(table, name=name)
@@ -355,11 +355,15 @@ def _units(sdata, table, name: str, coordinate_system: str) -> _Units:
                 f"(shapes: {sorted(sdata.shapes)}); its units cannot be drawn."
             )
             raise KeyError(msg)
-        element = sdata.shapes[region]
-        if coordinate_system not in get_transformation(element, get_all=True):
-            msg = f"The shapes element {region!r} has no transformation to the {coordinate_system!r} coordinate system."
+        shapes = sdata.shapes[region]
+        transformations = get_transformation(shapes, get_all=True)
+        if coordinate_system not in transformations:
+            msg = (
+                f"The shapes element {region!r} has no transformation to the {coordinate_system!r} coordinate system "
+                f"(it has {sorted(transformations)})."
+            )
             raise ValueError(msg)
-        shapes = transform(element, to_coordinate_system=coordinate_system)
+        affine = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
         rows = np.flatnonzero(obs_region == str(region))
         found = pd.Index(shapes.index.astype(str)).get_indexer(obs_ids[rows])
         if (found < 0).any():
@@ -372,9 +376,12 @@ def _units(sdata, table, name: str, coordinate_system: str) -> _Units:
             )
             rows, found = rows[found >= 0], found[found >= 0]
         geoms = shapes.geometry.to_numpy()[found]
+        if not np.allclose(affine, np.eye(3)):  # into the coordinate system, all units at once
+            geoms = shapely.transform(geoms, lambda xy, m=affine: xy @ m[:2, :2].T + m[:2, 2])
         if "radius" in shapes.columns:
             centres = shapely.get_coordinates(geoms)[:, :2]
-            radii = shapes["radius"].to_numpy(dtype=np.float64)[found]
+            # (a circle under a non-uniform scale or shear is drawn as the circle of the same area)
+            radii = shapes["radius"].to_numpy(dtype=np.float64)[found] * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
             bounds = np.c_[centres - radii[:, None], centres + radii[:, None]]
             parts.append(_Units(rows, bounds, centres=centres, radii=radii))
         else:
@@ -382,7 +389,7 @@ def _units(sdata, table, name: str, coordinate_system: str) -> _Units:
             rings = shapely.get_exterior_ring(pieces)
             coords, ring_of = shapely.get_coordinates(rings, return_index=True)
             starts = np.flatnonzero(np.r_[True, np.diff(ring_of) != 0])
-            polygons = np.split(coords, starts[1:])
+            polygons = [Path(xy, closed=True) for xy in np.split(coords, starts[1:])]
             owner = owner[ring_of[starts]]
             parts.append(_Units(rows, shapely.bounds(geoms), polygons=polygons, owner=owner))
     if len(parts) == 1:
