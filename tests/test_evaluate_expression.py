@@ -272,6 +272,16 @@ def test_hist_convention_on_a_grid_with_holes():
     assert not np.allclose(df["pearson_hist_convention"], df["pearson"])
 
 
+def test_visium_doubled_columns_are_halved(sdata):
+    # Visium numbers spots on a hexagonal lattice with doubled columns: 2 c + (r % 2); neighbours stay neighbours
+    want = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", key_added="plain")
+    for table in sdata.tables.values():
+        if "array_col" in table.obs:
+            table.obs["array_col"] = 2 * table.obs["array_col"] + table.obs["array_row"] % 2
+    got = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", key_added="doubled")
+    pd.testing.assert_frame_equal(got, want)
+
+
 def test_tumour_auroc_auprc_on_known_labels(sdata):
     pred, true = sdata.tables["predicted"], sdata.tables["measured"]
     df = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", tumour_key="tumour")

@@ -55,7 +55,9 @@ def evaluate_expression(
     - ``rmse``: root mean squared difference of the log-normalised values;
     - ``ssim``: structural similarity (:func:`skimage.metrics.structural_similarity`, 7 x 7 window) of the two gene
       maps of gridded units (bins, spots: ``obs["array_row"]`` / ``obs["array_col"]``), each unit one pixel of the
-      grid spanned by the units, units absent or out of tissue zero-filled. Its data range is fixed per gene:
+      grid spanned by the scored units, units absent or out of tissue zero-filled (Visium's doubled spot columns,
+      where every spot's ``array_row + array_col`` has one parity, are halved so that neighbouring spots are
+      neighbouring pixels). Its data range is fixed per gene:
       the measured map's maximum minus its minimum (``data_range="measured"``), or the number given for every gene.
       NaN for units without array coordinates (cells), a grid under 7 x 7 or a measured map with no range;
     - ``pearson_hist_convention``: HiST's convention, **not comparable with** ``pearson``: the Pearson correlation
@@ -381,8 +383,10 @@ def _grid_positions(true, pred, itrue, ipred) -> tuple[np.ndarray, np.ndarray, t
         c = pd.to_numeric(obs["array_col"], errors="coerce").to_numpy(dtype=np.float64)[rows]
         if not (np.isfinite(r).all() and np.isfinite(c).all()) or len(r) == 0:
             continue
-        r = r.astype(np.int64) - int(r.min())
-        c = c.astype(np.int64) - int(c.min())
+        r, c = r.astype(np.int64), c.astype(np.int64)
+        if len(r) > 1 and len(np.unique((r + c) % 2)) == 1:
+            c = c // 2  # Visium numbers spot columns 0, 2, 4 on even rows and 1, 3, 5 on odd rows
+        r, c = r - int(r.min()), c - int(c.min())
         shape = (int(r.max()) + 1, int(c.max()) + 1)
         if len(np.unique(r * shape[1] + c)) != len(r):
             logger.warning("evaluate_expression: several units share an array_row / array_col; no gene maps (SSIM).")
