@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.colors import Normalize
 
@@ -205,3 +206,18 @@ def test_units_placed_through_their_transformation():
             v = coll.get_paths()[k].vertices
             np.testing.assert_allclose([*v.min(axis=0), *v.max(axis=0)], [26, 37, 42, 53])
         assert axes[0].get_xlim() == pytest.approx((10, 170)) and axes[0].get_ylim() == pytest.approx((149, 5))
+
+
+def test_tables_over_different_units_show_maps_without_bars(sdata):
+    from spatialdata import deepcopy
+
+    # measured over the bins, predicted over a copy of them: both maps drawn, no bars (nothing to pair units by)
+    pred = sdata.tables["predicted"]
+    sdata["other_bins"] = deepcopy(sdata.shapes["bins"])
+    del sdata.tables["predicted"]
+    pred.obs["region"] = pd.Categorical(["other_bins"] * pred.n_obs)
+    pred.uns["spatialdata_attrs"]["region"] = "other_bins"
+    sdata.tables["predicted"] = pred
+    with pytest.warns(UserWarning, match="No Pearson r bars.*annotate different elements"):
+        axes = st2he.pl.expression(sdata, genes=["A"], pred_key="predicted", true_key="measured", tumour=False)
+    assert [ax.get_title() for ax in axes] == ["A: measured (measured)", "A: predicted (predicted)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ def expression(
         H&E image drawn, faded, under the units; ``None`` draws none.
     metrics_key
         Table written by :func:`st2he.tl.evaluate_expression` whose ``pearson`` the bars show. Default: computed
-        here (nothing stored) when ``true_key`` is given, else no bars.
+        here (nothing stored) when ``true_key`` is given and both tables hold the same units, else no bars.
     tumour
         Show the tumour probability map when the predicted table has ``obs[tumour_probability]`` (not all NaN).
     tumour_probability
@@ -225,8 +226,12 @@ def expression(
         if not np.isfinite(probability).any():
             probability = None
     if metrics is None and true_key is not None:
-        df, _, _ = _evaluate(sdata, pred_key=pred_key, true_key=true_key, genes=genes)
-        metrics = df["pearson"].to_numpy(dtype=np.float64)
+        try:
+            df, _, _ = _evaluate(sdata, pred_key=pred_key, true_key=true_key, genes=genes)
+            metrics = df["pearson"].to_numpy(dtype=np.float64)
+        except ValueError as err:  # units of different elements (cells measured, bins predicted): maps, no bars
+            msg = f"No Pearson r bars: {pred_key!r} and {true_key!r} cannot be scored unit by unit. {err}"
+            warnings.warn(msg, UserWarning, stacklevel=2)
 
     # layout: one row per gene (measured, predicted), then the tumour map and the bars
     map_cols = 2 if true is not None else 1
