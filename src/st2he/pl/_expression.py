@@ -279,7 +279,6 @@ def expression(
     for k, g in enumerate(genes):
         values = measured[:, k] if measured is not None else predicted[:, k]
         vmin, vmax = _limits(values, percentile)
-        coll = None
         if true is not None:
             ax_t = panels[f"true:{g}"]
             coll = true_units.collection(measured[:, k], cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, axis=ax_t)
