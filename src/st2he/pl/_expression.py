@@ -22,53 +22,104 @@ _FADE = 0.35
 
 
 @dataclass
-class _Units:
-    """The shapes of a table's units in one coordinate system, ready to draw.
+class _Shapes:
+    """One shapes element placed in a coordinate system: its ids, geometries and bounds; outlines made on demand."""
 
-    ``rows``: the table rows drawn (one per unit). Circles: ``centres`` ``(n, 2)`` and ``radii`` ``(n,)``;
-    polygons: ``polygons`` (closed :class:`matplotlib.path.Path` outlines, a multipolygon's parts one each, made once
-    and shared by every panel) and ``owner`` (the position in ``rows`` of each polygon's unit).
-    """
+    index: object  # pandas Index of the instance ids, as strings
+    geoms: np.ndarray  # shapely geometries in the coordinate system
+    bounds: np.ndarray  # (n, 4) x_min, y_min, x_max, y_max
+    centres: np.ndarray | None = None  # circles: (n, 2)
+    radii: np.ndarray | None = None  # circles: (n,)
+    outlines: dict | None = None  # position -> list of closed matplotlib Paths (a multipolygon's parts)
+
+    def paths(self, positions: np.ndarray) -> tuple[list, np.ndarray]:
+        """Outlines of the shapes at ``positions`` and, for each, the index in ``positions`` it belongs to.
+
+        Each shape's outlines are made once and shared by every panel (and every table) that draws it.
+        """
+        import shapely
+        from matplotlib.path import Path
+
+        if self.outlines is None:
+            self.outlines = {}
+        todo = np.unique([p for p in positions.tolist() if p not in self.outlines]).astype(np.int64)
+        if len(todo):
+            pieces, owner = shapely.get_parts(self.geoms[todo], return_index=True)
+            coords, ring_of = shapely.get_coordinates(shapely.get_exterior_ring(pieces), return_index=True)
+            starts = np.flatnonzero(np.r_[True, np.diff(ring_of) != 0]) if len(ring_of) else np.zeros(0, int)
+            for p in todo.tolist():
+                self.outlines[p] = []
+            for xy, shape in zip(np.split(coords, starts[1:]), owner[ring_of[starts]], strict=True):
+                self.outlines[int(todo[shape])].append(Path(xy, closed=True))
+        paths, owner = [], []
+        for k, p in enumerate(positions.tolist()):
+            parts = self.outlines[p]
+            paths += parts
+            owner += [k] * len(parts)
+        return paths, np.asarray(owner, dtype=np.int64)
+
+
+@dataclass
+class _Units:
+    """The units of a table that are drawn: its ``rows``, and the element and position of each one's shape."""
 
     rows: np.ndarray
-    bounds: np.ndarray  # (n, 4) x_min, y_min, x_max, y_max per unit
-    centres: np.ndarray | None = None
-    radii: np.ndarray | None = None
-    polygons: list | None = None
-    owner: np.ndarray | None = None
+    shapes: list  # the _Shapes of the table's regions
+    which: np.ndarray  # per unit: index into ``shapes``
+    positions: np.ndarray  # per unit: position in that element
+
+    @property
+    def bounds(self) -> np.ndarray:
+        out = np.zeros((len(self.rows), 4))
+        for k, shapes in enumerate(self.shapes):
+            sel = self.which == k
+            out[sel] = shapes.bounds[self.positions[sel]]
+        return out
 
     def select(self, keep: np.ndarray) -> _Units:
         """The units where ``keep`` (a boolean over ``rows``) is True."""
-        if self.centres is not None:
-            return _Units(self.rows[keep], self.bounds[keep], centres=self.centres[keep], radii=self.radii[keep])
-        new_pos = np.cumsum(keep) - 1
-        take = keep[self.owner]
-        polygons = [p for p, t in zip(self.polygons, take, strict=True) if t]
-        return _Units(self.rows[keep], self.bounds[keep], polygons=polygons, owner=new_pos[self.owner[take]])
+        return _Units(self.rows[keep], self.shapes, self.which[keep], self.positions[keep])
 
     def collection(self, values: np.ndarray, *, cmap, vmin: float, vmax: float, alpha: float, axis):
         """A matplotlib collection of the units coloured by ``values`` (one per unit), added to ``axis``."""
         from matplotlib.collections import EllipseCollection, PathCollection
 
-        if self.centres is not None:
+        circles = [s.radii is not None for s in self.shapes]
+        if all(circles):
+            centres = np.zeros((len(self.rows), 2))
+            radii = np.zeros(len(self.rows))
+            for k, shapes in enumerate(self.shapes):
+                sel = self.which == k
+                centres[sel] = shapes.centres[self.positions[sel]]
+                radii[sel] = shapes.radii[self.positions[sel]]
             coll = EllipseCollection(
-                widths=2 * self.radii,
-                heights=2 * self.radii,
-                angles=np.zeros(len(self.radii)),
+                widths=2 * radii,
+                heights=2 * radii,
+                angles=np.zeros(len(radii)),
                 units="xy",
-                offsets=self.centres,
+                offsets=centres,
                 offset_transform=axis.transData,
             )
             coll.set_array(np.ma.masked_invalid(values))
+        elif not any(circles):
+            paths, owner = [], []
+            for k, shapes in enumerate(self.shapes):
+                sel = np.flatnonzero(self.which == k)
+                p, o = shapes.paths(self.positions[sel])
+                paths += p
+                owner.append(sel[o])
+            owner = np.concatenate(owner) if owner else np.zeros(0, np.int64)
+            coll = PathCollection(paths)  # no sizes: the outlines are drawn in data coordinates
+            coll.set_array(np.ma.masked_invalid(values[owner]))
         else:
-            coll = PathCollection(self.polygons)  # no sizes: the outlines are drawn in data coordinates
-            coll.set_array(np.ma.masked_invalid(values[self.owner]))
+            msg = "A table annotates both circles and polygons; draw one element's units at a time."
+            raise ValueError(msg)
         coll.set_cmap(cmap)
         coll.set_clim(vmin, vmax)
         coll.set_alpha(alpha)
         coll.set_linewidth(0)
         coll.set_rasterized(True)
-        axis.add_collection(coll)
+        axis.add_collection(coll, autolim=False)  # the region is set by the caller
         return coll
 
 
@@ -196,8 +247,9 @@ def expression(
         metrics = mtable.obs.loc[genes, "pearson"].to_numpy(dtype=np.float64)
 
     # the units, placed in the coordinate system, and their values
-    pred_units = _units(sdata, pred, pred_key, coordinate_system)
-    true_units = _units(sdata, true, true_key, coordinate_system) if true is not None else None
+    cache: dict = {}  # shapes elements read once, their outlines made once for both tables
+    pred_units = _units(sdata, pred, pred_key, coordinate_system, cache)
+    true_units = _units(sdata, true, true_key, coordinate_system, cache) if true is not None else None
     if region is None:
         boxes = [u.bounds for u in (pred_units, true_units) if u is not None and len(u.rows)]
         if not boxes:
@@ -341,80 +393,67 @@ def _bars(axis, genes, pearson, metrics_key) -> None:
     axis.set_title(f"Pearson r per gene{source}")
 
 
-def _units(sdata, table, name: str, coordinate_system: str) -> _Units:
-    """The shapes of the units of ``table``, in ``coordinate_system``, matched to its rows by instance id."""
+def _shapes_in(sdata, key: str, name: str, coordinate_system: str, cache: dict) -> _Shapes:
+    """Shapes element ``key`` placed in ``coordinate_system`` (one vectorised affine), read once per call."""
     import pandas as pd
     import shapely
-    from matplotlib.path import Path
     from spatialdata.transformations import get_transformation
 
+    if key in cache:
+        return cache[key]
+    if key not in sdata.shapes:
+        msg = (
+            f"Table {name!r} annotates {key!r}, which is not a shapes element of this SpatialData object "
+            f"(shapes: {sorted(sdata.shapes)}); its units cannot be drawn."
+        )
+        raise KeyError(msg)
+    element = sdata.shapes[key]
+    transformations = get_transformation(element, get_all=True)
+    if coordinate_system not in transformations:
+        msg = (
+            f"The shapes element {key!r} has no transformation to the {coordinate_system!r} coordinate system "
+            f"(it has {sorted(transformations)})."
+        )
+        raise ValueError(msg)
+    affine = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    geoms = element.geometry.to_numpy()
+    if not np.allclose(affine, np.eye(3)):
+        geoms = shapely.transform(geoms, lambda xy: xy @ affine[:2, :2].T + affine[:2, 2])
+    index = pd.Index(element.index.astype(str))
+    if "radius" in element.columns:
+        centres = shapely.get_coordinates(geoms)[:, :2]
+        # (a circle under a non-uniform scale or shear is drawn as the circle of the same area)
+        radii = element["radius"].to_numpy(dtype=np.float64) * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
+        bounds = np.c_[centres - radii[:, None], centres + radii[:, None]]
+        out = _Shapes(index, geoms, bounds, centres=centres, radii=radii)
+    else:
+        out = _Shapes(index, geoms, shapely.bounds(geoms))
+    cache[key] = out
+    return out
+
+
+def _units(sdata, table, name: str, coordinate_system: str, cache: dict) -> _Units:
+    """The units of ``table``: its rows matched by instance id to the shapes of the elements it annotates."""
     regions, region_key, instance_key = table_keys(table, name=name)
     obs_region = table.obs[region_key].astype(str).to_numpy()
     obs_ids = table.obs[instance_key].astype(str).to_numpy()
-    parts: list[_Units] = []
-    for region in regions:
-        if region not in sdata.shapes:
-            msg = (
-                f"Table {name!r} annotates {region!r}, which is not a shapes element of this SpatialData object "
-                f"(shapes: {sorted(sdata.shapes)}); its units cannot be drawn."
-            )
-            raise KeyError(msg)
-        shapes = sdata.shapes[region]
-        transformations = get_transformation(shapes, get_all=True)
-        if coordinate_system not in transformations:
-            msg = (
-                f"The shapes element {region!r} has no transformation to the {coordinate_system!r} coordinate system "
-                f"(it has {sorted(transformations)})."
-            )
-            raise ValueError(msg)
-        affine = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-        rows = np.flatnonzero(obs_region == str(region))
-        found = pd.Index(shapes.index.astype(str)).get_indexer(obs_ids[rows])
+    shapes = [_shapes_in(sdata, str(r), name, coordinate_system, cache) for r in regions]
+    rows, which, positions = [], [], []
+    for k, (region, element) in enumerate(zip(regions, shapes, strict=True)):
+        sel = np.flatnonzero(obs_region == str(region))
+        found = element.index.get_indexer(obs_ids[sel])
         if (found < 0).any():
             logger.warning(
                 "expression: %d units of %r are not in the shapes %r and are not drawn (e.g. %r).",
                 int((found < 0).sum()),
                 name,
                 region,
-                obs_ids[rows][found < 0][0],
+                obs_ids[sel][found < 0][0],
             )
-            rows, found = rows[found >= 0], found[found >= 0]
-        geoms = shapes.geometry.to_numpy()[found]
-        if not np.allclose(affine, np.eye(3)):  # into the coordinate system, all units at once
-            geoms = shapely.transform(geoms, lambda xy, m=affine: xy @ m[:2, :2].T + m[:2, 2])
-        if "radius" in shapes.columns:
-            centres = shapely.get_coordinates(geoms)[:, :2]
-            # (a circle under a non-uniform scale or shear is drawn as the circle of the same area)
-            radii = shapes["radius"].to_numpy(dtype=np.float64)[found] * np.sqrt(abs(np.linalg.det(affine[:2, :2])))
-            bounds = np.c_[centres - radii[:, None], centres + radii[:, None]]
-            parts.append(_Units(rows, bounds, centres=centres, radii=radii))
-        else:
-            pieces, owner = shapely.get_parts(geoms, return_index=True)
-            rings = shapely.get_exterior_ring(pieces)
-            coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-            starts = np.flatnonzero(np.r_[True, np.diff(ring_of) != 0])
-            polygons = [Path(xy, closed=True) for xy in np.split(coords, starts[1:])]
-            owner = owner[ring_of[starts]]
-            parts.append(_Units(rows, shapely.bounds(geoms), polygons=polygons, owner=owner))
-    if len(parts) == 1:
-        return parts[0]
-    if all(p.centres is not None for p in parts):
-        return _Units(
-            np.concatenate([p.rows for p in parts]),
-            np.concatenate([p.bounds for p in parts]),
-            centres=np.concatenate([p.centres for p in parts]),
-            radii=np.concatenate([p.radii for p in parts]),
-        )
-    if all(p.polygons is not None for p in parts):
-        offsets = np.cumsum([0] + [len(p.rows) for p in parts[:-1]])
-        return _Units(
-            np.concatenate([p.rows for p in parts]),
-            np.concatenate([p.bounds for p in parts]),
-            polygons=[poly for p in parts for poly in p.polygons],
-            owner=np.concatenate([p.owner + o for p, o in zip(parts, offsets, strict=True)]),
-        )
-    msg = f"Table {name!r} annotates both circles and polygons ({regions}); draw one element's units at a time."
-    raise ValueError(msg)
+        rows.append(sel[found >= 0])
+        positions.append(found[found >= 0])
+        which.append(np.full(int((found >= 0).sum()), k))
+    return _Units(np.concatenate(rows), shapes, np.concatenate(which), np.concatenate(positions))
 
 
 def _in_region(units: _Units, region) -> _Units:
