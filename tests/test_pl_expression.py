@@ -221,3 +221,30 @@ def test_tables_over_different_units_show_maps_without_bars(sdata):
     with pytest.warns(UserWarning, match="No Pearson r bars.*annotate different elements"):
         axes = st2he.pl.expression(sdata, genes=["A"], pred_key="predicted", true_key="measured", tumour=False)
     assert [ax.get_title() for ax in axes] == ["A: measured (measured)", "A: predicted (predicted)"]
+
+
+def test_multipolygon_unit_draws_every_part_in_its_colour():
+    import shapely
+
+    sdata = _tables.make_expression_sdata()
+    shapes = sdata.shapes["bins"]
+    # unit "2_1" is two squares: its own bin and one far away at x 100..108, y 0..8
+    geoms = shapes.geometry.to_numpy().copy()
+    k = list(shapes.index).index("2_1")
+    geoms[k] = shapely.MultiPolygon([geoms[k], shapely.box(100, 0, 108, 8)])
+    shapes.geometry = geoms
+    axes = st2he.pl.expression(sdata, genes="A", pred_key="predicted", image_key=None, tumour=False)
+    axes[0].figure.canvas.draw()
+    (coll,) = axes[0].collections
+    pred = sdata.tables["predicted"]
+    assert len(coll.get_paths()) == pred.n_obs + 1
+    boxes = [(*p.vertices.min(axis=0), *p.vertices.max(axis=0)) for p in coll.get_paths()]
+    parts = [i for i, b in enumerate(boxes) if b in ((8, 16, 16, 24), (100, 0, 108, 8))]
+    assert len(parts) == 2
+    colours = coll.get_facecolors()
+    np.testing.assert_allclose(colours[parts[0]], colours[parts[1]])
+    values = pred[:, "A"].X.ravel()
+    norm = Normalize(values.min(), np.percentile(values, 99))
+    want = plt.get_cmap("viridis")(norm(values[list(pred.obs["instance_id"]).index("2_1")]))
+    np.testing.assert_allclose(colours[parts[0]][:3], want[:3], atol=1e-6)
+    assert axes[0].get_xlim() == pytest.approx((0, 108))  # the region takes in the far part
