@@ -43,9 +43,9 @@ def evaluate_expression(
     The predicted table (:func:`st2he.tl.predict_expression`) holds log-normalised expression; the measured table
     holds counts, which are log-normalised here as ``log1p(counts / total * 1e4)`` with ``total`` the unit's counts
     over *every* gene of the measured table (HiST's and HEST's target). Units are matched by instance id: both
-    tables must annotate the same shapes element (the region of a spatialdata table). Every metric but
-    ``pearson_hist_convention`` is computed over the shared units that lie in tissue (``obs["in_tissue"]`` of the
-    predicted table when it has one, else every shared unit); each unit counts once.
+    tables must annotate the same shapes element (the region of a spatialdata table). Every metric is computed from
+    the shared units that lie in tissue (``obs["in_tissue"]`` of the predicted table when it has one, else every
+    shared unit), each counted once; the two map metrics place them on their grid, with zeros everywhere else.
 
     Per gene (one row each):
 
@@ -57,13 +57,13 @@ def evaluate_expression(
       maps of gridded units (bins, spots: ``obs["array_row"]`` / ``obs["array_col"]``), each unit one pixel of the
       grid spanned by the scored units, units absent or out of tissue zero-filled (Visium's doubled spot columns,
       where every spot's ``array_row + array_col`` has one parity, are halved so that neighbouring spots are
-      neighbouring pixels). Its data range is fixed per gene:
-      the measured map's maximum minus its minimum (``data_range="measured"``), or the number given for every gene.
-      NaN for units without array coordinates (cells), a grid under 7 x 7 or a measured map with no range;
+      neighbouring pixels). Its data range is fixed per gene: the measured map's maximum minus its minimum
+      (``data_range="measured"``), or the number given for every gene. NaN for units without array coordinates
+      (cells), a grid under 7 x 7 or a measured map with no range;
     - ``pearson_hist_convention``: HiST's convention, **not comparable with** ``pearson``: the Pearson correlation
-      over every position of the same gene maps, background (zeros where no unit is) included. Zero-filled
-      background raises it wherever the tissue does not fill its bounding box; use it only to set st2he's
-      numbers beside HiST's paper;
+      over every position of the same gene maps, background (zeros where no unit is) included. The zeros agree in
+      both maps, so it usually comes out higher wherever the tissue does not fill its bounding box; use it only to
+      set st2he's numbers beside HiST's paper;
     - ``n_units``: units the gene was scored over; ``mean_true``, ``var_true``: mean and variance (``ddof=0``) of
       its measured log-normalised values over them; ``highly_variable``: whether it is one of the top-50 highly
       variable genes.
