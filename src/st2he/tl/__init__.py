@@ -1,6 +1,7 @@
 """Tools: virtual H&E, generator training, evaluation and zero-shot subtyping."""
 
 from ._evaluate import evaluate_he
+from ._evaluate_expression import evaluate_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._train import train_generator
 from ._virtual_he import virtual_he
@@ -9,6 +10,7 @@ from ._zero_shot import evaluate_zero_shot, zero_shot
 __all__ = [
     "PROMPTS",
     "TEMPLATES",
+    "evaluate_expression",
     "evaluate_he",
     "evaluate_zero_shot",
     "get_prompts",
