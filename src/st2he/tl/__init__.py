@@ -3,6 +3,7 @@
 from ._evaluate import evaluate_he
 from ._evaluate_expression import evaluate_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
+from ._register import register_he
 from ._train import train_generator
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot
@@ -14,6 +15,7 @@ __all__ = [
     "evaluate_he",
     "evaluate_zero_shot",
     "get_prompts",
+    "register_he",
     "train_generator",
     "virtual_he",
     "zero_shot",
