@@ -1,6 +1,7 @@
-"""Tools: virtual H&E, generator training, evaluation and zero-shot subtyping."""
+"""Tools: virtual H&E, generator training, evaluation, zero-shot subtyping and expression from H&E."""
 
 from ._evaluate import evaluate_he
+from ._expression import predict_expression, train_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._train import train_generator
 from ._virtual_he import virtual_he
@@ -12,6 +13,8 @@ __all__ = [
     "evaluate_he",
     "evaluate_zero_shot",
     "get_prompts",
+    "predict_expression",
+    "train_expression",
     "train_generator",
     "virtual_he",
     "zero_shot",
