@@ -505,7 +505,7 @@ def save_expression_model(
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     for method, arrays in baselines.items():
         for name, value in arrays.items():
-            tensors[f"baseline.{method}.{name}"] = torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+            tensors[f"baseline.{method}.{name}"] = torch.from_numpy(np.array(value, copy=True, order="C"))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
