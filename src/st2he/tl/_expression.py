@@ -87,7 +87,10 @@ def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM,
     from spatialdata.transformations import get_transformation
 
     if key not in sdata.shapes:
-        msg = f"{parameter}={key!r} is not a shapes element of this SpatialData object; its shapes are {sorted(sdata.shapes)}."
+        msg = (
+            f"{parameter}={key!r} is not a shapes element of this SpatialData object; its shapes are "
+            f"{sorted(sdata.shapes)}."
+        )
         raise KeyError(msg)
     element = sdata.shapes[key]
     systems = get_transformation(element, get_all=True)
@@ -169,7 +172,8 @@ def unit_pairs(
         c = np.floor((units.centroids[alone, 0] - grid.x0) / grid.pixel_size).astype(np.int64)
         r = np.floor((units.centroids[alone, 1] - grid.y0) / grid.pixel_size).astype(np.int64)
         ok = (r >= 0) & (r < grid.height) & (c >= 0) & (c < grid.width)
-        rows, cols, which = np.concatenate([rows, r[ok]]), np.concatenate([cols, c[ok]]), np.concatenate([which, alone[ok]])
+        rows, cols = np.concatenate([rows, r[ok]]), np.concatenate([cols, c[ok]])
+        which = np.concatenate([which, alone[ok]])
     return rows.astype(np.int64), cols.astype(np.int64), which.astype(np.int64)
 
 
@@ -379,7 +383,10 @@ def _image_raster(sdata, image_key: str, coordinate_system: str):
     from st2he._raster import Raster
 
     if image_key not in sdata.images:
-        msg = f"image_key={image_key!r} is not an image of this SpatialData object; its images are {sorted(sdata.images)}."
+        msg = (
+            f"image_key={image_key!r} is not an image of this SpatialData object; its images are "
+            f"{sorted(sdata.images)}."
+        )
         raise KeyError(msg)
     raster = Raster(sdata.images[image_key], coordinate_system, name=f"image_key={image_key!r}")
     if len(raster.channels or [0, 1, 2]) < 3 and raster.level0.shape[0] < 3:
@@ -416,7 +423,8 @@ def _table_units(sdata, table_key: str, coordinate_system: str):
 
     if table_key not in sdata.tables:
         msg = (
-            f"table_key={table_key!r} is not a table of this SpatialData object (its tables are {sorted(sdata.tables)}). "
+            f"table_key={table_key!r} is not a table of this SpatialData object (its tables are "
+            f"{sorted(sdata.tables)}). "
             "Training needs a table of counts per unit: aggregate one with st2he.pp.aggregate_transcripts."
         )
         raise KeyError(msg)
@@ -424,7 +432,9 @@ def _table_units(sdata, table_key: str, coordinate_system: str):
     regions, region_key, instance_key = table_keys(table, name=table_key)
     parts = []
     for region in regions:
-        units = shapes_units(sdata, region, coordinate_system=coordinate_system, parameter=f"table {table_key!r} region")
+        units = shapes_units(
+            sdata, region, coordinate_system=coordinate_system, parameter=f"table {table_key!r} region"
+        )
         rows = np.flatnonzero((table.obs[region_key].astype(str) == region).to_numpy())
         pos = pd.Index(units.ids).get_indexer(table.obs[instance_key].iloc[rows].to_numpy())
         if (pos < 0).any():
@@ -796,8 +806,11 @@ def _save_ckpt(folder: Path, model, state: dict[str, Any], fingerprint: dict[str
     def write(tmp: Path) -> None:
         save_expression_model(model, tmp)
         torch.save(state, tmp / STATE_NAME)
-        files = {f.name: {"size": f.stat().st_size, "blake2b": _file_hash(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / MANIFEST_NAME).write_text(json.dumps({"step": int(state["step"]), "fingerprint": fingerprint, "files": files}))
+        files = {
+            f.name: {"size": f.stat().st_size, "blake2b": _file_hash(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+        }
+        manifest = {"step": int(state["step"]), "fingerprint": fingerprint, "files": files}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest))
 
     return _write_folder_atomically(folder, write)
 
@@ -995,7 +1008,9 @@ def train_expression(
         msg = f"model must be 'tiny', 'small' or an ExpressionModel, got {type(model).__name__}."
         raise TypeError(msg)
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    from ._generate import resolve_device
+
+    dev = resolve_device(device or "auto")
     mult = chip_multiple(net)
     need_counts = loss != "mse"
     sections = [
@@ -1248,7 +1263,9 @@ def lattice_units(raster, kind: str, *, bin_size: float, spot_diameter: float, s
     if kind == "bins":
         gdf = gpd.GeoDataFrame(geometry=list(geoms), index=pd.Index(ids))
     else:
-        gdf = gpd.GeoDataFrame({"radius": np.full(len(ids), spot_diameter / 2)}, geometry=list(shapely.points(cx, cy)), index=pd.Index(ids))
+        gdf = gpd.GeoDataFrame(
+            {"radius": np.full(len(ids), spot_diameter / 2)}, geometry=list(shapely.points(cx, cy)), index=pd.Index(ids)
+        )
     shapes = ShapesModel.parse(gdf)
     return Units(
         key=key,
@@ -1358,7 +1375,6 @@ def predict_expression(
 
     from st2he._elements import check_key_free, write_elements
     from st2he._progress import tqdm
-    from st2he._tissue import tissue_mask  # noqa: F401 - the rule tissue_fraction uses
     from st2he.models._expression import METHODS, predict_baseline
     from st2he.tl._generate import resolve_device
 
@@ -1374,9 +1390,15 @@ def predict_expression(
     written = {key_added} | ({shapes_added} if gridded else set()) | ({image_added} if image_added else set())
     check_key_free(sdata, key_added, overwrite=overwrite, kind="tables", inputs={image_key}, replaced=written)
     if gridded:
-        check_key_free(sdata, shapes_added, overwrite=overwrite, parameter="shapes_added", kind="shapes", inputs={image_key}, replaced=written)
+        check_key_free(
+            sdata, shapes_added, overwrite=overwrite, parameter="shapes_added", kind="shapes", inputs={image_key},
+            replaced=written,
+        )
     if image_added:
-        check_key_free(sdata, image_added, overwrite=overwrite, parameter="image_added", kind="images", inputs={image_key}, replaced=written)
+        check_key_free(
+            sdata, image_added, overwrite=overwrite, parameter="image_added", kind="images", inputs={image_key},
+            replaced=written,
+        )
     if units not in _UNITS and units not in sdata.shapes:
         msg = (
             f"units={units!r} is neither 'cells', 'spots', 'bins' nor a shapes element of this SpatialData object "
@@ -1437,7 +1459,9 @@ def predict_expression(
     )
     try:
         with tqdm(total=len(cores), desc="predict expression", unit="chip", disable=not progress) as bar:
-            run_chips(net, plan, cores, raster_reader(raster), pairs_for, acc, batch_size=batch_size, device=dev, bar=bar)
+            run_chips(
+                net, plan, cores, raster_reader(raster), pairs_for, acc, batch_size=batch_size, device=dev, bar=bar
+            )
     finally:
         net.train(was_training)
     res = acc.means()
@@ -1509,7 +1533,8 @@ def predict_expression(
             raise ValueError(msg)
         elements[image_added] = gene_image(net, raster, plan, gene_idx, gene_list, dev, coordinate_system)
         element_params[image_added] = {**params, "what": "predicted log1p CP10k per gene, one channel per gene"}
-    stored = write_elements(sdata, elements, overwrite=overwrite, inputs={image_key, unit_set.key} - set(elements), params=element_params)
+    inputs = {image_key, unit_set.key} - set(elements)
+    stored = write_elements(sdata, elements, overwrite=overwrite, inputs=inputs, params=element_params)
     return stored[key_added]
 
 
@@ -1544,16 +1569,17 @@ class _GeneBlock:
     """One block of the lazy gene image: the chip around one core, run through the model."""
 
     def __init__(self, net, raster, plan, gene_idx, region, device) -> None:
-        self.net, self.raster, self.plan, self.gene_idx, self.region, self.device = net, raster, plan, gene_idx, region, device
+        self.net, self.raster, self.plan = net, raster, plan
+        self.gene_idx, self.region, self.device = gene_idx, region, device
 
     def __call__(self, block_id=None):
         import torch
 
         _, i, j = block_id
         p = self.plan
-        core = Grid(
-            self.region.x0 + j * p.core * p.um_per_px, self.region.y0 + i * p.core * p.um_per_px, p.um_per_px, p.core, p.core
-        )
+        x0 = self.region.x0 + j * p.core * p.um_per_px
+        y0 = self.region.y0 + i * p.core * p.um_per_px
+        core = Grid(x0, y0, p.um_per_px, p.core, p.core)
         chip = raster_reader(self.raster)(p.chip_grid(core))
         x = torch.from_numpy(chip[None]).to(self.device).float().div_(255)
         with torch.inference_mode(), _amp(self.device):
