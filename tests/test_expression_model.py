@@ -146,3 +146,39 @@ def test_timm_encoder_from_local_weights_and_missing_file(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x)["genes"], loaded(x)["genes"])
+
+
+def test_clip_image_tower_as_tile_encoder(tmp_path):
+    import open_clip
+
+    from st2he.models import load_clip
+
+    arch = "st2he-tiny-clip-expr"
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / f"{arch}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{arch}.json")
+    torch.manual_seed(0)
+    clip_model = open_clip.create_model(arch)
+    torch.save(clip_model.state_dict(), tmp_path / "clip.pt")
+    spec = {"clip": (arch, str(tmp_path / "clip.pt")), "mpp": 0.5}
+    model = build_expression_model(GENES, encoder=spec, um_per_px=0.5, features=8, field_channels=(8, 8, 8)).eval()
+    assert model.stride == 32 and model.config["encoder"]["embed_dim"] == 16  # a 16 µm tile per location
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        maps = model.encoder(x)[0]
+        out = model(x)
+    assert maps.shape == (1, 16, 8, 8) and out["genes"].shape == (1, len(GENES), 8, 8)
+    clip = load_clip((arch, tmp_path / "clip.pt"), mpp=0.5)
+    tile = x[:, :, 64:96, 96:128]  # row 2, column 3
+    np.testing.assert_allclose(maps[0, :, 2, 3].numpy(), clip.encode_image(tile, normalize=False)[0].numpy(), atol=1e-5)
+    save_expression_model(model, tmp_path / "m")
+    loaded = load_expression_model(tmp_path / "m")  # the CLIP weights come again from their source
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x)["genes"].numpy(), out["genes"].numpy(), atol=1e-6)
+    (tmp_path / "clip.pt").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_expression_model(tmp_path / "m")(x)

@@ -59,7 +59,11 @@ PCA_COMPONENTS = 256
 
 
 def _encoder_spec(encoder) -> dict[str, Any]:
-    """A JSON-able encoder spec from ``"tiny"`` / ``"small"`` / ``{"timm": name, "weights": path, ...}``."""
+    """A JSON-able encoder spec from ``"tiny"`` / ``"small"`` / ``{"timm": ...}`` / ``{"clip": ...}`` / a ClipModel."""
+    from ._clip import ClipModel
+
+    if isinstance(encoder, ClipModel):
+        return {"kind": "clip", "source": encoder.name, "kwargs": {}, "_object": encoder}
     if isinstance(encoder, str):
         if encoder not in SIZES:
             msg = (
@@ -77,17 +81,95 @@ def _encoder_spec(encoder) -> dict[str, Any]:
             out = {"kind": "timm", "name": str(spec["timm"]), "weights": spec.get("weights"), "frozen": True}
             out.update({k: v for k, v in spec.items() if k in ("frozen", "kwargs", "mean", "std")})
             return out
+        if spec.get("kind") == "clip":
+            return spec
+        if "clip" in spec:
+            source = spec["clip"]
+            from ._clip import ClipModel
+
+            if isinstance(source, ClipModel):
+                return {"kind": "clip", "source": source.name, "kwargs": {}, "_object": source}
+            if isinstance(source, list | tuple):
+                source = [str(v) for v in source]
+            elif isinstance(source, os.PathLike):
+                source = os.fspath(source)
+            kwargs = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in spec.items() if k != "clip"}
+            return {"kind": "clip", "source": source, "kwargs": kwargs}
     msg = (
-        f"encoder must be 'tiny', 'small' or {{'timm': name, 'weights': path}}, got {encoder!r}. Nothing is "
-        "downloaded: a pretrained encoder needs its weights file on this machine."
+        f"encoder must be 'tiny', 'small', {{'timm': name, 'weights': path}}, {{'clip': <what load_clip takes>}} "
+        f"or a ClipModel, got {encoder!r}. Nothing is downloaded: a pretrained encoder needs its weights on this "
+        "machine."
     )
     raise ValueError(msg)
 
 
-def _build_encoder(spec: dict[str, Any], *, load_weights: bool) -> nn.Module:
+class _FeatureInfo:
+    def __init__(self, channels: list[int], reduction: list[int]) -> None:
+        self._channels, self._reduction = channels, reduction
+
+    def channels(self) -> list[int]:
+        return list(self._channels)
+
+    def reduction(self) -> list[int]:
+        return list(self._reduction)
+
+
+class ClipTileEncoder(nn.Module):
+    """The frozen image tower of a CLIP model (:func:`st2he.models.load_clip`) as a coarse feature map.
+
+    Each chip is cut into square tiles of ``tile_px`` pixels (the CLIP model's field of view at the expression model's
+    µm per pixel; resized to the tower's input size by :meth:`ClipModel.preprocess`), and each tile's pooled image
+    embedding becomes one location of a ``(B, D, H / tile_px, W / tile_px)`` map (HiST's tile encoder). The CLIP
+    weights are not stored with the expression model: it loads them again with ``load_clip(source, **kwargs)`` (or
+    takes the ClipModel given to :func:`load_expression_model`).
+    """
+
+    def __init__(self, spec: dict[str, Any], clip=None) -> None:
+        super().__init__()
+        self.spec = spec
+        self._clip = clip
+        self.feature_info = _FeatureInfo([int(spec["embed_dim"])], [int(spec["tile_px"])])
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from ._clip import load_clip
+
+            source = self.spec["source"]
+            self._clip = load_clip(tuple(source) if isinstance(source, list) else source, **self.spec["kwargs"])
+        return self._clip
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        t = int(self.spec["tile_px"])
+        b, _, h, w = x.shape
+        tiles = x.unfold(2, t, t).unfold(3, t, t)  # (B, 3, h/t, w/t, t, t)
+        gh, gw = tiles.shape[2], tiles.shape[3]
+        tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * gh * gw, 3, t, t)
+        clip = self.clip
+        if str(clip.device) != str(x.device):
+            clip.to(x.device)
+        emb = clip.encode_image(tiles.float(), normalize=False).to(x.device).clone()  # not an inference tensor
+        return [emb.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous().to(x.dtype)]
+
+
+def _clip_spec(spec: dict[str, Any], um_per_px: float) -> dict[str, Any]:
+    """Complete a CLIP spec: the tower's embedding size and the tile size in pixels at ``um_per_px``."""
+    encoder = ClipTileEncoder({**spec, "embed_dim": 1, "tile_px": 1}, spec.get("_object"))
+    clip = encoder.clip
+    tile_px = max(1, int(round(clip.tile_size_um / um_per_px)))
+    with torch.no_grad():
+        dim = int(clip.encode_image(torch.zeros(1, 3, clip.image_size, clip.image_size), normalize=False).shape[-1])
+    out = {k: v for k, v in spec.items() if k != "_object"}
+    out.update(embed_dim=dim, tile_px=tile_px, image_size=int(clip.image_size), mpp=float(clip.mpp))
+    return out, clip
+
+
+def _build_encoder(spec: dict[str, Any], *, load_weights: bool, clip=None) -> nn.Module:
     """A timm ``features_only`` network for ``spec``; pretrained weights come only from the local file named there."""
     import timm
 
+    if spec["kind"] == "clip":
+        return ClipTileEncoder(spec, clip)
     if spec["kind"] == "resnet":
         channels = tuple(int(c) for c in spec["channels"])
         return timm.create_model(
@@ -169,11 +251,11 @@ class ExpressionModel(nn.Module):
         Training summary and anything else recorded with the model (JSON-able).
     """
 
-    def __init__(self, config: dict[str, Any], *, load_weights: bool = True) -> None:
+    def __init__(self, config: dict[str, Any], *, load_weights: bool = True, clip=None) -> None:
         super().__init__()
         self.config = copy.deepcopy(config)
         spec = self.config["encoder"]
-        self.encoder = _build_encoder(spec, load_weights=load_weights)
+        self.encoder = _build_encoder(spec, load_weights=load_weights, clip=clip)
         self.levels = _used_levels(self.encoder)
         info_ch = self.encoder.feature_info.channels()
         info_red = self.encoder.feature_info.reduction()
@@ -253,9 +335,12 @@ class ExpressionModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             msg = f"The expression model takes (B, 3, H, W) RGB chips, got shape {tuple(x.shape)}."
             raise ValueError(msg)
-        mean = torch.tensor(self.config.get("mean", IMAGENET_MEAN), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.get("std", IMAGENET_STD), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        maps = self.encoder((x - mean) / std)
+        if isinstance(self.encoder, ClipTileEncoder):
+            maps = self.encoder(x)  # the CLIP model normalises its tiles itself
+        else:
+            mean = torch.tensor(self.config.get("mean", IMAGENET_MEAN), dtype=x.dtype, device=x.device)
+            std = torch.tensor(self.config.get("std", IMAGENET_STD), dtype=x.dtype, device=x.device)
+            maps = self.encoder((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
         maps = [maps[i] for i in self.levels]
         h, w = maps[0].shape[-2:]
         ups = [maps[0]] + [F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in maps[1:]]
@@ -296,7 +381,11 @@ def build_expression_model(
         output stride 8; or ``{"timm": "<model name>", "weights": "<local file>"}``: any timm model with
         ``features_only`` support and its weights file (frozen unless ``"frozen": False``; ``"kwargs"`` go to
         ``timm.create_model``, e.g. ``{"dynamic_img_size": True}`` for ViTs). A missing file raises
-        :class:`FileNotFoundError` naming it; nothing is downloaded.
+        :class:`FileNotFoundError` naming it; nothing is downloaded. Or the image tower of a CLIP model:
+        ``{"clip": <what st2he.models.load_clip takes>, **load_clip options}`` or a
+        :class:`~st2he.models.ClipModel` (frozen; one pooled embedding per tile of the CLIP model's field of view,
+        HiST's tile encoder, so the output stride is that tile; the CLIP weights are loaded again from their source
+        when the model is loaded).
     um_per_px
         µm per pixel of the H&E chips the model reads.
     tumour
@@ -330,13 +419,16 @@ def build_expression_model(
         "field_channels": [int(c) for c in (field_channels or size["field_channels"])],
         "normalisation": NORMALISATION,
     }
+    clip = None
     if spec["kind"] == "timm":
         config["mean"], config["std"] = _timm_norm(spec)
+    if spec["kind"] == "clip":
+        config["encoder"], clip = _clip_spec(spec, config["um_per_px"])
     if seed is None:
-        return ExpressionModel(config)
+        return ExpressionModel(config, clip=clip)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ExpressionModel(config)
+        return ExpressionModel(config, clip=clip)
 
 
 def _timm_norm(spec: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -564,8 +656,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_expression_model(path: str | os.PathLike, *, device: str | torch.device | None = None) -> ExpressionModel:
+def load_expression_model(
+    path: str | os.PathLike, *, device: str | torch.device | None = None, clip=None
+) -> ExpressionModel:
     """Read a model written by :func:`save_expression_model` (weights, baselines, metadata), in eval mode.
+
+    A model with a CLIP encoder loads its CLIP model again with :func:`st2he.models.load_clip` from the source it
+    records (when first used), or takes ``clip`` (a :class:`~st2he.models.ClipModel`).
 
     The architecture is first built on the meta device and checked tensor by tensor against the safetensors header
     (shapes and dtypes, no data read), so a config that does not fit its weights fails at once; a missing or foreign
@@ -579,7 +676,7 @@ def load_expression_model(path: str | os.PathLike, *, device: str | torch.device
     header = _weights_header(weights)
     try:
         with torch.device("meta"):
-            skeleton = ExpressionModel(config["architecture"], load_weights=False)
+            skeleton = ExpressionModel(config["architecture"], load_weights=False, clip=clip)
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         msg = f"The architecture in {folder / 'config.json'} cannot be built ({type(err).__name__}: {err})."
         raise ValueError(msg) from err
