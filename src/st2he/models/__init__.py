@@ -1,4 +1,4 @@
-"""st2he.models: the one-step pix2pix-turbo generator (and, from helper modules, pathology CLIP models).
+"""st2he.models: the one-step pix2pix-turbo generator, the expression model and pathology CLIP models.
 
 Importing this package never imports spatialdata, so the training core runs wherever torch, diffusers, transformers
 and peft are installed.
@@ -16,6 +16,13 @@ if _missing:
 
 from ._clip import ClipModel, load_clip
 from ._config import CONFIGS, get_config
+from ._expression import (
+    ExpressionModel,
+    build_expression_model,
+    load_expression_model,
+    pool_units,
+    save_expression_model,
+)
 from ._io import from_pretrained, load_model, read_published, save_base, save_pretrained, save_published
 from ._pix2pix import Pix2PixTurbo, default_prompt
 from ._tokenizer import HashingWordTokenizer
@@ -24,16 +31,21 @@ from ._training import TrainConfig
 __all__ = [
     "CONFIGS",
     "ClipModel",
+    "ExpressionModel",
     "HashingWordTokenizer",
     "Pix2PixTurbo",
     "TrainConfig",
+    "build_expression_model",
     "default_prompt",
     "from_pretrained",
     "get_config",
     "load_clip",
+    "load_expression_model",
     "load_model",
+    "pool_units",
     "read_published",
     "save_base",
+    "save_expression_model",
     "save_pretrained",
     "save_published",
 ]

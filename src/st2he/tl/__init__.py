@@ -1,7 +1,8 @@
-"""Tools: virtual H&E, generator training, evaluation and zero-shot subtyping."""
+"""Tools: virtual H&E, generator training, evaluation, zero-shot subtyping and expression from H&E."""
 
 from ._evaluate import evaluate_he
 from ._evaluate_expression import evaluate_expression
+from ._expression import predict_expression, train_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._register import register_he
 from ._train import train_generator
@@ -15,7 +16,9 @@ __all__ = [
     "evaluate_he",
     "evaluate_zero_shot",
     "get_prompts",
+    "predict_expression",
     "register_he",
+    "train_expression",
     "train_generator",
     "virtual_he",
     "zero_shot",

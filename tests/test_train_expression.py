@@ -1,0 +1,239 @@
+"""tl.train_expression and tl.predict_expression on simulated pairs of H&E and cells (and once on a real H&E)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+import st2he  # noqa: E402
+from st2he._units import gene_columns, lognormalise, total_counts  # noqa: E402
+from st2he.models import build_expression_model  # noqa: E402
+from st2he.tl._expression import mean_pearson  # noqa: E402
+
+TUMOUR = ("gland_tumour", "solid_tumour")
+
+
+@pytest.fixture(scope="module")
+def train_sample():
+    return st2he.datasets.synthetic_tissue(0)
+
+
+@pytest.fixture(scope="module")
+def test_sample():
+    return st2he.datasets.synthetic_tissue(5)
+
+
+@pytest.fixture(scope="module")
+def trained(train_sample, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("expr")
+    model = st2he.tl.train_expression(
+        train_sample,
+        model="tiny",
+        n_genes=16,
+        tumour_key="tissue",
+        tumour_values=TUMOUR,
+        um_per_px=1.0,
+        chip_um=128.0,
+        steps=100,
+        batch_size=4,
+        lr=3e-3,
+        val_every=50,
+        ckpt_every=0,
+        output_dir=out,
+        progress=False,
+    )
+    return model, out
+
+
+def _measured(sdata, genes):
+    table = sdata["table"]
+    return table, lognormalise(table.X[:, gene_columns(table, genes)], total_counts(table))
+
+
+def test_trained_model_beats_the_mean_on_a_held_out_sample(trained, test_sample):
+    from sklearn.metrics import roc_auc_score
+
+    model, out = trained
+    hist = model.history
+    assert {"val_loss", "val_pearson", "val_tumour_auroc", "loss"} <= set(hist.columns)
+    val = hist.dropna(subset=["val_pearson"])
+    assert val["step"].tolist() == [0, 50, 100]
+    assert val["val_loss"].iloc[-1] < val["val_loss"].iloc[0]
+    assert sorted(model.baselines) == ["knn", "mean", "ridge"]
+    assert (out / "model" / "model.safetensors").is_file()
+
+    table = st2he.tl.predict_expression(test_sample, model=out / "model", chip_um=256, progress=False)
+    measured, y = _measured(test_sample, model.genes)
+    pos = table.obs_names.get_indexer(measured.obs["cell_id"].astype(str))
+    assert (pos >= 0).all() and len(table) == measured.n_obs  # every cell predicted, none lost
+    r_model = mean_pearson(table.X[pos], y)
+    mean_table = st2he.tl.predict_expression(
+        test_sample, model=model, method="mean", key_added="by_mean", chip_um=256, progress=False
+    )
+    # the mean baseline is the training mean of each gene, for every cell
+    np.testing.assert_allclose(mean_table.X, np.tile(model.baselines["mean"]["mean"], (len(mean_table), 1)))
+    assert r_model > 0.3, r_model  # the mean baseline has no correlation at all
+    labels = measured.obs["tissue"].isin(TUMOUR).to_numpy()
+    auroc = roc_auc_score(labels, table.obs["tumour_probability"].to_numpy()[pos])
+    assert auroc > 0.8, auroc
+    # the table: the cells' ids and centroids, tissue and tumour columns
+    assert table.uns["spatialdata_attrs"]["region"] == "cell_boundaries"
+    assert list(table.var_names) == model.genes
+    cells = test_sample["cell_boundaries"].loc[table.obs_names]
+    np.testing.assert_allclose(table.obsm["spatial"][:, 0], cells.geometry.centroid.x, atol=1e-6)
+    assert table.obs["in_tissue"].mean() > 0.9
+    assert test_sample.attrs["st2he"][f"he_image_expression"]["method"] == "multiscale"
+
+
+@pytest.fixture(scope="module")
+def local_model():
+    # no field: every output depends on a bounded neighbourhood, so chips with enough margin reproduce one big chip
+    genes = ["EPCAM", "KRT5", "COL1A1", "PTPRC"]
+    return build_expression_model(genes, encoder="tiny", um_per_px=1.0, field=False, seed=1).eval()
+
+
+def test_units_across_chip_borders_equal_one_big_chip(local_model, test_sample):
+    small = st2he.tl.predict_expression(
+        test_sample, model=local_model, chip_um=512, margin_um=192, key_added="small", progress=False
+    )
+    big = st2he.tl.predict_expression(
+        test_sample, model=local_model, chip_um=1024, margin_um=192, key_added="big", progress=False
+    )
+    params = test_sample.attrs["st2he"]
+    assert params["small"]["chip_um"] == 512 and params["big"]["chip_um"] == 1024
+    # cores of 128 µm: many cells cross core borders, pooled from several chips
+    np.testing.assert_allclose(small.X, big.X, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(small.obs["tumour_probability"], big.obs["tumour_probability"], atol=1e-6)
+    np.testing.assert_allclose(small.obs["tissue_fraction"], big.obs["tissue_fraction"], atol=1e-12)
+    assert (small.obs["n_pixels"] == big.obs["n_pixels"]).all() and (small.obs["n_pixels"] >= 1).all()
+
+
+def test_bins_and_spots_lattices_and_the_gene_image(local_model, test_sample):
+    sd = test_sample
+    table = st2he.tl.predict_expression(
+        sd, model=local_model, units="bins", bin_size=16.0, image_added="genes_img", key_added="bins16",
+        chip_um=512, margin_um=192, progress=False,
+    )
+    shapes = sd["bins16_bins"]
+    obs = table.obs
+    # ids, rows and columns of bins anchored at the origin
+    assert list(table.obs_names) == [f"{r}_{c}" for r, c in zip(obs["array_row"], obs["array_col"], strict=True)]
+    np.testing.assert_allclose(table.obsm["spatial"][:, 0], (obs["array_col"] + 0.5) * 16.0)
+    np.testing.assert_allclose(table.obsm["spatial"][:, 1], (obs["array_row"] + 0.5) * 16.0)
+    b = shapes.loc[table.obs_names].geometry.bounds
+    np.testing.assert_allclose(b["minx"], obs["array_col"] * 16.0)
+    x0, y0, x1, y1 = st2he._raster.Raster(sd["he_image"]).bounds
+    assert obs["array_col"].min() == math.floor(x0 / 16) and obs["array_row"].max() == math.floor((y1 - 1e-9) / 16)
+    # a 16 µm bin is 2 x 2 output pixels of 8 µm: its value is the mean of those pixels of the gene image
+    img = sd["genes_img"]
+    assert list(img.coords["c"].values) == local_model.genes
+    from spatialdata.transformations import get_transformation
+
+    aff = get_transformation(img, "global").to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    assert aff[0, 0] == 8.0
+    arr = img.data.compute()
+    inside = obs[(obs["array_col"] * 16 >= aff[0, 2]) & (obs["array_row"] * 16 >= aff[1, 2])].head(40)
+    for name, row in inside.iterrows():
+        r0 = int((row["array_row"] * 16 - aff[1, 2]) / 8)
+        c0 = int((row["array_col"] * 16 - aff[0, 2]) / 8)
+        want = arr[:, r0 : r0 + 2, c0 : c0 + 2].mean(axis=(1, 2))
+        np.testing.assert_allclose(table[name].X[0], want, atol=1e-5)
+    # spots: the hexagonal lattice anchored at the origin, disks of the spot diameter
+    spots = st2he.tl.predict_expression(
+        sd, model=local_model, units="spots", key_added="spots", chip_um=512, margin_um=192, progress=False
+    )
+    r, c = spots.obs["array_row"].to_numpy(), spots.obs["array_col"].to_numpy()
+    np.testing.assert_allclose(spots.obsm["spatial"][:, 0], (c + (r % 2) / 2) * 100.0)
+    np.testing.assert_allclose(spots.obsm["spatial"][:, 1], r * 100.0 * math.sqrt(3) / 2)
+    np.testing.assert_allclose(sd["spots_spots"].loc[spots.obs_names, "radius"], 27.5)
+
+
+def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, test_sample, tmp_path):
+    import copy
+
+    sd = test_sample
+    before = set(sd.tables) | set(sd.shapes) | set(sd.images)
+    with pytest.raises(KeyError, match="not a table"):
+        st2he.tl.train_expression(sd, table_key="nope", model="tiny", steps=1, progress=False)
+    with pytest.raises(KeyError, match="not in table 'table'"):
+        st2he.tl.train_expression(sd, genes=["EPCAM", "NOT_A_GENE"], model="tiny", steps=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing_weights.safetensors"):
+        st2he.tl.train_expression(
+            sd, model="tiny", encoder={"timm": "resnet10t", "weights": str(tmp_path / "missing_weights.safetensors")},
+            steps=1, progress=False,
+        )
+    with pytest.raises(KeyError, match="nor a shapes element"):
+        st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", progress=False)
+    with pytest.raises(ValueError, match="Pass model="):
+        st2he.tl.predict_expression(sd, model=None, progress=False)
+    # units far from the image
+    from spatialdata.transformations import Translation, set_transformation
+
+    far = copy.deepcopy(sd["cell_boundaries"])
+    set_transformation(far, Translation([50000, 50000], axes=("x", "y")), to_coordinate_system="global")
+    sd["far_cells"] = far
+    try:
+        with pytest.raises(ValueError, match="do not overlap"):
+            st2he.tl.predict_expression(sd, model=local_model, units="far_cells", key_added="far", progress=False)
+    finally:
+        del sd["far_cells"]
+    # an existing key_added: refused before any work, the old table kept
+    st2he.tl.predict_expression(sd, model=local_model, key_added="once", chip_um=512, progress=False)
+    old = sd["once"]
+    with pytest.raises(KeyError, match="already exists"):
+        st2he.tl.predict_expression(sd, model=local_model, key_added="once", progress=False)
+    assert sd["once"] is old
+    # a name held by an element of another type is never taken
+    with pytest.raises(KeyError, match="names an image"):
+        st2he.tl.predict_expression(sd, model=local_model, key_added="he_image", overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="no fitted 'ridge' baseline"):
+        st2he.tl.predict_expression(sd, model=local_model, method="ridge", key_added="r", progress=False)
+    del sd["once"]
+    assert set(sd.tables) | set(sd.shapes) | set(sd.images) == before
+
+
+def test_no_table(train_sample):
+    import spatialdata as sd_mod
+
+    bare = sd_mod.SpatialData(images={"he_image": train_sample["he_image"]})
+    with pytest.raises(KeyError, match="aggregate_transcripts"):
+        st2he.tl.train_expression(bare, model="tiny", steps=1, progress=False)
+
+
+def test_resume_continues_to_the_same_model(train_sample, tmp_path):
+    kwargs = dict(
+        model="tiny", genes=["EPCAM", "KRT5", "COL1A1"], um_per_px=1.0, chip_um=128.0, batch_size=2, val_fraction=0,
+        ckpt_every=2, progress=False, seed=4,
+    )
+    full = st2he.tl.train_expression(train_sample, steps=4, output_dir=tmp_path / "a", **kwargs)
+    st2he.tl.train_expression(train_sample, steps=2, output_dir=tmp_path / "b", **kwargs)
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        st2he.tl.train_expression(train_sample, steps=2, output_dir=tmp_path / "b", **kwargs)
+    resumed = st2he.tl.train_expression(train_sample, steps=4, output_dir=tmp_path / "b", resume="latest", **kwargs)
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    other = {**kwargs, "seed": 5}
+    with pytest.raises(ValueError, match="seed"):
+        st2he.tl.train_expression(train_sample, steps=6, output_dir=tmp_path / "b", resume="latest", **other)
+
+
+REAL_HE = Path("/work/shared/data/he_cmu1_small_region.svs")
+
+
+@pytest.mark.skipif(not REAL_HE.is_file(), reason="real H&E crop not available")
+def test_predict_on_a_real_odd_sized_he(local_model):
+    sdata = st2he.io.read_he_image(REAL_HE)
+    key = next(iter(sdata.images))
+    table = st2he.tl.predict_expression(
+        sdata, image_key=key, model=local_model, units="bins", bin_size=32.0, chip_um=512, progress=False
+    )
+    assert len(table) > 100 and np.isfinite(table.X).all()
+    assert table.obs["in_tissue"].any() and not table.obs["in_tissue"].all()
