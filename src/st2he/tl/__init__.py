@@ -4,6 +4,7 @@ from ._evaluate import evaluate_he
 from ._evaluate_expression import evaluate_expression
 from ._expression import predict_expression, train_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
+from ._cycle import cycle_check
 from ._register import register_he
 from ._train import train_generator
 from ._virtual_he import virtual_he
@@ -12,6 +13,7 @@ from ._zero_shot import evaluate_zero_shot, zero_shot
 __all__ = [
     "PROMPTS",
     "TEMPLATES",
+    "cycle_check",
     "evaluate_expression",
     "evaluate_he",
     "evaluate_zero_shot",

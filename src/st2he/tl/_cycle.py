@@ -36,7 +36,8 @@ def cycle_check(
 
     An expression model (:func:`st2he.tl.train_expression`) reads expression from the virtual H&E ``he_key`` in the
     units the measured table ``true_key`` counts (cells, spots or bins); each gene's prediction is scored against
-    the measured expression with :func:`st2he.tl.evaluate_expression` (signed Pearson over the units in tissue).
+    the measured expression with :func:`st2he.tl.evaluate_expression` (signed Pearson over the units in tissue:
+    the real H&E's tissue when there is one, so that both readings are scored over the same units).
     With a real H&E of the same section (``real_key``) the model reads it too, and
     ``ratio = r_virtual / r_real`` says what share of what the model can read from real histology the virtual
     H&E keeps.
@@ -129,9 +130,14 @@ def cycle_check(
             progress=progress,
             key_added=pred_key,
         )
+    if "real" in predicted:
+        # both readings are scored over the same units: those in the real H&E's tissue
+        scratch.tables["_cycle_virtual"].obs["in_tissue"] = predicted["real"].obs["in_tissue"].to_numpy()
+    for name in reads:
+        pred_key = f"_cycle_{name}"
         scores[name] = evaluate_expression(scratch, pred_key=pred_key, true_key=true_key, key_added=f"{pred_key}_m")
 
-    virtual = predicted["virtual"]
+    virtual = scratch.tables["_cycle_virtual"]
     gene_list = list(virtual.var_names)
     per_gene = pd.DataFrame(index=pd.Index(gene_list, name="gene"))
     per_gene["r_virtual"] = scores["virtual"]["pearson"].reindex(gene_list).to_numpy()
@@ -146,10 +152,8 @@ def cycle_check(
         per_gene["ratio"] = np.nan
 
     # per unit: the expression read from each image, the measured one, and where they disagree
-    ids = virtual.obs_names
-    measured_all = lognormalise(
-        table[:, gene_list].X, total_counts(table)
-    )  # measured log-normalised, in the table's unit order
+    # measured log-normalised expression, in the table's unit order, then in the predicted units' order
+    measured_all = lognormalise(table[:, gene_list].X, total_counts(table))
     order = pd.Index(_unit_ids(table)).get_indexer(_unit_ids(virtual))
     if (order < 0).any():  # pragma: no cover - predict_expression predicts the units the table annotates
         msg = "The predicted units do not match the measured table's units."
@@ -170,9 +174,9 @@ def cycle_check(
     summary = _summary(per_gene, has_real="real" in predicted)
     out.uns["per_gene"] = {c: per_gene[c].tolist() for c in per_gene.columns} | {"gene": gene_list}
     out.uns["summary"] = summary
-    del ids
     params = {"he_key": he_key, "real_key": real_key, "true_key": true_key, "units": units, "genes": gene_list}
-    write_elements(sdata, {key_added: out}, overwrite=overwrite, inputs={true_key, he_key, units}, params={key_added: params})
+    inputs = {true_key, he_key, units}
+    write_elements(sdata, {key_added: out}, overwrite=overwrite, inputs=inputs, params={key_added: params})
     per_gene.attrs["summary"] = summary
     return per_gene
 
