@@ -109,7 +109,9 @@ def _parameter_docs(function) -> dict[str, str]:
 
 def _short(text: str) -> str:
     """A short help from a numpydoc description: its first sentence, without reST markup or long asides."""
-    text = re.sub(r":\w+:`~?([^`]*?)`", lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
+    text = re.sub(
+        r":\w+:`~?([^`]*?)`", lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text
+    )
     text = text.replace("``", "")
     first = re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text, maxsplit=1)[0]
     first = first[:-1] if first.endswith(".") and not first.endswith("...") else first
@@ -291,7 +293,13 @@ def add_function_options(
             continue
         metavar = name.upper() if not isinstance(kind.nargs, int) else tuple([name.upper()] * kind.nargs)
         parser.add_argument(
-            *flags, action=_StoreOption, nargs=kind.nargs, type=kind.convert, unwrap=kind.unwrap, metavar=metavar, **common
+            *flags,
+            action=_StoreOption,
+            nargs=kind.nargs,
+            type=kind.convert,
+            unwrap=kind.unwrap,
+            metavar=metavar,
+            **common,
         )
     return names
 
@@ -321,7 +329,9 @@ def open_store(path: str | os.PathLike):
         msg = f"No SpatialData store at {str(path)!r}. Make one with `st2he read <folder> {path}`."
         raise FileNotFoundError(msg)
     if not path.is_dir() or not ({".zgroup", "zarr.json", ".zattrs"} & {p.name for p in path.iterdir()}):
-        msg = f"{str(path)!r} is not a zarr store (no .zgroup or zarr.json in it). Give the path of a SpatialData store."
+        msg = (
+            f"{str(path)!r} is not a zarr store (no .zgroup or zarr.json in it). Give the path of a SpatialData store."
+        )
         raise FileNotFoundError(msg)
     with _quiet_io():
         return spatialdata.read_zarr(path)
@@ -537,7 +547,10 @@ def _evaluate(sdata, function, options):
             "pred_key": options.get("pred_key", "virtual_he"),
             "true_key": options.get("true_key", "he_image"),
             "n_tiles": n_tiles,
-            **{row: {m: float(frame.loc[row, m]) for m in ("psnr", "ssim", "mse")} for row in ("overall", "mean_over_tiles")},
+            **{
+                row: {m: float(frame.loc[row, m]) for m in ("psnr", "ssim", "mse")}
+                for row in ("overall", "mean_over_tiles")
+            },
         }
         Path(json_path).write_text(json.dumps(report, indent=2))
         logger.info("metrics written to %s", json_path)
@@ -704,7 +717,10 @@ def _demo_execute(args: argparse.Namespace) -> int:
 
 
 COMMANDS["read"] = Command(
-    "read", "Read a Xenium, CosMx or MERSCOPE output folder (and an H&E image) into a new zarr store.", _read_arguments, _read
+    "read",
+    "Read a Xenium, CosMx or MERSCOPE output folder (and an H&E image) into a new zarr store.",
+    _read_arguments,
+    _read,
 )
 # the steps over a store registered above come next in --help, then these
 for _name in ("rasterize", "virtual-he", "zero-shot", "evaluate"):
@@ -713,8 +729,10 @@ COMMANDS["train"] = Command(
     "train", "Train or fine-tune the generator on stores with input pictures and aligned H&E.", _train_arguments, _train
 )
 COMMANDS["demo"] = Command(
-    "demo", "Run the whole pipeline on a simulated sample (or --data) and write a store, a figure and metrics.",
-    _demo_arguments, _demo_execute,
+    "demo",
+    "Run the whole pipeline on a simulated sample (or --data) and write a store, a figure and metrics.",
+    _demo_arguments,
+    _demo_execute,
 )
 
 
@@ -741,8 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _message(err: BaseException, args: argparse.Namespace | None) -> str:
-    """The error's message, with the function's keyword arguments spelt as this command line's options."""
+def _message(err: BaseException | Warning | str, args: argparse.Namespace | None) -> str:
+    """The message, with the function's keyword arguments spelt as this command line's options."""
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = text.replace("overwrite=True", "--overwrite")
     for name in getattr(args, "option_names", None) or []:
@@ -755,19 +773,19 @@ def _message(err: BaseException, args: argparse.Namespace | None) -> str:
 
 
 @contextlib.contextmanager
-def _cli_logging(quiet: bool) -> Iterator[None]:
+def _cli_logging(args: argparse.Namespace) -> Iterator[None]:
     """st2he's log messages and warnings on stderr, one line each (nothing but errors with ``--quiet``)."""
     st2he_logger = logging.getLogger("st2he")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     old_level = st2he_logger.level
     st2he_logger.addHandler(handler)
-    st2he_logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    st2he_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     old_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not quiet:
-            print(f"{PROG}: warning: {message}", file=sys.stderr)
+        if not args.quiet:
+            print(f"{PROG}: warning: {_message(message, args)}", file=sys.stderr)
 
     warnings.showwarning = show
     try:
@@ -783,16 +801,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = f"{PROG} {args.command}"
-    with _cli_logging(args.quiet):
+    with _cli_logging(args):
         try:
             return args.execute(args)
-        except (CliError, FileNotFoundError, ValueError, KeyError) as err:
+        except (CliError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
             print(f"{command}: error: {_message(err, args)}", file=sys.stderr)
             return EXIT_USAGE
         except ModuleNotFoundError as err:
             if (err.name or "").split(".")[0] not in _MODEL_PACKAGES:
                 raise
-            print(f"{command}: error: {err.name} is not installed; install the models extra: pip install 'st2he[models]'", file=sys.stderr)
+            print(
+                f"{command}: error: {err.name} is not installed; install the models extra: pip install 'st2he[models]'",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         except KeyboardInterrupt:
             print(f"{command}: interrupted", file=sys.stderr)
