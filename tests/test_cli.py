@@ -102,7 +102,7 @@ def test_an_existing_element_is_replaced_only_with_overwrite(store, capsys):
     assert _pixels(spatialdata.read_zarr(store), "st2he_input").shape[1] >= SIZE_UM  # 1 µm pixels, not 2 µm
     # an element of another type is never replaced, not even with --overwrite
     code, _, err = _run(capsys, "rasterize", store, "--key-added", "table", "--overwrite")
-    assert code == 2 and "--key-added='table' names a table" in err
+    assert code == 2 and "--key-added 'table' names a table" in err
 
 
 def test_missing_store_element_and_bad_values_exit_2_with_a_message(store, tmp_path, capsys):
@@ -111,7 +111,7 @@ def test_missing_store_element_and_bad_values_exit_2_with_a_message(store, tmp_p
     code, _, err = _run(capsys, "rasterize", tmp_path)  # a folder that is not a store
     assert code == 2 and "is not a zarr store" in err
     code, _, err = _run(capsys, "virtual-he", store, "--method", "stain", "--input-key", "nope")
-    assert code == 2 and "--input-key='nope' is not an image of this SpatialData object" in err
+    assert code == 2 and "--input-key 'nope' is not an image of this SpatialData object" in err
     code, _, err = _run(capsys, "rasterize", store, "--pixel-size", "-1")  # the function's ValueError
     assert code == 2 and "pixel_size must be a positive number" in err.replace("--pixel-size", "pixel_size")
     assert "Traceback" not in err

@@ -614,8 +614,8 @@ def _read(args: argparse.Namespace) -> int:
         raise FileNotFoundError(msg)
     reader = _resolve(_READERS[platform])
     logger.info("reading %s folder %s", platform, folder)
-    if args.he_image is not None and "he_image" in inspect.signature(reader).parameters:
-        sdata = reader(folder, he_image=args.he_image, **given)
+    if args.he_image is not None and not he_options and "he_image" in inspect.signature(reader).parameters:
+        sdata = reader(folder, he_image=args.he_image, **given)  # a reader that places the H&E itself
     else:
         sdata = reader(folder, **given)
         if args.he_image is not None:
@@ -765,10 +765,9 @@ def _message(err: BaseException | Warning | str, args: argparse.Namespace | None
     text = text.replace("overwrite=True", "--overwrite")
     for name in getattr(args, "option_names", None) or []:
         flag = f"--{name.replace('_', '-')}"
+        text = re.sub(rf"(?<![\w.-]){name}=\s?", f"{flag} ", text)  # "key_added='x'" -> "--key-added 'x'"
         if "_" in name:
             text = re.sub(rf"(?<![\w.-]){name}\b", flag, text)
-        else:
-            text = re.sub(rf"(?<![\w.-]){name}=", f"{flag}=", text)
     return text
 
 
