@@ -284,6 +284,13 @@ def test_demo_help_and_version(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"st2he {st2he.__version__}"
 
 
+def test_the_entry_points_name_the_mains():
+    import tomllib
+
+    scripts = tomllib.loads((Path(_cli.__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"st2he": "st2he._cli:main", "st2he-demo": "st2he._demo:main"}  # make demo calls st2he-demo
+
+
 def test_the_command_runs_as_a_program(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(_cli.__file__).parents[1])}
     result = subprocess.run(
