@@ -137,8 +137,14 @@ def test_virtual_he_and_evaluate_write_what_the_functions_make(store, tmp_path, 
 
     model = Pix2PixTurbo.from_config("tiny", seed=0)
     model.metadata["tile_size"] = 64
+    sdata = st2he.datasets.synthetic_tissue(0, size_um=SIZE_UM)
+    panel = sorted(set(sdata.tables["table"].var_names))
+    model.metadata["palette"] = {gene: f"#{(37 * i) % 256:02x}{(91 * i) % 256:02x}ff" for i, gene in enumerate(panel)}
     path = save_pretrained(model.set_eval(), tmp_path / "tiny")
-    assert _run(capsys, "rasterize", store, "--pixel-size", "2", "-q")[0] == 0
+    # the picture drawn with the palette the generator was trained with: --palette <its folder>
+    assert _run(capsys, "rasterize", store, "--pixel-size", "2", "--palette", path, "-q")[0] == 0
+    drawn = get_params(spatialdata.read_zarr(store), "st2he_input")["palette"]
+    assert drawn and all(drawn[g] == model.metadata["palette"][g] for g in drawn)
     before = _files(store)
     code, _, err = _run(capsys, "virtual-he", store, "--model", path, "--overlap", "16", "--device", "cpu", "-q")
     assert code == 0, err

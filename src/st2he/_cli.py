@@ -454,13 +454,34 @@ def step(name: str, function: str, *, skip: tuple[str, ...] = (), extra: tuple =
 # the steps over a store
 
 
+def _palette(words: list[str]):
+    """``--palette coexpression``, a JSON file of gene -> colour, or a generator folder (the palette it learnt)."""
+    if len(words) != 1:
+        msg = f"--palette takes one value, got {words}."
+        raise CliError(msg)
+    word = words[0]
+    path = Path(word)
+    if path.is_file() and path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.is_dir():
+        config = path / "config.json"
+        palette = json.loads(config.read_text()).get("metadata", {}).get("palette") if config.is_file() else None
+        if not palette:
+            msg = f"--palette {word}: a folder must be a generator checkpoint whose config.json records its palette."
+            raise CliError(msg)
+        return palette
+    return word
+
+
 @step(
     "rasterize",
     "st2he.pp.rasterize_transcripts",
+    types={"palette": _palette},
     helps={
         "style": "multicolor (each gene in its palette colour), single (every transcript in --color) or stain (the "
         "stain alone) (default: multicolor)",
-        "palette": "coexpression, hue, or a JSON file of gene -> colour (default: coexpression)",
+        "palette": "coexpression, hue, a JSON file of gene -> colour, or a generator folder: the palette it was "
+        "trained with (default: coexpression)",
     },
 )
 def _rasterize(sdata, function, options):
