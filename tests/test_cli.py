@@ -266,9 +266,20 @@ def test_options_are_the_functions_keyword_arguments():
         "region": [0.0, 0.0, 64.0, 64.0],
         "percentiles": (2.0, 98.0),
         "min_qv": None,
-        "genes": "EPCAM",
+        "genes": ["EPCAM"],
         "drop_controls": False,
         "stain_key": None,
+    }
+    # a list, or one of the single values the argument also takes
+    merscope = "--stains DAPI --z-layers 3"
+    assert _cli.function_options(parser.parse_args(["read", "f", "s.zarr", *merscope.split()])) == {
+        "stains": ["DAPI"],
+        "z_layers": 3,
+    }
+    merscope = "--stains all --z-layers 1 2"
+    assert _cli.function_options(parser.parse_args(["read", "f", "s.zarr", *merscope.split()])) == {
+        "stains": "all",
+        "z_layers": [1, 2],
     }
     # options not given are not passed: the function's own defaults apply
     assert _cli.function_options(parser.parse_args(["virtual-he", "s.zarr"])) == {}

@@ -156,7 +156,7 @@ class _Type:
     scalars: frozenset[str]  # "int", "float", "str", "none", "json" (a .json file read as a mapping)
     literals: tuple[str, ...] = ()
     nargs: int | str | None = None
-    unwrap: bool = False  # a one-word list is given as the word itself (int | Sequence[int])
+    single: frozenset[str] = frozenset()  # nargs "+": a one-word list of these kinds is given as the word itself
     flag: bool = False
 
     def convert(self, word: str):
@@ -176,6 +176,18 @@ class _Type:
         msg = f"expected {' or '.join(wanted)}, got {word!r}"
         raise argparse.ArgumentTypeError(msg)
 
+    def collect(self, values):
+        """The value of the converted words: a list, a tuple (fixed count), or one value (``none``, a literal, ...)."""
+        if isinstance(self.nargs, int):
+            return tuple(values)
+        if self.nargs != "+":
+            return values
+        if len(values) == 1:
+            (value,) = values
+            if value is None or value in self.literals or type(value).__name__ in self.single:
+                return value
+        return list(values)
+
 
 def _scalar_kind(alt: str) -> set[str]:
     if alt in ("int", "float", "bool"):
@@ -184,65 +196,61 @@ def _scalar_kind(alt: str) -> set[str]:
         return {"none"}
     if alt.startswith(("Mapping", "dict")):
         return {"json", "str"}
-    return {"str"}  # str, Path, os.PathLike, Any, Literal handled by the caller
+    return {"str"}  # str, Path, os.PathLike, Any
 
 
 def _infer_type(parameter: inspect.Parameter) -> _Type:
+    """The words an option takes, from its argument's annotation (or default): flag, one word, a count, or several."""
     alts = _alternatives(parameter.annotation)
-    if not alts:  # no annotation: a word, or words
+    if not alts:  # no annotation: a flag, a number, or words
         default = parameter.default
         if isinstance(default, bool):
             return _Type(frozenset({"bool"}), flag=True)
         if isinstance(default, int | float):
             return _Type(frozenset({type(default).__name__, "none"}))
-        return _Type(frozenset({"str", "none"}), nargs="+", unwrap=True)
+        return _Type(frozenset({"str", "none"}), nargs="+", single=frozenset({"str"}))
     if set(alts) <= {"bool", "None"}:
         return _Type(frozenset({"bool"}), flag=True)
     scalars: set[str] = set()
+    single: set[str] = set()  # kinds of the alternatives that are one value
     literals: list[str] = []
     nargs: int | str | None = None
-    has_scalar = False
     for alt in alts:
         literal = re.match(r"^Literal\[(.*)\]$", alt)
         sequence = _SEQUENCE.match(alt)
         if literal:
             literals += [v.strip().strip("'\"") for v in literal.group(1).split(",")]
-            has_scalar = True
         elif sequence:
-            items = _alternatives(sequence.group(1).split(",")[0]) if "," not in sequence.group(1) else []
-            if alt.startswith("tuple") and "," in sequence.group(1) and "..." not in sequence.group(1):
-                members = [m.strip() for m in sequence.group(1).split(",")]
+            members = [m.strip() for m in sequence.group(1).split(",")]
+            if alt.startswith("tuple") and len(members) > 1 and "..." not in members:
                 nargs = len(members)
-                for m in members:
-                    scalars |= _scalar_kind(m)
+                kinds = members
             else:
                 nargs = "+"
-                for item in items or ["str"]:
-                    scalars |= _scalar_kind(item)
+                kinds = _alternatives(members[0])
+            for kind in kinds:
+                scalars |= _scalar_kind(kind)
         elif alt in ("Sequence", "list"):
             nargs = "+"
-            scalars |= {"str"}
+            scalars.add("str")
         else:
-            scalars |= _scalar_kind(alt) - {"bool"}
-            has_scalar = has_scalar or alt != "None"
+            kind = _scalar_kind(alt) - {"bool"}
+            scalars |= kind
+            single |= kind - {"none", "json"}
     if "None" in alts:
         scalars.add("none")
-    return _Type(frozenset(scalars), tuple(literals), nargs, unwrap=nargs == "+" and (has_scalar or "None" in alts))
+    return _Type(frozenset(scalars), tuple(literals), nargs, frozenset(single))
 
 
 class _StoreOption(argparse.Action):
-    """Stores the converted words of an option (one word when the argument takes a single value)."""
+    """Stores the converted words of an option as the keyword argument's value (see :meth:`_Type.collect`)."""
 
-    def __init__(self, *args, unwrap: bool = False, **kwargs):
-        self.unwrap = unwrap
+    def __init__(self, *args, kind: _Type, **kwargs):
+        self.kind = kind
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if isinstance(values, list) and self.nargs == "+" and self.unwrap and len(values) == 1:
-            values = values[0]
-        elif isinstance(values, list) and isinstance(self.nargs, int):
-            values = tuple(values)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.kind.collect(values))
 
 
 def add_function_options(
@@ -297,7 +305,7 @@ def add_function_options(
             action=_StoreOption,
             nargs=kind.nargs,
             type=kind.convert,
-            unwrap=kind.unwrap,
+            kind=kind,
             metavar=metavar,
             **common,
         )
