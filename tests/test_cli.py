@@ -105,6 +105,25 @@ def test_an_existing_element_is_replaced_only_with_overwrite(store, capsys):
     assert code == 2 and "--key-added 'table' names a table" in err
 
 
+def test_two_jobs_on_one_store_keep_each_others_elements_and_records(base_store, store, capsys, monkeypatch):
+    opened = _cli.open_store
+
+    def open_then_another_job_writes(path):
+        sdata = opened(path)
+        monkeypatch.setattr(_cli, "open_store", opened)
+        # a job started later finishes first, while this one computes
+        assert _cli.main(["rasterize", str(path), "--key-added", "other", "--pixel-size", "4", "-q"]) == 0
+        return sdata
+
+    monkeypatch.setattr(_cli, "open_store", open_then_another_job_writes)
+    assert _run(capsys, "rasterize", store, "--pixel-size", "2", "-q")[0] == 0
+    back = spatialdata.read_zarr(store)
+    assert {"st2he_input", "other"} <= set(back.images)
+    assert get_params(back, "other")["pixel_size"] == 4.0 and get_params(back, "st2he_input")["pixel_size"] == 2.0
+    base = spatialdata.read_zarr(base_store).attrs["st2he"]
+    assert base and all(back.attrs["st2he"][k] == v for k, v in base.items())  # what was recorded before stays
+
+
 def test_missing_store_element_and_bad_values_exit_2_with_a_message(store, tmp_path, capsys):
     code, _, err = _run(capsys, "evaluate", tmp_path / "nothing.zarr")
     assert code == 2 and f"No SpatialData store at {str(tmp_path / 'nothing.zarr')!r}" in err

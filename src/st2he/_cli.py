@@ -262,8 +262,7 @@ def add_function_options(
     group: str = "",
     aliases: dict[str, tuple[str, ...]] | None = None,
     helps: dict[str, str] | None = None,
-    types: dict[str, Callable[[list[str] | str], Any]] | None = None,
-    note: str = "",
+    types: dict[str, Callable[[list[str]], Any]] | None = None,
 ) -> list[str]:
     """Add one option per keyword argument of ``function``; returns the arguments' names.
 
@@ -287,7 +286,7 @@ def add_function_options(
         if not required and "default" not in text.lower() and "(required)" not in text:
             default = _default_text(parameter.default)
             text = f"{text} (default: {default})" if text else f"default: {default}"
-        text = (text + note).replace("%", "%%")
+        text = text.replace("%", "%%")
         dest = f"{_FN}{group}.{name}" if group else f"{_FN}{name}"
         common = {"dest": dest, "help": text, "default": argparse.SUPPRESS, "required": required}
         if name in types:
@@ -387,8 +386,8 @@ def write_back(sdata, keys: list[str], *, overwrite: bool, progress: bool) -> No
     """Write elements ``keys`` of a backed object into its store (tables last), then the object's attributes.
 
     Each element is written all or nothing by :func:`st2he.io.write_element`; a lazy element is computed while it
-    is written (with a progress bar). The attributes (``sdata.attrs``, where st2he records the parameters of every
-    element it makes) are written after each element.
+    is written (with a progress bar). The parameters st2he records for each element (in ``sdata.attrs``) are
+    written into the store's attributes after it.
     """
     from st2he._elements import element_type
     from st2he.io import write_element
@@ -397,7 +396,29 @@ def write_back(sdata, keys: list[str], *, overwrite: bool, progress: bool) -> No
         logger.info("writing %s %r to %s", element_type(sdata, key), key, sdata.path)
         with _progress(progress), _quiet_io():
             write_element(sdata, key, overwrite=overwrite)
-            sdata.write_attrs()
+            _write_params(sdata, key)
+
+
+def _write_params(sdata, key: str) -> None:
+    """Write the parameters recorded for element ``key`` into the store's attributes, keeping those on disk.
+
+    The attributes on disk are read again first, so that a job that wrote other elements into the same store since
+    this one opened it keeps its records.
+    """
+    import zarr
+
+    from st2he._elements import ATTRS_KEY
+
+    on_disk = dict(zarr.open_group(store=str(sdata.path), mode="r").attrs.asdict())
+    on_disk.pop("spatialdata_attrs", None)
+    records = dict(on_disk.get(ATTRS_KEY, {}))
+    mine = sdata.attrs.get(ATTRS_KEY, {})
+    if key in mine:
+        records[key] = mine[key]
+    for name, value in on_disk.items():
+        sdata.attrs.setdefault(name, value)
+    sdata.attrs[ATTRS_KEY] = {**mine, **records}
+    sdata.write_attrs()
 
 
 @contextlib.contextmanager
