@@ -306,6 +306,14 @@ def test_options_are_the_functions_keyword_arguments():
     assert _cli.function_options(args) == {"tile_size": 64, "r": 0.5, "lazy": True}
 
 
+def test_every_command_has_its_help(capsys):
+    for name in _cli.COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            _cli.main([name, "--help"])
+        assert exit_info.value.code == 0 and f"usage: st2he {name}" in capsys.readouterr().out
+    assert list(_cli.COMMANDS) == ["read", "rasterize", "virtual-he", "zero-shot", "evaluate", "train", "demo"]
+
+
 def test_demo_help_and_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _cli.main(["demo", "--help"])
