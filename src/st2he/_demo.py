@@ -1,7 +1,7 @@
 """End-to-end demo: molecules in, virtual H&E, metrics and a figure out.
 
-Run it with ``make demo`` (or ``st2he-demo``). Without ``--data`` it simulates a sample with a paired ground-truth
-H&E; with ``--data`` it reads a Xenium, CosMx or MERSCOPE output folder instead.
+Run it with ``make demo`` (or ``st2he demo``, or ``st2he-demo``). Without ``--data`` it simulates a sample with a
+paired ground-truth H&E; with ``--data`` it reads a Xenium, CosMx or MERSCOPE output folder instead.
 """
 
 from __future__ import annotations
@@ -115,20 +115,21 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point of ``st2he-demo``."""
-    parser = argparse.ArgumentParser(prog="st2he-demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the demo (``st2he-demo`` and ``st2he demo``)."""
     parser.add_argument("--data", type=Path, default=None, help="Xenium, CosMx or MERSCOPE output folder")
     parser.add_argument("--out", type=Path, default=Path("st2he_output"), help="output folder")
     parser.add_argument("--method", default="diffusion", choices=["diffusion", "stain"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pixel-size", type=float, default=0.5, help="µm per pixel of the input picture")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def execute(args: argparse.Namespace, *, prog: str = "st2he-demo") -> int:
+    """Run the demo with parsed options; returns the exit status (2 with a message for bad input)."""
     try:
         summary = run(args.data, args.out, method=args.method, seed=args.seed, pixel_size=args.pixel_size)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"st2he-demo: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     print(f"SpatialData store: {summary['store']}")
     print(f"Figure:            {summary['figure']}")
@@ -136,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     if summary["metrics"]:
         print(json.dumps(summary["metrics"], indent=2, default=float))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of ``st2he-demo`` (the same as ``st2he demo``)."""
+    parser = argparse.ArgumentParser(prog="st2he-demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return execute(args)
 
 
 if __name__ == "__main__":
