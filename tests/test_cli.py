@@ -274,6 +274,16 @@ def test_read_xenium_crop_gives_the_readers_elements(shared_data, tmp_path, caps
     assert _names(back)["images"] == sorted([*_names(direct)["images"], "he_image"])
     assert st2he.io.Raster(back.images["he_image"]).bounds == pytest.approx((1000, 1000, 1112, 1112))
     assert not list(tmp_path.glob(".*st2he-*"))  # no staging folder left
+    # with Xenium Explorer's alignment: the reader places the H&E by the matrix (pixels -> morphology pixels)
+    matrix = np.array([[0.0, 0.5 / 0.2125, 1010 / 0.2125], [0.5 / 0.2125, 0.0, 1020 / 0.2125], [0, 0, 1]])
+    np.savetxt(tmp_path / "alignment.csv", matrix, delimiter=",")
+    aligned = tmp_path / "aligned.zarr"
+    code, _, err = _run(capsys, "read", folder, aligned, "--he-image", he, "--alignment", tmp_path / "alignment.csv", "-q")
+    assert code == 0, err
+    affine = st2he.io.Raster(spatialdata.read_zarr(aligned).images["he_image"]).affine
+    np.testing.assert_allclose(affine, [[0, 0.5, 1010], [0.5, 0, 1020], [0, 0, 1]], atol=1e-9)
+    code, _, err = _run(capsys, "read", folder, tmp_path / "x.zarr", "--he-image", he, "--alignment", tmp_path / "alignment.csv", "--he-origin", "0", "0")
+    assert code == 2 and "--he-origin: not used when --alignment places the H&E" in err
 
 
 def test_options_are_the_functions_keyword_arguments():
@@ -346,3 +356,61 @@ def test_the_command_runs_as_a_program(tmp_path):
     )
     assert result.returncode == 2
     assert "st2he evaluate: error: No SpatialData store at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_expression_steps_and_register(store, tmp_path, capsys):
+    import math
+
+    from spatialdata.transformations import Affine, get_transformation, set_transformation
+
+    # aggregate: the table in the store equals the function's
+    code, _, err = _run(capsys, "aggregate", store, "--by", "bins", "--bin-size", "16", "-q")
+    assert code == 0, err
+    back = spatialdata.read_zarr(store)
+    direct = spatialdata.read_zarr(store)
+    del direct.tables["bins_16um_table"], direct.shapes["bins_16um"]
+    st2he.pp.aggregate_transcripts(direct, by="bins", bin_size=16.0)
+    np.testing.assert_array_equal(_dense(back["bins_16um_table"].X), _dense(direct["bins_16um_table"].X))
+
+    # register: the H&E moved in the store is brought back, only its transformation rewritten
+    sdata = spatialdata.read_zarr(store)
+    t = math.radians(8)
+    old = get_transformation(sdata["he_image"], "global").to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    move = np.array([[math.cos(t), -math.sin(t), 10.0], [math.sin(t), math.cos(t), -6.0], [0, 0, 1]])
+    set_transformation(sdata["he_image"], Affine(move @ old, input_axes=("x", "y"), output_axes=("x", "y")), "global")
+    sdata.write_transformations("he_image")
+    pixels = _files(store, skip=())
+    code, out, err = _run(capsys, "register", store, "--transform", "rigid", "--pixel-size", "1", "--scales", "1.0", "-q")
+    assert code == 0, err
+    assert "residual_um" in out
+    placed = st2he.io.Raster(spatialdata.read_zarr(store)["he_image"]).affine
+    np.testing.assert_allclose(placed, old, atol=0.02 * 128)  # back within a few µm over the sample
+    unchanged = {k: v for k, v in _files(store).items() if "he_image" in k and k.endswith(tuple("0123456789"))}
+    assert unchanged and all(pixels[k] == v for k, v in unchanged.items())  # pixel chunks not rewritten
+
+    # train an expression model, predict with it, score it, read it back through the cycle check
+    model_dir = tmp_path / "expr"
+    code, _, err = _run(
+        capsys, "train-expression", store, "--model", "tiny", "--genes", "EPCAM", "KRT5", "COL1A1",
+        "--steps", "2", "--batch-size", "1", "--chip-um", "64", "--val-fraction", "0", "--ckpt-every", "0",
+        "--output-dir", model_dir, "-q",
+    )
+    assert code == 0, err
+    code, _, err = _run(capsys, "predict-expression", store, "--model", model_dir / "model", "--units", "cell_boundaries", "-q")
+    assert code == 0, err
+    back = spatialdata.read_zarr(store)
+    assert list(back["he_image_expression"].var_names) == ["EPCAM", "KRT5", "COL1A1"]
+    code, out, err = _run(
+        capsys, "evaluate-expression", store, "--pred-key", "he_image_expression", "--true-key", "table",
+        "--json", tmp_path / "m.json", "-q",
+    )
+    assert code == 0, err
+    assert "mean_pearson" in out or "pearson" in out
+    per_gene = json.loads((tmp_path / "m.json").read_text())
+    stored = spatialdata.read_zarr(store)["he_image_expression_metrics"].obs
+    assert per_gene["EPCAM"]["pearson"] == pytest.approx(float(stored.loc["EPCAM", "pearson"]))
+    code, _, err = _run(capsys, "predict-expression", store, "-q")
+    assert code == 2 and "--model is required" in err
+    code, out, err = _run(capsys, "cycle-check", store, "--model", model_dir / "model", "--he-key", "he_image", "-q")
+    assert code == 0, err
+    assert "r_virtual" in out and "cycle_check" in spatialdata.read_zarr(store).tables

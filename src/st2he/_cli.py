@@ -606,6 +606,96 @@ def _evaluate(sdata, function, options):
         logger.info("metrics written to %s", json_path)
 
 
+@step(
+    "register",
+    "st2he.tl.register_he",
+    helps={"transform": "rigid, affine or elastic (affine plus a smooth displacement field) (default: affine)"},
+)
+def _register(sdata, function, options):
+    """Register the H&E onto the nuclear stain; its new transformation is written into the store."""
+    report = function(sdata, **options)
+    he_key = options.get("he_key", "he_image")
+    sdata.write_transformations(he_key)  # only the transformation: the H&E's pixels are not rewritten
+    _write_params(sdata, he_key)
+    print(report.drop(labels=["matrix"]).to_string())
+
+
+@step("aggregate", "st2he.pp.aggregate_transcripts")
+def _aggregate(sdata, function, options):
+    """Count the molecules in cells, pseudo-spots or bins: a table of units (and their shapes) in the store."""
+    function(sdata, **options)
+
+
+@step(
+    "predict-expression",
+    "st2he.tl.predict_expression",
+    helps={"model": "Folder of an expression model saved by train-expression (required)"},
+)
+def _predict_expression(sdata, function, options):
+    """Predict gene expression and tumour probability per cell, spot or bin from an H&E (real or virtual)."""
+    if options.get("model") is None:
+        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
+        raise CliError(msg)
+    function(sdata, **options)
+
+
+@step(
+    "evaluate-expression",
+    "st2he.tl.evaluate_expression",
+    extra=((("--json",), {"dest": "json", "metavar": "PATH", "help": "also write the per-gene metrics to this JSON"}),),
+)
+def _evaluate_expression(sdata, function, options):
+    """Score predicted against measured expression gene by gene; the summary is printed."""
+    json_path = options.pop("json", None)
+    frame = function(sdata, **options)
+    summary = frame.attrs.get("summary", {})
+    for key, value in summary.items():
+        if isinstance(value, int | float):
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if json_path:
+        Path(json_path).write_text(frame.to_json(orient="index", indent=2))
+        logger.info("metrics written to %s", json_path)
+
+
+@step(
+    "cycle-check",
+    "st2he.tl.cycle_check",
+    helps={"model": "Folder of an expression model saved by train-expression (required)"},
+)
+def _cycle_check(sdata, function, options):
+    """Read expression back from a virtual H&E (and the real one) and print how much of it the virtual H&E keeps."""
+    if options.get("model") is None:
+        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
+        raise CliError(msg)
+    frame = function(sdata, **options)
+    print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+def _train_expression_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stores", type=Path, nargs="+", help="SpatialData zarr stores with an H&E and a counts table")
+    names = add_function_options(
+        parser,
+        _resolve("st2he.tl.train_expression"),
+        skip=("progress",),
+        helps={"output_dir": "Folder of the checkpoints; the trained model is saved in OUTPUT_DIR/model (required)"},
+    )
+    parser.set_defaults(option_names=names)
+
+
+def _train_expression(args: argparse.Namespace) -> int:
+    import st2he
+
+    options = function_options(args)
+    if options.get("output_dir") is None:
+        msg = "--output-dir is required: the trained expression model is saved there."
+        raise CliError(msg)
+    check_device(options.get("device"))
+    sdatas = [open_store(s) for s in args.stores]
+    st2he.tl.train_expression(sdatas if len(sdatas) > 1 else sdatas[0], progress=not args.quiet, **options)
+    print(f"model: {Path(options['output_dir']) / 'model'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # commands that do not work on one store: read, train, demo
 
@@ -626,7 +716,8 @@ def _read_arguments(parser: argparse.ArgumentParser) -> None:
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
                 owners.setdefault(name, []).append(platform)
     parser.set_defaults(reader_options=owners)
-    seen: set[str] = {"he_image", "overwrite"}
+    # a reader's own H&E options (read_xenium's he_pixel_size, he_key) are the --he-* options of the H&E group
+    seen: set[str] = {"he_image", "overwrite", "he_pixel_size", "he_key"}
     for platform, path in _READERS.items():
         group = parser.add_argument_group(f"{platform} options")
         skip = tuple(seen)
@@ -636,7 +727,7 @@ def _read_arguments(parser: argparse.ArgumentParser) -> None:
     add_function_options(
         group, _resolve("st2he.io.read_he_image"), skip=("sdata", "overwrite"), prefix=_HE_PREFIX, group="he"
     )
-    parser.set_defaults(option_names=sorted(seen - {"he_image", "overwrite"}))
+    parser.set_defaults(option_names=sorted(seen - {"he_image", "overwrite", "he_pixel_size", "he_key"}))
 
 
 def _read(args: argparse.Namespace) -> int:
@@ -664,8 +755,15 @@ def _read(args: argparse.Namespace) -> int:
         raise FileNotFoundError(msg)
     reader = _resolve(_READERS[platform])
     logger.info("reading %s folder %s", platform, folder)
-    if args.he_image is not None and not he_options and "he_image" in inspect.signature(reader).parameters:
-        sdata = reader(folder, he_image=args.he_image, **given)  # a reader that places the H&E itself
+    if args.he_image is not None and given.get("alignment") is not None:
+        # the reader places the H&E itself, by the alignment file (read_xenium)
+        unsupported = sorted(set(he_options) - {"pixel_size", "key"})
+        if unsupported:
+            flags = ", ".join(f"--he-{k.replace('_', '-')}" for k in unsupported)
+            msg = f"{flags}: not used when --alignment places the H&E; leave them out."
+            raise CliError(msg)
+        placed = {f"he_{k}": v for k, v in he_options.items()}
+        sdata = reader(folder, he_image=args.he_image, **given, **placed)
     else:
         sdata = reader(folder, **given)
         if args.he_image is not None:
@@ -773,11 +871,19 @@ COMMANDS["read"] = Command(
     _read,
 )
 # the steps over a store registered above come next in --help, then these
-for _name in ("rasterize", "virtual-he", "zero-shot", "evaluate"):
+for _name in ("register", "rasterize", "virtual-he", "zero-shot", "evaluate", "aggregate"):
     COMMANDS[_name] = COMMANDS.pop(_name)
 COMMANDS["train"] = Command(
     "train", "Train or fine-tune the generator on stores with input pictures and aligned H&E.", _train_arguments, _train
 )
+COMMANDS["train-expression"] = Command(
+    "train-expression",
+    "Train an expression model on stores with an H&E and measured counts (cells, spots or bins).",
+    _train_expression_arguments,
+    _train_expression,
+)
+for _name in ("predict-expression", "evaluate-expression", "cycle-check"):
+    COMMANDS[_name] = COMMANDS.pop(_name)
 COMMANDS["demo"] = Command(
     "demo",
     "Run the whole pipeline on a simulated sample (or --data) and write a store, a figure and metrics.",
