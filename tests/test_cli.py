@@ -321,7 +321,21 @@ def test_every_command_has_its_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             _cli.main([name, "--help"])
         assert exit_info.value.code == 0 and f"usage: st2he {name}" in capsys.readouterr().out
-    assert list(_cli.COMMANDS) == ["read", "rasterize", "virtual-he", "zero-shot", "evaluate", "train", "demo"]
+    assert list(_cli.COMMANDS) == [
+        "read",
+        "register",
+        "rasterize",
+        "virtual-he",
+        "zero-shot",
+        "evaluate",
+        "aggregate",
+        "train",
+        "train-expression",
+        "predict-expression",
+        "evaluate-expression",
+        "cycle-check",
+        "demo",
+    ]
 
 
 def test_demo_help_and_version(capsys):
