@@ -115,6 +115,28 @@ def test_units_across_chip_borders_equal_one_big_chip(local_model, test_sample):
     assert (small.obs["n_pixels"] == big.obs["n_pixels"]).all() and (small.obs["n_pixels"] >= 1).all()
 
 
+def test_float_and_uint16_images_read_as_the_uint8_one(local_model, test_sample):
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    sd = test_sample
+    he = sd["he_image"]["scale1"]["image"]  # 1 µm pixels: the level the model reads
+    tr = get_transformation(he, get_all=True)
+    ref = st2he.tl.predict_expression(sd, model=local_model, key_added="u8", chip_um=512, progress=False)
+    for name, data in (("f01", he.data.astype(np.float32) / 255), ("u16", he.data.astype(np.uint16) * 257)):
+        sd[f"he_{name}"] = Image2DModel.parse(
+            xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["r", "g", "b"]}), transformations=tr
+        )
+        got = st2he.tl.predict_expression(
+            sd, image_key=f"he_{name}", model=local_model, key_added=name, chip_um=512, progress=False
+        )
+        np.testing.assert_allclose(got.X, ref.X, atol=1e-5)
+        np.testing.assert_array_equal(got.obs["tissue_fraction"], ref.obs["tissue_fraction"])
+        del sd[name], sd[f"he_{name}"]
+    del sd["u8"]
+
+
 def test_bins_and_spots_lattices_and_the_gene_image(local_model, test_sample):
     sd = test_sample
     table = st2he.tl.predict_expression(

@@ -350,11 +350,17 @@ def run_chips(
 
 
 def raster_reader(raster):
-    """``read(grid)``: uint8 RGB of a :class:`~st2he._raster.Raster` on ``grid``, white outside the image."""
+    """``read(grid)``: uint8 RGB of a :class:`~st2he._raster.Raster` on ``grid``, white outside the image.
+
+    Values are mapped to 0-255 by the image's dtype (uint16 by 255 / 65535, floats taken as 0-1).
+    """
+    from st2he._tissue import value_scale
+
+    scale = value_scale(raster.level0.dtype)
 
     def read(grid: Grid) -> np.ndarray:
-        values = raster.read(grid, channels=[0, 1, 2], fill=float(WHITE), dtype=np.float32)
-        return _as_uint8(values)
+        values = raster.read(grid, channels=[0, 1, 2], fill=WHITE / scale, dtype=np.float32)
+        return _as_uint8(values * scale)
 
     return read
 
@@ -389,7 +395,7 @@ def _image_raster(sdata, image_key: str, coordinate_system: str):
         )
         raise KeyError(msg)
     raster = Raster(sdata.images[image_key], coordinate_system, name=f"image_key={image_key!r}")
-    if len(raster.channels or [0, 1, 2]) < 3 and raster.level0.shape[0] < 3:
+    if raster.level0.ndim != 3 or raster.level0.shape[0] < 3:
         msg = f"image_key={image_key!r} has {raster.level0.shape[0]} channels; the expression model reads RGB H&E."
         raise ValueError(msg)
     return raster
