@@ -53,6 +53,9 @@ KNN_MAX_UNITS = 20000
 KNN_NEIGHBOURS = 10
 #: HEST's linear probe: PCA to this many components (fewer when there are fewer units or features).
 PCA_COMPONENTS = 256
+#: Where a shipped expression model lives (``config.json`` + ``model.safetensors``); ``predict_expression(model=None)``
+#: uses it when present.
+SHIPPED_EXPRESSION = Path(__file__).parent / "weights" / "expression"
 
 
 # --------------------------------------------------------------------------------------------- the encoder

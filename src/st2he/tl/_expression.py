@@ -591,6 +591,11 @@ def train_expression(
     coordinate_system
         The coordinate system the H&E and the units are placed in.
 
+    Notes
+    -----
+    Each section's H&E is read once, at ``um_per_px``, over the part its units cover, and held in memory as uint8
+    (3 bytes per pixel: a 1 cm² section at 1 µm per pixel is 300 MB); chips are cut from it.
+
     Returns
     -------
     The trained :class:`~st2he.models.ExpressionModel` (eval mode) with its baselines fitted on the training units
@@ -845,9 +850,8 @@ def _resolve_model(model):
     if isinstance(model, ExpressionModel):
         return model, None
     if model is None:
-        from st2he.models._io import SHIPPED
+        from st2he.models._expression import SHIPPED_EXPRESSION as shipped
 
-        shipped = Path(SHIPPED["small"]).parent / "expression"
         if (shipped / "config.json").is_file():
             return load_expression_model(shipped), str(shipped)
         msg = (
