@@ -192,9 +192,11 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, tes
             steps=1, progress=False,
         )
     with pytest.raises(KeyError, match="nor a shapes element"):
-        st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", progress=False)
+        st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", key_added="new", progress=False)
     with pytest.raises(ValueError, match="Pass model="):
-        st2he.tl.predict_expression(sd, model=None, progress=False)
+        st2he.tl.predict_expression(sd, model=None, key_added="new", progress=False)
+    with pytest.raises(ValueError, match="method='multiscale'"):
+        st2he.tl.predict_expression(sd, model=local_model, method="mean", image_added="img", key_added="new")
     # units far from the image
     from spatialdata.transformations import Translation, set_transformation
 

@@ -942,6 +942,8 @@ def predict_expression(
         block by block from the H&E whenever it is read.
     key_added
         Name of the table (default ``f"{image_key}_expression"``).
+    shapes_added
+        Name of the new shapes element of bins or spots (default ``f"{key_added}_{units}"``).
     overwrite
         Replace existing elements of these names (never the image or the shapes read).
     progress
@@ -967,6 +969,9 @@ def predict_expression(
 
     if method not in METHODS:
         msg = f"method must be one of {METHODS}, got {method!r}."
+        raise ValueError(msg)
+    if image_added and method != "multiscale":
+        msg = "image_added= draws the model's dense prediction; use it with method='multiscale'."
         raise ValueError(msg)
     key_added = key_added or f"{image_key}_expression"
     raster = _image_raster(sdata, image_key, coordinate_system)
@@ -1115,9 +1120,6 @@ def predict_expression(
         elements[shapes_added] = shapes
         element_params[shapes_added] = {**params, "what": f"{units} laid over the tissue of {image_key!r}"}
     if image_added:
-        if method != "multiscale":
-            msg = "image_added= draws the model's dense prediction; use it with method='multiscale'."
-            raise ValueError(msg)
         elements[image_added] = gene_image(net, raster, plan, gene_idx, gene_list, dev, coordinate_system)
         element_params[image_added] = {**params, "what": "predicted log1p CP10k per gene, one channel per gene"}
     inputs = {image_key, unit_set.key} - set(elements)
