@@ -236,22 +236,10 @@ class ExpressionModel(nn.Module):
     """Dense gene expression (log1p counts per 10k) and tumour logits from H&E chips; see the module notes.
 
     Build it with :func:`build_expression_model`; save and load with :func:`save_expression_model` /
-    :func:`load_expression_model`.
-
-    Attributes
-    ----------
-    config
-        The JSON-able architecture (genes, encoder spec, µm per pixel, sizes).
-    genes
-        Gene names of the gene head's channels.
-    stride
-        Input pixels per output location.
-    um_per_px
-        µm per input pixel the model reads H&E at.
-    baselines
-        Fitted baselines (``"mean"``, ``"knn"``, ``"ridge"``) as dicts of numpy arrays (empty until fitted).
-    metadata
-        Training summary and anything else recorded with the model (JSON-able).
+    :func:`load_expression_model`. ``model.config`` is the JSON-able architecture (genes, encoder spec, µm per pixel,
+    sizes); ``model.stride`` the input pixels per output location; ``model.baselines`` the fitted baselines
+    (``"mean"``, ``"knn"``, ``"ridge"``, dicts of numpy arrays; empty until fitted); ``model.metadata`` the training
+    summary and anything else recorded with the model (JSON-able).
     """
 
     def __init__(self, config: dict[str, Any], *, load_weights: bool = True, clip=None) -> None:
@@ -304,18 +292,22 @@ class ExpressionModel(nn.Module):
 
     @property
     def genes(self) -> list[str]:
+        """Gene names of the gene head's channels."""
         return list(self.config["genes"])
 
     @property
     def um_per_px(self) -> float:
+        """µm per pixel of the H&E the model reads."""
         return float(self.config["um_per_px"])
 
     @property
     def has_tumour(self) -> bool:
+        """Whether the model has a tumour head."""
         return self.tumour_head is not None
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.parameters()).device
 
     def extra_repr(self) -> str:
