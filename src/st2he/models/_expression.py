@@ -48,6 +48,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"layers": (2, 2, 2, 2), "channels": (32, 64, 128, 256), "features": 64, "field_channels": (64, 128, 128)},
 }
 METHODS = ("multiscale", "mean", "knn", "ridge")
+#: Hidden channels of the gene head's per-location MLP.
+HEAD_HIDDEN = 128
 #: Largest number of training units the kNN baseline keeps (a seeded subsample beyond; the model file stays small).
 KNN_MAX_UNITS = 20000
 KNN_NEIGHBOURS = 10
@@ -280,7 +282,13 @@ class ExpressionModel(nn.Module):
                 add_attention=False,
             )
             self.field_multiple = 2 ** (n - 1)
-        self.gene_head = nn.Conv2d(c, len(self.config["genes"]), 1)
+        hidden = int(self.config.get("head_hidden") or 0)
+        if hidden:  # a per-location MLP: expression is a non-linear function of the features (cell types)
+            self.gene_head = nn.Sequential(
+                nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, len(self.config["genes"]), 1)
+            )
+        else:
+            self.gene_head = nn.Conv2d(c, len(self.config["genes"]), 1)
         self.tumour_head = nn.Conv2d(c, 1, 1) if self.config.get("tumour", True) else None
         if spec["kind"] == "timm" and spec.get("frozen", True):
             for p in self.encoder.parameters():
@@ -363,6 +371,7 @@ def build_expression_model(
     field: bool = True,
     features: int | None = None,
     field_channels: Sequence[int] | None = None,
+    head_hidden: int | None = None,
     seed: int | None = 0,
 ) -> ExpressionModel:
     """Build an :class:`ExpressionModel` with random weights (a pretrained encoder's from its local file).
@@ -390,6 +399,8 @@ def build_expression_model(
     features, field_channels
         Channels of the fused features and of the field's U-Net levels (defaults by size: tiny 32 / (32, 64, 64),
         small 64 / (64, 128, 128); timm encoders use the small sizes).
+    head_hidden
+        Hidden channels of the gene head, a per-location MLP (default :data:`HEAD_HIDDEN`); ``0``: a linear head.
     seed
         Seed of the random initial weights (``None``: torch's global generator).
     """
@@ -412,6 +423,7 @@ def build_expression_model(
         "field": bool(field),
         "features": int(features or size["features"]),
         "field_channels": [int(c) for c in (field_channels or size["field_channels"])],
+        "head_hidden": int(HEAD_HIDDEN if head_hidden is None else head_hidden),
         "normalisation": NORMALISATION,
     }
     clip = None
