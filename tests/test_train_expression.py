@@ -115,6 +115,28 @@ def test_units_across_chip_borders_equal_one_big_chip(local_model, test_sample):
     assert (small.obs["n_pixels"] == big.obs["n_pixels"]).all() and (small.obs["n_pixels"] >= 1).all()
 
 
+def test_float_and_uint16_images_read_as_the_uint8_one(local_model, test_sample):
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    sd = test_sample
+    he = sd["he_image"]["scale1"]["image"]  # 1 µm pixels: the level the model reads
+    tr = get_transformation(he, get_all=True)
+    ref = st2he.tl.predict_expression(sd, model=local_model, key_added="u8", chip_um=512, progress=False)
+    for name, data in (("f01", he.data.astype(np.float32) / 255), ("u16", he.data.astype(np.uint16) * 257)):
+        sd[f"he_{name}"] = Image2DModel.parse(
+            xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["r", "g", "b"]}), transformations=tr
+        )
+        got = st2he.tl.predict_expression(
+            sd, image_key=f"he_{name}", model=local_model, key_added=name, chip_um=512, progress=False
+        )
+        np.testing.assert_allclose(got.X, ref.X, atol=1e-5)
+        np.testing.assert_array_equal(got.obs["tissue_fraction"], ref.obs["tissue_fraction"])
+        del sd[name], sd[f"he_{name}"]
+    del sd["u8"]
+
+
 def test_bins_and_spots_lattices_and_the_gene_image(local_model, test_sample):
     sd = test_sample
     table = st2he.tl.predict_expression(
@@ -170,9 +192,11 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, tes
             steps=1, progress=False,
         )
     with pytest.raises(KeyError, match="nor a shapes element"):
-        st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", progress=False)
+        st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", key_added="new", progress=False)
     with pytest.raises(ValueError, match="Pass model="):
-        st2he.tl.predict_expression(sd, model=None, progress=False)
+        st2he.tl.predict_expression(sd, model=None, key_added="new", progress=False)
+    with pytest.raises(ValueError, match="method='multiscale'"):
+        st2he.tl.predict_expression(sd, model=local_model, method="mean", image_added="img", key_added="new")
     # units far from the image
     from spatialdata.transformations import Translation, set_transformation
 
@@ -237,3 +261,57 @@ def test_predict_on_a_real_odd_sized_he(local_model):
     )
     assert len(table) > 100 and np.isfinite(table.X).all()
     assert table.obs["in_tissue"].any() and not table.obs["in_tissue"].all()
+
+
+def test_validation_split_by_region_and_by_section(train_sample):
+    from st2he.tl import _expression as E
+
+    genes = ["EPCAM", "KRT5"]
+    kwargs = dict(
+        image_key="he_image", table_key="table", genes=genes, tumour_key=None, tumour_values=None, um_per_px=1.0,
+        stride=8, multiple=32, coordinate_system="global", need_counts=False,
+    )
+    sec = E._section(train_sample, "s0", **kwargs)
+    E._split([sec], 0.25, multiple=32, stride=8, chip=128, seed=0)
+    cut = sec.train_cols // 8
+    assert 0 < sec.train_cols < sec.grid.width and sec.train_cols % 32 == 0
+    assert not (sec.train_units & sec.val_units).any()
+    assert (sec.cols[sec.train_units[sec.units]] < cut).all() and (sec.cols[sec.val_units[sec.units]] >= cut).all()
+    # about a quarter of the width is held out; units across the cut are on neither side
+    n = len(np.unique(sec.units))
+    assert 0.1 * n < sec.val_units.sum() < 0.4 * n and sec.train_units.sum() + sec.val_units.sum() < n
+    # several sections: whole sections held out, never one on both sides
+    secs = [E._section(train_sample, f"s{i}", **kwargs) for i in range(3)]
+    E._split(secs, 0.3, multiple=32, stride=8, chip=128, seed=0)
+    held = [s for s in secs if s.val_units.any()]
+    assert len(held) == 1 and not held[0].train_units.any() and held[0].train_cols == 0
+    assert all(s.train_units.any() and not s.val_units.any() for s in secs if s is not held[0])
+
+
+@pytest.mark.parametrize("loss", ["poisson", "nb"])
+def test_count_losses_train(train_sample, loss):
+    model = st2he.tl.train_expression(
+        train_sample, model="tiny", genes=["EPCAM", "KRT5", "COL1A1"], um_per_px=1.0, chip_um=128.0, loss=loss,
+        steps=3, batch_size=2, val_fraction=0, progress=False,
+    )
+    losses = model.history["loss_genes"].dropna()
+    assert len(losses) == 1 and np.isfinite(losses).all()
+    assert model.metadata["training"]["settings"]["loss"] == loss
+
+
+def test_highly_variable_genes_by_default(train_sample):
+    import scanpy as sc
+
+    from st2he.tl._expression import select_genes
+
+    table = train_sample["table"]
+    genes = select_genes([table], None, 10)
+    adata = table.copy()
+    adata.X = lognormalise(table.X, total_counts(table))
+    hvg = sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=10, inplace=False)
+    hvg.index = adata.var_names
+    flagged = hvg[hvg["highly_variable"]]
+    assert len(genes) == 10 and set(genes) <= set(flagged.index)  # scanpy flags ties at its threshold too
+    disp = hvg.loc[genes, "dispersions_norm"].to_numpy()
+    assert (np.diff(disp) <= 0).all()  # ranked by normalised dispersion
+    assert disp[-1] >= flagged["dispersions_norm"].drop(genes).max()

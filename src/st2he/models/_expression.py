@@ -48,11 +48,16 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"layers": (2, 2, 2, 2), "channels": (32, 64, 128, 256), "features": 64, "field_channels": (64, 128, 128)},
 }
 METHODS = ("multiscale", "mean", "knn", "ridge")
+#: Hidden channels of the gene head's per-location MLP.
+HEAD_HIDDEN = 128
 #: Largest number of training units the kNN baseline keeps (a seeded subsample beyond; the model file stays small).
 KNN_MAX_UNITS = 20000
 KNN_NEIGHBOURS = 10
 #: HEST's linear probe: PCA to this many components (fewer when there are fewer units or features).
 PCA_COMPONENTS = 256
+#: Where a shipped expression model lives (``config.json`` + ``model.safetensors``); ``predict_expression(model=None)``
+#: uses it when present.
+SHIPPED_EXPRESSION = Path(__file__).parent / "weights" / "expression"
 
 
 # --------------------------------------------------------------------------------------------- the encoder
@@ -233,22 +238,10 @@ class ExpressionModel(nn.Module):
     """Dense gene expression (log1p counts per 10k) and tumour logits from H&E chips; see the module notes.
 
     Build it with :func:`build_expression_model`; save and load with :func:`save_expression_model` /
-    :func:`load_expression_model`.
-
-    Attributes
-    ----------
-    config
-        The JSON-able architecture (genes, encoder spec, µm per pixel, sizes).
-    genes
-        Gene names of the gene head's channels.
-    stride
-        Input pixels per output location.
-    um_per_px
-        µm per input pixel the model reads H&E at.
-    baselines
-        Fitted baselines (``"mean"``, ``"knn"``, ``"ridge"``) as dicts of numpy arrays (empty until fitted).
-    metadata
-        Training summary and anything else recorded with the model (JSON-able).
+    :func:`load_expression_model`. ``model.config`` is the JSON-able architecture (genes, encoder spec, µm per pixel,
+    sizes); ``model.stride`` the input pixels per output location; ``model.baselines`` the fitted baselines
+    (``"mean"``, ``"knn"``, ``"ridge"``, dicts of numpy arrays; empty until fitted); ``model.metadata`` the training
+    summary and anything else recorded with the model (JSON-able).
     """
 
     def __init__(self, config: dict[str, Any], *, load_weights: bool = True, clip=None) -> None:
@@ -289,7 +282,13 @@ class ExpressionModel(nn.Module):
                 add_attention=False,
             )
             self.field_multiple = 2 ** (n - 1)
-        self.gene_head = nn.Conv2d(c, len(self.config["genes"]), 1)
+        hidden = int(self.config.get("head_hidden") or 0)
+        if hidden:  # a per-location MLP: expression is a non-linear function of the features (cell types)
+            self.gene_head = nn.Sequential(
+                nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, len(self.config["genes"]), 1)
+            )
+        else:
+            self.gene_head = nn.Conv2d(c, len(self.config["genes"]), 1)
         self.tumour_head = nn.Conv2d(c, 1, 1) if self.config.get("tumour", True) else None
         if spec["kind"] == "timm" and spec.get("frozen", True):
             for p in self.encoder.parameters():
@@ -301,18 +300,22 @@ class ExpressionModel(nn.Module):
 
     @property
     def genes(self) -> list[str]:
+        """Gene names of the gene head's channels."""
         return list(self.config["genes"])
 
     @property
     def um_per_px(self) -> float:
+        """µm per pixel of the H&E the model reads."""
         return float(self.config["um_per_px"])
 
     @property
     def has_tumour(self) -> bool:
+        """Whether the model has a tumour head."""
         return self.tumour_head is not None
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.parameters()).device
 
     def extra_repr(self) -> str:
@@ -368,6 +371,7 @@ def build_expression_model(
     field: bool = True,
     features: int | None = None,
     field_channels: Sequence[int] | None = None,
+    head_hidden: int | None = None,
     seed: int | None = 0,
 ) -> ExpressionModel:
     """Build an :class:`ExpressionModel` with random weights (a pretrained encoder's from its local file).
@@ -395,6 +399,8 @@ def build_expression_model(
     features, field_channels
         Channels of the fused features and of the field's U-Net levels (defaults by size: tiny 32 / (32, 64, 64),
         small 64 / (64, 128, 128); timm encoders use the small sizes).
+    head_hidden
+        Hidden channels of the gene head, a per-location MLP (default :data:`HEAD_HIDDEN`); ``0``: a linear head.
     seed
         Seed of the random initial weights (``None``: torch's global generator).
     """
@@ -417,6 +423,7 @@ def build_expression_model(
         "field": bool(field),
         "features": int(features or size["features"]),
         "field_channels": [int(c) for c in (field_channels or size["field_channels"])],
+        "head_hidden": int(HEAD_HIDDEN if head_hidden is None else head_hidden),
         "normalisation": NORMALISATION,
     }
     clip = None
