@@ -29,8 +29,8 @@ DEFAULT_ARTEFACTS: dict[str, float] = {"fold": 2.0, "tear": 3.0, "thickness": 0.
 #: Centres and spreads of the stain absorbance vectors (R, G, B) of real scans, as colour deconvolution
 #: (Macenko) finds them in TCGA, Kather CRC and CMU-1 tiles: haematoxylin about (0.52-0.70, 0.62-0.77,
 #: 0.32-0.41), eosin about (0.22-0.25, 0.85-0.89, 0.38-0.46). Vectors are drawn around these and normalised.
-_H_CENTRE, _H_SPREAD = np.array([0.58, 0.71, 0.37]), np.array([0.06, 0.04, 0.04])
-_E_CENTRE, _E_SPREAD = np.array([0.20, 0.88, 0.40]), np.array([0.05, 0.03, 0.06])
+_H_CENTRE, _H_SPREAD = np.array([0.55, 0.72, 0.42]), np.array([0.06, 0.04, 0.04])
+_E_CENTRE, _E_SPREAD = np.array([0.24, 0.86, 0.45]), np.array([0.05, 0.03, 0.06])
 
 _STREAM = {"stain": 1, "texture": 2, "fold": 3, "tear": 4, "thickness": 5, "scanner": 6, "noise": 7}
 
@@ -68,8 +68,8 @@ def draw_look(seed: int) -> dict:
     look = {
         "haematoxylin": (h / np.linalg.norm(h)).tolist(),
         "eosin": (e / np.linalg.norm(e)).tolist(),
-        "h_intensity": float(np.exp(rng.normal(np.log(1.15), 0.2))),
-        "e_intensity": float(np.exp(rng.normal(np.log(1.3), 0.25))),
+        "h_intensity": float(np.exp(rng.normal(np.log(1.25), 0.2))),
+        "e_intensity": float(np.exp(rng.normal(np.log(1.45), 0.25))),
     }
     srng = _rng(seed, "scanner")
     white = srng.uniform(238.0, 255.0)
@@ -77,8 +77,8 @@ def draw_look(seed: int) -> dict:
     look.update(
         {
             "white": np.clip(white + tint, 215.0, 255.0).tolist(),
-            "blur_um": float(srng.uniform(0.25, 0.55)),
-            "noise": float(srng.uniform(1.0, 3.0)),
+            "blur_um": float(srng.uniform(0.2, 0.45)),
+            "noise": float(srng.uniform(1.5, 3.0)),
             "jpeg_quality": int(srng.integers(70, 96)),
         }
     )
@@ -121,7 +121,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
 
     # cytoplasm: granular at three scales
     c = maps["in_cell"]
-    E[c] *= np.exp(0.22 * fine[c] + 0.15 * mid[c] + 0.12 * coarse[c])
+    E[c] *= np.exp(0.25 * fine[c] + 0.2 * mid[c] + 0.12 * coarse[c])
     H[c] *= np.exp(0.15 * fine[c] + 0.10 * mid[c])
     # nuclei: stain uptake from nucleus to nucleus (hyperchromatic tumour nuclei), coarse clumped chromatin;
     # a few tumour cells retract from their nucleus (a pale perinuclear halo)
@@ -129,8 +129,8 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
     halo_cell = (rng.random(n_cells) < 0.35) & maps["tumour"]
     nuc = c & (cover > 0.01)
     w = cover[nuc]
-    H[nuc] *= cell_h[label[nuc]] ** w * np.exp(w * (0.30 * fine[nuc] + 0.18 * mid[nuc]))
-    E[nuc] += w * 0.10 * cell_h[label[nuc]]
+    H[nuc] *= cell_h[label[nuc]] ** w * np.exp(w * (0.40 * fine[nuc] + 0.2 * mid[nuc]))
+    E[nuc] += w * 0.25 * cell_h[label[nuc]]
     ring = ndimage.gaussian_filter(cover.reshape(shape), 0.9 / ps).ravel() - cover
     ring = np.clip(ring * 2.5, 0.0, 1.0)
     halo = c & halo_cell[label] & (ring > 0.05)
@@ -159,7 +159,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
             bundle += ndimage.map_coordinates(wide_sheet, at, order=1, mode="reflect")
         fibre /= fibre.std() + 1e-6
         bundle /= bundle.std() + 1e-6
-        density = np.clip(0.8 + 0.35 * fibre + 0.2 * bundle, 0.05, None) * np.exp(0.15 * coarse[ecm])
+        density = np.clip(0.8 + 0.35 * fibre + 0.2 * bundle, 0.05, None) * np.exp(0.25 * fine[ecm] + 0.15 * coarse[ecm])
         density = np.where(bundle < -1.3, 0.15, density)
         E[ecm] = 0.40 * density
         H[ecm] = 0.03 * np.exp(0.3 * fine[ecm])
