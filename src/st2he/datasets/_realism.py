@@ -69,7 +69,7 @@ def draw_look(seed: int) -> dict:
         "haematoxylin": (h / np.linalg.norm(h)).tolist(),
         "eosin": (e / np.linalg.norm(e)).tolist(),
         "h_intensity": float(np.exp(rng.normal(np.log(1.25), 0.2))),
-        "e_intensity": float(np.exp(rng.normal(np.log(1.45), 0.25))),
+        "e_intensity": float(np.exp(rng.normal(np.log(1.6), 0.25))),
     }
     srng = _rng(seed, "scanner")
     white = srng.uniform(238.0, 255.0)
@@ -129,7 +129,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
     halo_cell = (rng.random(n_cells) < 0.35) & maps["tumour"]
     nuc = c & (cover > 0.01)
     w = cover[nuc]
-    H[nuc] *= cell_h[label[nuc]] ** w * np.exp(w * (0.40 * fine[nuc] + 0.2 * mid[nuc]))
+    H[nuc] *= (0.7 * cell_h[label[nuc]]) ** w * np.exp(w * (0.40 * fine[nuc] + 0.2 * mid[nuc]))
     E[nuc] += w * 0.25 * cell_h[label[nuc]]
     ring = ndimage.gaussian_filter(cover.reshape(shape), 0.9 / ps).ravel() - cover
     ring = np.clip(ring * 2.5, 0.0, 1.0)
