@@ -105,6 +105,8 @@ def test_forced_fold_darkens_a_band_and_tear_opens_white_cracks():
     tear, drawn_tear = _render(1, tear=300.0)
     assert any(d["kind"] == "fold" for d in drawn_fold)
     assert any(d["kind"] == "tear" for d in drawn_tear)
+    for d in drawn_fold + drawn_tear:  # recorded in global µm, inside the sample (origin (1200, 800))
+        assert 1200 <= d["x"] <= 1328 and 800 <= d["y"] <= 928
     # a fold doubles the tissue: where it changes the picture, it only darkens it (densities add)
     change = fold.mean(axis=0) - base.mean(axis=0)
     changed = np.abs(change) > 12

@@ -165,8 +165,13 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
         H[ecm] = 0.03 * np.exp(0.3 * fine[ecm])
 
 
-def artefacts(seed: int, conc: np.ndarray, tissue: np.ndarray, ps: float, rates: dict) -> list[dict]:
-    """Uneven thickness, folds and tears, in place on ``conc`` ``(n, H, W)``; returns what was drawn."""
+def artefacts(
+    seed: int, conc: np.ndarray, tissue: np.ndarray, ps: float, rates: dict, origin=(0.0, 0.0)
+) -> list[dict]:
+    """Uneven thickness, folds and tears, in place on ``conc`` ``(n, H, W)``; returns what was drawn.
+
+    Positions in what is returned are global µm (``origin`` is the global ``(x, y)`` of the image's corner).
+    """
     shape = conc.shape[1:]
     height_um, width_um = shape[0] * ps, shape[1] * ps
     area_mm2 = height_um * width_um / 1e6
@@ -203,7 +208,7 @@ def artefacts(seed: int, conc: np.ndarray, tissue: np.ndarray, ps: float, rates:
         for k in range(conc.shape[0]):
             conc[k][band] += ndimage.map_coordinates(conc[k], [mr, mc], order=1, mode="constant", cval=0.0)
         drawn.append(
-            {"kind": "fold", "x": float(cx), "y": float(cy), "angle": float(theta), "width_um": float(width)}
+            {"kind": "fold", "x": float(cx + origin[0]), "y": float(cy + origin[1]), "angle": float(theta), "width_um": float(width)}
         )
 
     rng = _rng(seed, "tear")
@@ -225,8 +230,8 @@ def artefacts(seed: int, conc: np.ndarray, tissue: np.ndarray, ps: float, rates:
         drawn.append(
             {
                 "kind": "tear",
-                "x": float(cx),
-                "y": float(cy),
+                "x": float(cx + origin[0]),
+                "y": float(cy + origin[1]),
                 "angle": float(theta),
                 "length_um": float(length),
                 "width_um": float(width),

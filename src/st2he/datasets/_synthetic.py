@@ -1362,7 +1362,9 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid, *,
         maps = {"label": label, "in_cell": in_cell, "stroma": ecm & (kind < 0), "cover": np.where(nucleus, cover, 0.0)}
         maps.update({"direction": direction, "tumour": tumour})
         _realism.texture(seed, conc, maps, ps)
-        look["artefacts"] = _realism.artefacts(seed, conc, tissue, ps, look["artefact_rates"])
+        look["artefacts"] = _realism.artefacts(
+            seed, conc, tissue, ps, look["artefact_rates"], origin=(grid.x0, grid.y0)
+        )
         return _realism.scan(seed, conc, look, ps)
     conc = ndimage.gaussian_filter(conc, (0, 0.35 / ps, 0.35 / ps))
     od = stain.concentrations_to_od(conc, ("haematoxylin", "eosin", "haemoglobin"))
