@@ -145,10 +145,10 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
         theta = maps["direction"].reshape(shape)
         cos2 = ndimage.gaussian_filter(np.cos(2 * theta).astype(np.float32), 6.0 / ps)
         sin2 = ndimage.gaussian_filter(np.sin(2 * theta).astype(np.float32), 6.0 / ps)
-        theta = 0.5 * np.arctan2(sin2, cos2) + 0.45 * _smooth(rng, shape, 4.0 / ps)
+        theta = 0.5 * np.arctan2(sin2, cos2) + 0.3 * _smooth(rng, shape, 6.0 / ps)
         rows, cols = np.nonzero(ecm.reshape(shape))
         dr, dc = np.sin(theta[rows, cols]), np.cos(theta[rows, cols])
-        fine_sheet = _noise(rng, shape, 0.6)
+        fine_sheet = _noise(rng, shape, 0.9)
         wide_sheet = _noise(rng, shape, 2.5 / ps)
         fibre = np.zeros(len(rows), dtype=np.float32)
         bundle = np.zeros(len(rows), dtype=np.float32)
@@ -160,7 +160,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
         fibre /= fibre.std() + 1e-6
         bundle /= bundle.std() + 1e-6
         density = np.clip(0.8 + 0.35 * fibre + 0.2 * bundle, 0.05, None) * np.exp(0.25 * fine[ecm] + 0.15 * coarse[ecm])
-        density = np.where(bundle < -1.3, 0.15, density)
+        density = density * np.clip((bundle + 1.25) / 0.3, 0.15, 1.0)
         E[ecm] = 0.40 * density
         H[ecm] = 0.03 * np.exp(0.3 * fine[ecm])
 
