@@ -69,7 +69,7 @@ def draw_look(seed: int) -> dict:
         "haematoxylin": (h / np.linalg.norm(h)).tolist(),
         "eosin": (e / np.linalg.norm(e)).tolist(),
         "h_intensity": float(np.exp(rng.normal(np.log(1.25), 0.2))),
-        "e_intensity": float(np.exp(rng.normal(np.log(1.6), 0.25))),
+        "e_intensity": float(np.exp(rng.normal(np.log(1.8), 0.25))),
     }
     srng = _rng(seed, "scanner")
     white = srng.uniform(238.0, 255.0)
@@ -129,7 +129,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
     halo_cell = (rng.random(n_cells) < 0.35) & maps["tumour"]
     nuc = c & (cover > 0.01)
     w = cover[nuc]
-    H[nuc] *= (0.7 * cell_h[label[nuc]]) ** w * np.exp(w * (0.40 * fine[nuc] + 0.2 * mid[nuc]))
+    H[nuc] *= (0.7 * cell_h[label[nuc]]) ** w * np.exp(w * (0.25 * fine[nuc] + 0.25 * mid[nuc]))
     E[nuc] += w * 0.25 * cell_h[label[nuc]]
     ring = ndimage.gaussian_filter(cover.reshape(shape), 0.9 / ps).ravel() - cover
     ring = np.clip(ring * 2.5, 0.0, 1.0)
@@ -161,7 +161,7 @@ def texture(seed: int, conc: np.ndarray, maps: dict, ps: float) -> None:
         bundle /= bundle.std() + 1e-6
         density = np.clip(0.8 + 0.35 * fibre + 0.2 * bundle, 0.05, None) * np.exp(0.25 * fine[ecm] + 0.15 * coarse[ecm])
         density = density * np.clip((bundle + 1.25) / 0.3, 0.15, 1.0)
-        E[ecm] = 0.40 * density
+        E[ecm] = 0.45 * density
         H[ecm] = 0.03 * np.exp(0.3 * fine[ecm])
 
 
