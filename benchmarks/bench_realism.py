@@ -270,11 +270,8 @@ def main() -> None:
         print(line, flush=True)
     for kind in results["clean"]:
         c, r = results["clean"][kind], results["realistic"][kind]
-        ratio = (c - 0.5) / max(r - 0.5, 1e-3)
-        print(
-            f"{kind}: AUC clean {c:.3f} -> realistic {r:.3f}; excess over chance {c - 0.5:.3f} -> {r - 0.5:.3f} "
-            f"({ratio:.1f}x smaller)"
-        )
+        ratio = f"{(c - 0.5) / (r - 0.5):.1f}x smaller" if r - 0.5 > 0.02 else "at chance"
+        print(f"{kind}: AUC clean {c:.3f} -> realistic {r:.3f}; excess over chance {c - 0.5:.3f} -> {r - 0.5:.3f} ({ratio})")
     if args.out:
         from PIL import Image
 
