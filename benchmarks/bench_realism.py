@@ -271,7 +271,8 @@ def main() -> None:
     for kind in results["clean"]:
         c, r = results["clean"][kind], results["realistic"][kind]
         ratio = f"{(c - 0.5) / (r - 0.5):.1f}x smaller" if r - 0.5 > 0.02 else "at chance"
-        print(f"{kind}: AUC clean {c:.3f} -> realistic {r:.3f}; excess over chance {c - 0.5:.3f} -> {r - 0.5:.3f} ({ratio})")
+        excess = f"excess over chance {c - 0.5:.3f} -> {r - 0.5:.3f}"
+        print(f"{kind}: AUC clean {c:.3f} -> realistic {r:.3f}; {excess} ({ratio})")
     if args.out:
         from PIL import Image
 
