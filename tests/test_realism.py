@@ -76,19 +76,17 @@ def test_realistic_stain_colour_varies_between_samples():
     directions = {}
     for look in ("clean", "realistic"):
         kwargs = {"artefacts": NO_ARTEFACTS} if look == "realistic" else {}
-        directions[look] = np.array(
-            [
-                _haematoxylin_direction(
-                    _image(st2he.datasets.synthetic_tissue(s, size_um=96, subtype="solid", appearance=look, **kwargs))
-                )
-                for s in range(5)
-            ]
-        )
-    spread = {k: np.degrees(np.arccos(np.clip(v @ v.mean(axis=0) / np.linalg.norm(v.mean(axis=0)), -1, 1))).max()
-              for k, v in directions.items()}
+        samples = [
+            st2he.datasets.synthetic_tissue(s, size_um=96, subtype="solid", appearance=look, **kwargs) for s in range(5)
+        ]
+        directions[look] = np.array([_haematoxylin_direction(_image(sdata)) for sdata in samples])
+    spread = {}  # largest angle (degrees) between a sample's haematoxylin direction and the mean direction
+    for look, v in directions.items():
+        mean = v.mean(axis=0) / np.linalg.norm(v.mean(axis=0))
+        spread[look] = np.degrees(np.arccos(np.clip(v @ mean, -1, 1))).max()
     # the clean look has one stain for all samples; the realistic one's haematoxylin hue moves by degrees
     assert spread["clean"] < 1.0
-    assert spread["realistic"] > 3.0
+    assert spread["realistic"] > 2.5
     assert spread["realistic"] > 4 * spread["clean"]
 
 
