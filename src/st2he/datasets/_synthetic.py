@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from st2he._grid import COORDINATE_SYSTEM, Grid
+from st2he.datasets import _realism
 from st2he.datasets import _stain_model as stain
 
 logger = logging.getLogger("st2he")
@@ -274,6 +275,8 @@ def synthetic_tissue(
     dapi_pixel_size: float = 0.2125,
     he_pixel_size: float = 0.5,
     transcripts_per_um2: float = 1.0,
+    appearance: str = "clean",
+    artefacts: dict[str, float] | None = None,
 ):
     """Simulate a high-resolution spatial transcriptomics sample with its paired ground-truth H&E.
 
@@ -318,6 +321,23 @@ def synthetic_tissue(
         Pixel size of ``he_image`` in µm (a 20x scan: about 0.5).
     transcripts_per_um2
         Mean density of molecules inside cells.
+    appearance
+        How the H&E is rendered. ``"clean"`` (the default for now): a clean drawing with the same stains, scanner
+        and section for every sample; the figures, tests and the shipped model of this release were made with it.
+        ``"realistic"``: like a real slide, with stain absorbance vectors, stain intensities, white level and
+        tint, blur and JPEG compression drawn per sample within the ranges of real scans, grainy chromatin and
+        cytoplasm, wavy collagen fibres with clefts in stroma, nuclei that take up stain unevenly (some with a
+        perinuclear halo), and section artefacts (uneven thickness, folds, tears; see ``artefacts``). All of it
+        is drawn from ``seed`` (the same seed gives the same image) and rendered as optical densities through the
+        same Beer-Lambert model. Only the H&E changes: the layout, the molecules and the DAPI image are the same
+        in both appearances. The default will switch to ``"realistic"`` once the shipped models are retrained.
+    artefacts
+        With ``appearance="realistic"``: rates of section artefacts, merged with the defaults
+        ``{"fold": 2.0, "tear": 3.0, "thickness": 0.15}``: ``fold`` and ``tear``, the expected number of folds
+        (dark bands where the section lies on itself, densities adding) and tears (white cracks) per mm² of
+        section; ``thickness``, the standard deviation of the log section thickness (a smooth field). Set a rate
+        to 0 to leave that artefact out; the other draws stay the same. What was drawn is recorded in
+        ``sdata.attrs["st2he"]["source"]["look"]``.
 
     Returns
     -------
@@ -334,6 +354,13 @@ def synthetic_tissue(
     if subtype not in ("mixed", "gland", "solid"):
         msg = f"subtype must be 'mixed', 'gland' or 'solid', got {subtype!r}."
         raise ValueError(msg)
+    if appearance not in ("clean", "realistic"):
+        msg = f"appearance must be 'clean' or 'realistic', got {appearance!r}."
+        raise ValueError(msg)
+    if artefacts is not None and appearance != "realistic":
+        msg = "artefacts= only applies with appearance='realistic'; pass appearance='realistic' or leave it out."
+        raise ValueError(msg)
+    rates = _realism.check_artefacts(artefacts)
     if np.isscalar(size_um):
         size_um = (float(size_um), float(size_um))
     width, height = (float(s) for s in size_um)
@@ -363,7 +390,11 @@ def synthetic_tissue(
     counts, tx = _transcripts(rng, layout, areas, nuclei, transcripts_per_um2)
     chromatin, coverage = _render_nuclei(rng, cells, dapi_grid)
     dapi = _render_dapi(rng, chromatin, dapi_grid)
-    he = _render_he(rng, layout, chromatin, coverage, dapi_grid, he_grid)
+    look = None
+    if appearance == "realistic":
+        look = _realism.draw_look(seed)
+        look["artefact_rates"] = rates
+    he = _render_he(rng, layout, chromatin, coverage, dapi_grid, he_grid, look=look, seed=seed)
 
     source = {
         "platform": "synthetic",
@@ -378,7 +409,10 @@ def synthetic_tissue(
         "n_cells": int(len(cells["x"])),
         "n_transcripts": int(len(tx)),
         "subtype_names": SUBTYPE_NAMES,
+        "appearance": appearance,
     }
+    if look is not None:
+        source["look"] = look
     return _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source)
 
 
@@ -1216,8 +1250,13 @@ def _resample(image, src: Grid, dst: Grid):
     return ndimage.map_coordinates(image, [rr, cc], order=1, mode="nearest").astype(np.float32)
 
 
-def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid):
-    """H&E of the section: stain concentration maps -> Beer-Lambert -> RGB (uint8, ``(3, H, W)``)."""
+def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid, *, look=None, seed=0):
+    """H&E of the section: stain concentration maps -> Beer-Lambert -> RGB (uint8, ``(3, H, W)``).
+
+    With ``look`` (:func:`st2he.datasets._realism.draw_look`), rendered with the realistic appearance: texture and
+    section artefacts on the concentration maps, then this sample's stains and scanner; ``look["artefacts"]``
+    receives what was drawn.
+    """
     cells = layout["cells"]
     obstacles = layout["obstacles"]
     ps = grid.pixel_size
@@ -1318,6 +1357,15 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid):
     E[nucleus] = (1 - w) * E[nucleus] + w * 0.12
 
     conc = np.stack([H, E, Hb]).reshape(3, *shape)
+    if look is not None:
+        tumour = np.isin(cells["ctype"], [CELL_TYPES.index("tumour_gland"), CELL_TYPES.index("tumour_solid")])
+        maps = {"label": label, "in_cell": in_cell, "stroma": ecm & (kind < 0), "cover": np.where(nucleus, cover, 0.0)}
+        maps.update({"direction": direction, "tumour": tumour})
+        _realism.texture(seed, conc, maps, ps)
+        look["artefacts"] = _realism.artefacts(
+            seed, conc, tissue, ps, look["artefact_rates"], origin=(grid.x0, grid.y0)
+        )
+        return _realism.scan(seed, conc, look, ps)
     conc = ndimage.gaussian_filter(conc, (0, 0.35 / ps, 0.35 / ps))
     od = stain.concentrations_to_od(conc, ("haematoxylin", "eosin", "haemoglobin"))
     rgb = stain.WHITE * np.exp(-np.clip(od, 0, None)) + rng.normal(0, 1.5, od.shape)
