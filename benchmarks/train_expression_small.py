@@ -1,6 +1,6 @@
 """Reproduce the expression model shipped with st2he (src/st2he/models/weights/expression).
 
-Trains ``st2he.tl.train_expression`` (size ``small``, every gene of the simulated panel, the tumour head on the
+Trains ``st2he.tl.train_expression`` (size ``tiny`` at 0.5 µm per pixel, so a cell covers several 4 µm outputs; every gene of the simulated panel, the tumour head on the
 simulated tumour regions) on simulated samples of seeds 0-3, validates on seed 4 (a whole section held out), and
 saves the model with its baselines (mean, kNN, ridge on the same encoder) in float16 where that is lossless enough.
 Held-out figures: ``benchmarks/bench_expression.py`` (seeds never trained on).
@@ -27,7 +27,9 @@ TUMOUR = ("gland_tumour", "solid_tumour")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--um-per-px", type=float, default=0.5)
+    parser.add_argument("--chip-um", type=float, default=128.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--work", type=Path, default=Path("bench_output/expression_training"))
@@ -51,8 +53,8 @@ def main(argv=None) -> None:
         genes=list(GENES),
         tumour_key="tissue",
         tumour_values=TUMOUR,
-        um_per_px=1.0,
-        chip_um=256.0,
+        um_per_px=args.um_per_px,
+        chip_um=args.chip_um,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=1e-3,
