@@ -23,7 +23,7 @@ def cycle_check(
     sdata,
     *,
     he_key: str = "virtual_he",
-    model: Any,
+    model: Any = None,
     true_key: str = "table",
     real_key: str | None = "auto",
     genes: list[str] | None = None,
@@ -58,7 +58,8 @@ def cycle_check(
     he_key
         The virtual H&E image (:func:`st2he.tl.virtual_he`), or any H&E image to check.
     model
-        An expression model (:class:`st2he.models.ExpressionModel`) or the folder it was saved in.
+        An expression model (:class:`st2he.models.ExpressionModel`) or the folder it was saved in; ``None``: the
+        model shipped with st2he (trained on simulated tissue).
     true_key
         Table of measured counts annotating the units (cells, spots or bins).
     real_key
