@@ -152,7 +152,9 @@ def super_resolve(
             msg = f"sigma_range must be a positive number (the guidance is scaled to [0, 1]), got {sigma_range!r}."
             raise ValueError(msg)
     if table_key not in sdata.tables:
-        msg = f"table_key={table_key!r} is not a table of this SpatialData object; its tables are {sorted(sdata.tables)}."
+        msg = (
+            f"table_key={table_key!r} is not a table of this SpatialData object; its tables are {sorted(sdata.tables)}."
+        )
         raise KeyError(msg)
     table = sdata.tables[table_key]
     regions, region_key, instance_key = table_keys(table, name=table_key)
@@ -248,7 +250,12 @@ def super_resolve(
     if image_added:
         elements[image_added] = _image(values, bins, gene_list, bin_size, coordinate_system)
     stored = write_elements(
-        sdata, elements, overwrite=overwrite, inputs=reads, parameters=parameters, params=dict.fromkeys(elements, params)
+        sdata,
+        elements,
+        overwrite=overwrite,
+        inputs=reads,
+        parameters=parameters,
+        params=dict.fromkeys(elements, params),
     )
     logger.info(
         "super_resolve (%s): %d units of %r -> %d bins of %g µm, %d genes.",
@@ -642,4 +649,6 @@ def _image(values, bins: _Bins, genes, bin_size: float, coordinate_system: str):
         input_axes=("x", "y"),
         output_axes=("x", "y"),
     )
-    return Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=list(genes), transformations={coordinate_system: affine})
+    return Image2DModel.parse(
+        data, dims=("c", "y", "x"), c_coords=list(genes), transformations={coordinate_system: affine}
+    )
