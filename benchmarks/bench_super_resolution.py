@@ -161,7 +161,7 @@ def simulated(model_path: str | None) -> None:
         print(f"seed {seed}: {sdata.tables['spots'].n_obs} spots -> {n_bins} bins of 8 µm, {len(genes)} genes")
     table = _summary(all_scores)
     table["s_per_mm2"] = {k: float(np.nanmean(v)) for k, v in speeds.items()}
-    print(f"\nSimulated, held-out seeds {TEST_SEEDS} ({SIZE_UM:g} µm), 55 µm spots -> 8 µm bins, top-50 HVG per section:")
+    print(f"\nSimulated, held-out seeds {TEST_SEEDS} ({SIZE_UM:g} µm), 55 µm spots -> 8 µm bins, top-50 HVG each:")
     print(table.round(4).to_string())
     pairs = [
         ("guided_he", "flat"), ("guided_dapi", "flat"), ("bicubic", "flat"), ("guided_he", "bicubic"),
