@@ -307,3 +307,20 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing():
     st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", progress=False)
     again = st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", overwrite=True, progress=False)
     assert again.n_obs == sdata.tables["super_resolved"].n_obs > 0
+
+
+def test_coarse_square_bins_split_into_their_own_8um_bins(sample):
+    """Visium HD-like 32 µm bins (polygons): each holds exactly its 16 bins of 8 µm, which sum to its counts."""
+    coarse = st2he.pp.aggregate_transcripts(sample, by="bins", bin_size=32.0, key_added="bins32")
+    out = st2he.tl.super_resolve(
+        sample, table_key="bins32", image_key="he_image", key_added="sr32", progress=False
+    )
+    src = out.obs["source_unit"].astype(str)
+    r32 = coarse.obs.loc[src, "array_row"].to_numpy()
+    c32 = coarse.obs.loc[src, "array_col"].to_numpy()
+    np.testing.assert_array_equal(out.obs["array_row"].to_numpy() // 4, r32)
+    np.testing.assert_array_equal(out.obs["array_col"].to_numpy() // 4, c32)
+    assert (src.value_counts() == 16).all() and src.nunique() == coarse.n_obs
+    sums, want = _spot_sums(out, coarse)
+    assert (np.rint(sums.to_numpy()) == want.loc[sums.index].to_numpy()).all()
+    assert np.abs(sums.to_numpy() - want.loc[sums.index].to_numpy()).max() < 1e-3
