@@ -6,6 +6,7 @@ from ._expression import predict_expression, train_expression
 from ._prompts import PROMPTS, TEMPLATES, get_prompts
 from ._cycle import cycle_check
 from ._register import register_he
+from ._super_resolve import super_resolve
 from ._train import train_generator
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot
@@ -20,6 +21,7 @@ __all__ = [
     "get_prompts",
     "predict_expression",
     "register_he",
+    "super_resolve",
     "train_expression",
     "train_generator",
     "virtual_he",
