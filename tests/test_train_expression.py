@@ -315,3 +315,48 @@ def test_highly_variable_genes_by_default(train_sample):
     disp = hvg.loc[genes, "dispersions_norm"].to_numpy()
     assert (np.diff(disp) <= 0).all()  # ranked by normalised dispersion
     assert disp[-1] >= flagged["dispersions_norm"].drop(genes).max()
+
+
+def test_training_on_sections_of_different_sizes_with_one_held_out():
+    """The sampler draws from the sections with training units: targets must be read from those, not all sections.
+
+    (A held-out section before a larger one made the targets of the larger one be read from the wrong section.)
+    """
+    from st2he.tl import _expression as E
+
+    small = st2he.datasets.synthetic_tissue(1, size_um=160)
+    big = st2he.datasets.synthetic_tissue(2, size_um=256)
+    kwargs = dict(
+        image_key="he_image", table_key="table", genes=["EPCAM", "KRT5"], tumour_key=None, tumour_values=None,
+        um_per_px=1.0, stride=8, multiple=32, coordinate_system="global", need_counts=False,
+    )
+    secs = [E._section(s, f"s{i}", **kwargs) for i, s in enumerate([small, big, small])]
+    secs[0].val_units[:] = True
+    secs[0].train_units[:] = False
+    secs[0].train_cols = 0
+    for s in secs[1:]:
+        s.train_units[:] = True
+    sampler = E._Sampler(secs, 128, 8)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        _, _, _, uniq = sampler.sample(4, gen, augment=False)
+        targets, _, _, _ = E._unit_targets(sampler.sections, uniq, False)
+        for row, (_, s, u) in zip(targets, uniq, strict=True):
+            np.testing.assert_array_equal(row, sampler.sections[s].targets[u])
+    # and training reads every target from a section it trains on (seed 11 holds out the first section)
+    seen = []
+    original = E._unit_targets
+
+    def checked(sections, uniq, need_counts):
+        seen.extend(bool(sections[s].train_units[u]) for _, s, u in uniq)
+        return original(sections, uniq, need_counts)
+
+    E._unit_targets = checked
+    try:
+        st2he.tl.train_expression(
+            [small, big, small, big], model="tiny", genes=["EPCAM", "KRT5"], chip_um=128.0, steps=4, batch_size=4,
+            val_fraction=0.25, val_every=0, ckpt_every=0, progress=False, seed=11,
+        )
+    finally:
+        E._unit_targets = original
+    assert seen and all(seen)

@@ -752,7 +752,8 @@ def train_expression(
     try:
         while step < steps:
             x, pixels, local, uniq = sampler.sample(batch_size, gen)
-            targets, tum, counts, totals = _unit_targets(sections, uniq, need_counts)
+            # the sampler numbers the sections it draws from (those with training units), not all sections
+            targets, tum, counts, totals = _unit_targets(sampler.sections, uniq, need_counts)
             x = x.to(dev).float().div_(255)
             ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else _null()
             with ctx:
