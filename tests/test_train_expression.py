@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -193,8 +194,15 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, tes
         )
     with pytest.raises(KeyError, match="nor a shapes element"):
         st2he.tl.predict_expression(sd, model=local_model, units="no_such_shapes", key_added="new", progress=False)
-    with pytest.raises(ValueError, match="Pass model="):
-        st2he.tl.predict_expression(sd, model=None, key_added="new", progress=False)
+    import st2he.models._expression as ME
+
+    shipped = ME.SHIPPED_EXPRESSION
+    ME.SHIPPED_EXPRESSION = tmp_path / "no_shipped_model"  # an installation without the shipped model
+    try:
+        with pytest.raises(ValueError, match="Pass model="):
+            st2he.tl.predict_expression(sd, model=None, key_added="new", progress=False)
+    finally:
+        ME.SHIPPED_EXPRESSION = shipped
     with pytest.raises(ValueError, match="method='multiscale'"):
         st2he.tl.predict_expression(sd, model=local_model, method="mean", image_added="img", key_added="new")
     # units far from the image
@@ -360,3 +368,19 @@ def test_training_on_sections_of_different_sizes_with_one_held_out():
     finally:
         E._unit_targets = original
     assert seen and all(seen)
+
+
+def test_the_shipped_model_is_the_default_and_reads_a_held_out_section():
+    from st2he.models._expression import SHIPPED_EXPRESSION
+
+    if not (SHIPPED_EXPRESSION / "config.json").is_file():
+        pytest.skip("no shipped expression model in this installation")
+    sd = st2he.datasets.synthetic_tissue(31, size_um=256)
+    pred = st2he.tl.predict_expression(sd, units="cell_boundaries", key_added="shipped", progress=False)
+    assert sd.attrs["st2he"]["shipped"]["model"] == str(SHIPPED_EXPRESSION)
+    table, measured = _measured(sd, list(pred.var_names))
+    rows = pd.Index(table.obs["cell_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
+    assert (rows >= 0).all()
+    keep = pred.obs["in_tissue"].to_numpy()
+    r = mean_pearson(np.asarray(pred.X)[keep], measured[rows][keep])
+    assert r > 0.5  # held out (seed 31), all 88 genes: about 0.7 in benchmarks/bench_expression.py
