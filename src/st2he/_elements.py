@@ -76,6 +76,24 @@ def type_of(element) -> str:
     return kinds[model]
 
 
+def affine_to(element, coordinate_system: str, *, what: str) -> np.ndarray:
+    """The 3x3 ``(x, y)`` affine matrix from ``element``'s intrinsic units to ``coordinate_system``.
+
+    ``what`` names the element in the error raised when it has no transformation to that coordinate system.
+    """
+    from spatialdata.transformations import get_transformation
+
+    transformations = get_transformation(element, get_all=True)
+    if coordinate_system not in transformations:
+        msg = (
+            f"{what} has no transformation to the coordinate system {coordinate_system!r} (it has "
+            f"{sorted(transformations)}); pass one of those as coordinate_system."
+        )
+        raise ValueError(msg)
+    matrix = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    return np.asarray(matrix, dtype=np.float64)
+
+
 def annotating_tables(sdata, key: str) -> list[str]:
     """Names of the tables of ``sdata`` that annotate element ``key`` (their ``region`` names it)."""
     out = []

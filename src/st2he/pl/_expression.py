@@ -397,7 +397,8 @@ def _shapes_in(sdata, key: str, name: str, coordinate_system: str, cache: dict) 
     """Shapes element ``key`` placed in ``coordinate_system`` (one vectorised affine), read once per call."""
     import pandas as pd
     import shapely
-    from spatialdata.transformations import get_transformation
+
+    from st2he._elements import affine_to
 
     if key in cache:
         return cache[key]
@@ -408,14 +409,7 @@ def _shapes_in(sdata, key: str, name: str, coordinate_system: str, cache: dict) 
         )
         raise KeyError(msg)
     element = sdata.shapes[key]
-    transformations = get_transformation(element, get_all=True)
-    if coordinate_system not in transformations:
-        msg = (
-            f"The shapes element {key!r} has no transformation to the {coordinate_system!r} coordinate system "
-            f"(it has {sorted(transformations)})."
-        )
-        raise ValueError(msg)
-    affine = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    affine = affine_to(element, coordinate_system, what=f"The shapes element {key!r}")
     geoms = element.geometry.to_numpy()
     if not np.allclose(affine, np.eye(3)):
         geoms = shapely.transform(geoms, lambda xy: xy @ affine[:2, :2].T + affine[:2, 2])

@@ -659,20 +659,11 @@ class _Shapes:
     @classmethod
     def read(cls, sdata, key: str, coordinate_system: str, parameter: str) -> _Shapes:
         import shapely
-        from spatialdata.transformations import get_transformation
+
+        from st2he._elements import affine_to
 
         element = sdata.shapes[key]
-        transformations = get_transformation(element, get_all=True)
-        if coordinate_system not in transformations:
-            msg = (
-                f"The shapes element {parameter}={key!r} has no transformation to the coordinate system "
-                f"{coordinate_system!r} (it has {sorted(transformations)})."
-            )
-            raise ValueError(msg)
-        affine = np.asarray(
-            transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")),
-            dtype=np.float64,
-        )
+        affine = affine_to(element, coordinate_system, what=f"The shapes element {parameter}={key!r}")
         geoms = np.asarray(element.geometry.values)
         types = shapely.get_type_id(geoms)
         is_point = types == 0

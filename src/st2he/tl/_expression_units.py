@@ -72,7 +72,8 @@ def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM,
     """The units of shapes element ``key`` with geometries in ``coordinate_system``."""
     import shapely
     from spatialdata import transform
-    from spatialdata.transformations import get_transformation
+
+    from st2he._elements import affine_to
 
     if key not in sdata.shapes:
         msg = (
@@ -81,13 +82,7 @@ def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM,
         )
         raise KeyError(msg)
     element = sdata.shapes[key]
-    systems = get_transformation(element, get_all=True)
-    if coordinate_system not in systems:
-        msg = (
-            f"Shapes {key!r} have no transformation to the coordinate system {coordinate_system!r} (they have "
-            f"{sorted(systems)}); pass one of those as coordinate_system."
-        )
-        raise ValueError(msg)
+    affine_to(element, coordinate_system, what=f"Shapes {key!r}")  # a clear error when it is not placed there
     gdf = transform(element, to_coordinate_system=coordinate_system)
     if len(gdf) == 0:
         msg = f"Shapes {key!r} hold no units."

@@ -281,7 +281,8 @@ def _source_units(sdata, table, table_key, regions, region_key, instance_key, co
     """The shapes the table annotates, in the table's order, placed in ``coordinate_system``."""
     import shapely
     from spatialdata import transform
-    from spatialdata.transformations import get_transformation
+
+    from st2he._elements import affine_to
 
     n = table.n_obs
     if n == 0:
@@ -302,13 +303,7 @@ def _source_units(sdata, table, table_key, regions, region_key, instance_key, co
             )
             raise ValueError(msg)
         element = sdata.shapes[region]
-        systems = get_transformation(element, get_all=True)
-        if coordinate_system not in systems:
-            msg = (
-                f"Shapes {region!r} have no transformation to the coordinate system {coordinate_system!r} (they have "
-                f"{sorted(systems)}); pass one of those as coordinate_system."
-            )
-            raise ValueError(msg)
+        affine_to(element, coordinate_system, what=f"Shapes {region!r}")  # a clear error when it is not placed there
         gdf = transform(element, to_coordinate_system=coordinate_system)
         rows = np.flatnonzero(region_of == region)
         pos = pd.Index(gdf.index).get_indexer(table.obs[instance_key].iloc[rows].to_numpy())
