@@ -87,7 +87,7 @@ def cycle_check(
     """
     from spatialdata import SpatialData
 
-    from ._evaluate_expression import evaluate_expression
+    from ._evaluate_expression import _evaluate
     from ._expression import predict_expression
 
     if true_key not in sdata.tables:
@@ -136,7 +136,7 @@ def cycle_check(
         scratch.tables["_cycle_virtual"].obs["in_tissue"] = predicted["real"].obs["in_tissue"].to_numpy()
     for name in reads:
         pred_key = f"_cycle_{name}"
-        scores[name] = evaluate_expression(scratch, pred_key=pred_key, true_key=true_key, key_added=f"{pred_key}_m")
+        scores[name], _, _ = _evaluate(scratch, pred_key=pred_key, true_key=true_key)  # scored, nothing stored
 
     virtual = scratch.tables["_cycle_virtual"]
     gene_list = list(virtual.var_names)
