@@ -626,6 +626,12 @@ def _aggregate(sdata, function, options):
     function(sdata, **options)
 
 
+def _require_expression_model(options) -> None:
+    if options.get("model") is None:
+        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
+        raise CliError(msg)
+
+
 @step(
     "predict-expression",
     "st2he.tl.predict_expression",
@@ -633,9 +639,7 @@ def _aggregate(sdata, function, options):
 )
 def _predict_expression(sdata, function, options):
     """Predict gene expression and tumour probability per cell, spot or bin from an H&E (real or virtual)."""
-    if options.get("model") is None:
-        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
-        raise CliError(msg)
+    _require_expression_model(options)
     function(sdata, **options)
 
 
@@ -664,9 +668,7 @@ def _evaluate_expression(sdata, function, options):
 )
 def _cycle_check(sdata, function, options):
     """Read expression back from a virtual H&E (and the real one) and print how much of it the virtual H&E keeps."""
-    if options.get("model") is None:
-        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
-        raise CliError(msg)
+    _require_expression_model(options)
     frame = function(sdata, **options)
     print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
 
