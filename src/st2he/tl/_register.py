@@ -151,14 +151,14 @@ def register_he(
     )
 
     # refinement, coarse to fine
-    size = coarse
+    size = coarse  # the global search's frames are the first level's
     while True:
-        fixed = _stain_frame(stain, extent, size)
-        moving = _he_frame(he, size)
         matrix = _refine(fixed, moving, matrix, rigid=transform == "rigid")
         if size <= finest * 1.001:
             break
         size = finest if size / 2 < finest * 1.5 else size / 2
+        fixed = _stain_frame(stain, extent, size)
+        moving = _he_frame(he, size)
     after = _ncc(fixed, moving, matrix)
     residual, n_patches = _residual(fixed, moving, matrix)
     overlap = _overlap(fixed, moving, matrix)
