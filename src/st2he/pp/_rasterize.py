@@ -169,7 +169,7 @@ def _auto_nuclei(sdata) -> tuple[str, str] | None:
     return None
 
 
-def _check_stain(element, key: str, channel_name, channel: int, lo: float, hi: float, *, chosen: str) -> None:
+def _check_stain(sample: np.ndarray, key: str, channel_name, hi: float, *, chosen: str) -> None:
     """Say which image became the nuclear stain; warn when it is probably not nuclear or has no contrast."""
     import warnings
 
@@ -183,7 +183,7 @@ def _check_stain(element, key: str, channel_name, channel: int, lo: float, hi: f
             "boundaries, a protein): the picture's grey will not show nuclei. Pass the DAPI image as stain_key."
         )
         warnings.warn(msg, StainWarning, stacklevel=4)
-    fraction = _fraction_at_or_above(element, channel, hi)
+    fraction = float((sample >= hi).mean()) if sample.size else 0.0
     if fraction > SATURATED_FRACTION:
         msg = (
             f"The nuclear stain {where} has no usable contrast: {fraction:.0%} of its pixels are at or above its "
@@ -193,19 +193,8 @@ def _check_stain(element, key: str, channel_name, channel: int, lo: float, hi: f
         warnings.warn(msg, StainWarning, stacklevel=4)
 
 
-def _fraction_at_or_above(element, channel: int, value: float) -> float:
-    """Fraction of a coarse level's pixels (at most ~2 M) that are >= value."""
-    levels = _levels(element)
-    level = next((lv for lv in levels if lv.sizes["y"] * lv.sizes["x"] <= 2_000_000), levels[-1])
-    arr = level.data[channel] if "c" in level.dims else level.data
-    step = max(1, int(math.ceil(math.sqrt(arr.shape[-2] * arr.shape[-1] / 2_000_000))))
-    sample = np.asarray(arr[::step, ::step])
-    finite = np.isfinite(sample)
-    return float((sample[finite] >= value).mean()) if finite.any() else 0.0
-
-
-def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """Percentiles of the stain, computed once for the whole image (so every chunk and region agrees).
+def _stain_sample(element, channel: int) -> np.ndarray:
+    """The stain's finite values that its normalisation and checks are computed from (at most ~2 M).
 
     From the finest pyramid level of at most ~2 M pixels; without one, from a strided sample of at most 4 x 4
     of the image's chunks spread over it, so a whole slide is never read for this.
@@ -232,7 +221,11 @@ def _robust_range(element, channel: int, percentiles: tuple[float, float]) -> tu
     else:
         sample = arr.ravel()
     sample = np.asarray(sample.compute(), dtype=np.float64)
-    sample = sample[np.isfinite(sample)]
+    return sample[np.isfinite(sample)]
+
+
+def _robust_range(sample: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """Percentiles of the stain's sample, computed once for the whole image (so every chunk and region agrees)."""
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, percentiles)
@@ -419,10 +412,12 @@ def _stain(
         element = sdata.images[key]
         data = _scale0(element)
         channel = _nuclear_channel(data)
-        lo, hi = _robust_range(element, channel, tuple(percentiles))
+        sample = _stain_sample(element, channel)
+        lo, hi = _robust_range(sample, tuple(percentiles))
         if "c" in data.coords:
             info["stain_channel"] = str(data.coords["c"].values[channel])
-        _check_stain(element, key, info.get("stain_channel"), channel, lo, hi, chosen="auto" if stain_key == "auto" else "given")
+        chosen = "auto" if stain_key == "auto" else "given"
+        _check_stain(sample, key, info.get("stain_channel"), hi, chosen=chosen)
         info["stain_range"] = [lo, hi]
         info["stain_percentiles"] = list(percentiles)
         return (_image_layer(element, grid, chunk, channel, lo, hi) if image_layer else None), info
