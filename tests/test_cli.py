@@ -19,6 +19,7 @@ import st2he
 from st2he import _cli, _demo
 from st2he._elements import get_params
 from st2he._grid import _scale0
+from st2he.models._expression import SHIPPED_EXPRESSION
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -423,8 +424,35 @@ def test_expression_steps_and_register(store, tmp_path, capsys):
     per_gene = json.loads((tmp_path / "m.json").read_text())
     stored = spatialdata.read_zarr(store)["he_image_expression_metrics"].obs
     assert per_gene["EPCAM"]["pearson"] == pytest.approx(float(stored.loc["EPCAM", "pearson"]))
-    code, _, err = _run(capsys, "predict-expression", store, "-q")
-    assert code == 2 and "--model is required" in err
+    # without --model: the shipped expression model, as st2he.tl.predict_expression(model=None)
+    code, _, err = _run(
+        capsys, "predict-expression", store, "--units", "cell_boundaries", "--key-added", "shipped", "-q"
+    )
+    assert code == 0, err
+    shipped = st2he.models.load_expression_model(SHIPPED_EXPRESSION)
+    assert list(spatialdata.read_zarr(store)["shipped"].var_names) == list(shipped.genes)
     code, out, err = _run(capsys, "cycle-check", store, "--model", model_dir / "model", "--he-key", "he_image", "-q")
     assert code == 0, err
     assert "r_virtual" in out and "cycle_check" in spatialdata.read_zarr(store).tables
+
+
+def test_super_resolve_step_writes_bins_that_keep_each_spots_counts(store, capsys):
+    """aggregate -> super-resolve from the shell: the bins of each spot sum to its counts; the inputs untouched."""
+    code, _, err = _run(capsys, "aggregate", store, "--by", "spots", "--key-added", "spots", "-q")
+    assert code == 0, err
+    before = _files(store)
+    code, _, err = _run(
+        capsys, "super-resolve", store, "--table-key", "spots", "--image-key", "he_image", "--bin-size", "8", "-q"
+    )
+    assert code == 0, err
+    back = spatialdata.read_zarr(store)
+    sr, spots = back["super_resolved"], back["spots"]
+    assert sr.uns["st2he"]["method"] == "guided"
+    sums = pd.DataFrame(np.asarray(sr.X)).groupby(sr.obs["source_unit"].astype(str).to_numpy()).sum()
+    measured = pd.DataFrame(spots.X.toarray(), index=spots.obs["instance_id"].astype(str).to_numpy())
+    np.testing.assert_allclose(sums.to_numpy(), measured.loc[sums.index].to_numpy(), rtol=1e-5, atol=1e-3)
+    assert "super_resolved_bins" in back.shapes
+    after = _files(store)
+    assert all(after[k] == v for k, v in before.items())  # nothing that was there rewritten
+    code, _, err = _run(capsys, "super-resolve", store, "--table-key", "spots", "--image-key", "he_image", "-q")
+    assert code == 2 and "super_resolved" in err  # an existing key is refused, nothing lost

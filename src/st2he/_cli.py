@@ -626,20 +626,23 @@ def _aggregate(sdata, function, options):
     function(sdata, **options)
 
 
-def _require_expression_model(options) -> None:
-    if options.get("model") is None:
-        msg = "--model is required: the folder of an expression model (st2he train-expression writes one)."
-        raise CliError(msg)
+@step(
+    "super-resolve",
+    "st2he.tl.super_resolve",
+    helps={"model": "An expression model's folder (method regression)"},
+)
+def _super_resolve(sdata, function, options):
+    """Spread spot-level counts onto bins of a few µm, guided by an image: a table of bins (and their shapes)."""
+    function(sdata, **options)
 
 
 @step(
     "predict-expression",
     "st2he.tl.predict_expression",
-    helps={"model": "Folder of an expression model saved by train-expression (required)"},
+    helps={"model": "Folder of an expression model saved by train-expression (default: the shipped model)"},
 )
 def _predict_expression(sdata, function, options):
     """Predict gene expression and tumour probability per cell, spot or bin from an H&E (real or virtual)."""
-    _require_expression_model(options)
     function(sdata, **options)
 
 
@@ -664,11 +667,10 @@ def _evaluate_expression(sdata, function, options):
 @step(
     "cycle-check",
     "st2he.tl.cycle_check",
-    helps={"model": "Folder of an expression model saved by train-expression (required)"},
+    helps={"model": "Folder of an expression model saved by train-expression (default: the shipped model)"},
 )
 def _cycle_check(sdata, function, options):
     """Read expression back from a virtual H&E (and the real one) and print how much of it the virtual H&E keeps."""
-    _require_expression_model(options)
     frame = function(sdata, **options)
     print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
 

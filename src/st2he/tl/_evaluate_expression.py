@@ -21,6 +21,10 @@ logger = logging.getLogger("st2he")
 METRICS = ("pearson", "spearman", "rmse", "ssim", "pearson_hist_convention")
 #: Number of highly variable genes of the second summary (HEST's top-50 HVGs).
 N_HVG = 50
+#: What a predicted table may hold, how counts are normalised, and how units are matched.
+PREDICTIONS = ("log1p_cp10k", "counts")
+NORMALISATIONS = ("log1p_cp10k", "log1p")
+MATCHES = ("instance", "grid")
 #: SSIM window (skimage's default 7 x 7 uniform window): gene maps smaller than this get NaN.
 SSIM_WIN = 7
 
@@ -35,6 +39,9 @@ def evaluate_expression(
     tumour_values: Sequence | None = None,
     tumour_probability: str = "tumour_probability",
     data_range: float | str = "measured",
+    prediction: str = "log1p_cp10k",
+    normalisation: str = "log1p_cp10k",
+    match: str = "instance",
     key_added: str | None = None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
@@ -98,6 +105,19 @@ def evaluate_expression(
         Column of the predicted table's ``obs`` with the predicted tumour probability.
     data_range
         SSIM data range: ``"measured"`` (per gene, the measured map's max - min) or one positive number for all genes.
+    prediction
+        What the predicted table holds: ``"log1p_cp10k"`` (log-normalised expression, as
+        :func:`st2he.tl.predict_expression` writes) or ``"counts"`` (predicted counts, as :func:`st2he.tl.super_resolve`
+        writes). Counts are normalised here by ``normalisation``, both tables the same way over the same genes.
+    normalisation
+        With ``prediction="counts"``: ``"log1p_cp10k"`` (``log1p(counts / total * 1e4)`` with ``total`` each unit's
+        counts over the scored genes, in each table its own) or ``"log1p"`` (``log1p(counts)``, for units of equal
+        area such as bins). Ignored otherwise (the measured table is then normalised over every gene, as above).
+    match
+        How units are matched: ``"instance"`` (same annotated shapes element, same instance id) or ``"grid"`` (both
+        tables gridded bins of the same size: the same ``obs["array_row"]`` / ``obs["array_col"]``, whatever element
+        each annotates; e.g. the bins of :func:`st2he.tl.super_resolve` against the bins of
+        :func:`st2he.pp.aggregate_transcripts` over the true molecules).
     key_added
         Name of the table written. Default ``f"{pred_key}_metrics"``.
     overwrite
@@ -121,6 +141,9 @@ def evaluate_expression(
         tumour_values=tumour_values,
         tumour_probability=tumour_probability,
         data_range=data_range,
+        prediction=prediction,
+        normalisation=normalisation,
+        match=match,
     )
     _store(sdata, df, summary, params, key_added, overwrite)
     logger.info(
@@ -151,13 +174,22 @@ def _evaluate(
     tumour_values: Sequence | None = None,
     tumour_probability: str = "tumour_probability",
     data_range: float | str = "measured",
+    prediction: str = "log1p_cp10k",
+    normalisation: str = "log1p_cp10k",
+    match: str = "instance",
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
     """The per-gene frame, the summary and the parameters of :func:`evaluate_expression`, nothing stored."""
     data_range = _check_data_range(data_range)
+    _check_choice(prediction, "prediction", PREDICTIONS)
+    _check_choice(normalisation, "normalisation", NORMALISATIONS)
+    _check_choice(match, "match", MATCHES)
     pred = get_table(sdata, pred_key, "pred_key")
     true = get_table(sdata, true_key, "true_key")
     genes = _genes(pred, true, genes, pred_key, true_key)
-    ipred, itrue, region = match_units(pred, true, pred_key, true_key)
+    if match == "grid":
+        ipred, itrue, region = match_grid(pred, true, pred_key, true_key)
+    else:
+        ipred, itrue, region = match_units(pred, true, pred_key, true_key)
 
     # units scored: shared and in tissue (the predicted table says where tissue is)
     if "in_tissue" in pred.obs.columns:
@@ -174,10 +206,22 @@ def _evaluate(
         )
         raise ValueError(msg)
 
-    # measured: log-normalised with totals over every gene of the measured table; predicted: as stored
-    totals = total_counts(true)[itrue]
-    measured = lognormalise(true.X[itrue][:, gene_columns(true, genes, name=true_key)], totals)
-    predicted = _dense(pred.X[ipred][:, gene_columns(pred, genes, name=pred_key)])
+    if prediction == "counts":
+        # both tables hold counts: normalised the same way over the same genes
+        measured = _normalise_counts(true.X[itrue][:, gene_columns(true, genes, name=true_key)], normalisation)
+        predicted = _dense(pred.X[ipred][:, gene_columns(pred, genes, name=pred_key)])
+        if (predicted < 0).any():
+            msg = (
+                f"prediction='counts' but the predicted table {pred_key!r} holds negative values: it does not hold "
+                "counts; pass prediction='log1p_cp10k' for log-normalised predictions."
+            )
+            raise ValueError(msg)
+        predicted = _normalise_counts(predicted, normalisation).astype(np.float32)
+    else:
+        # measured: log-normalised with totals over every gene of the measured table; predicted: as stored
+        totals = total_counts(true)[itrue]
+        measured = lognormalise(true.X[itrue][:, gene_columns(true, genes, name=true_key)], totals)
+        predicted = _dense(pred.X[ipred][:, gene_columns(pred, genes, name=pred_key)])
     if not np.isfinite(predicted).all():
         bad = [g for g, ok in zip(genes, np.isfinite(predicted).all(axis=0), strict=True) if not ok]
         msg = f"The predicted table {pred_key!r} holds NaN or infinite values for genes {bad[:10]}; cannot score them."
@@ -243,7 +287,9 @@ def _evaluate(
         "tumour_values": None if tumour_values is None else list(tumour_values),
         "tumour_probability": tumour_probability,
         "data_range": data_range,
-        "normalisation": "log1p_cp10k",
+        "prediction": prediction,
+        "normalisation": normalisation if prediction == "counts" else "log1p_cp10k",
+        "match": match,
         "in_tissue": "in_tissue" in pred.obs.columns,
         "ssim_window": SSIM_WIN,
         "n_hvg": N_HVG,
@@ -310,6 +356,65 @@ def match_units(pred, true, pred_key: str, true_key: str) -> tuple[np.ndarray, n
             true_key,
         )
     return ipred, itrue, shared_regions
+
+
+def match_grid(pred, true, pred_key: str, true_key: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Row indices into ``pred`` and ``true`` of the bins both hold, matched by ``array_row`` / ``array_col``."""
+    keys = []
+    for table, name in ((pred, pred_key), (true, true_key)):
+        obs = table.obs
+        missing = [c for c in ("array_row", "array_col") if c not in obs.columns]
+        if missing:
+            msg = (
+                f"match='grid' needs gridded units, but table {name!r} has no obs column(s) {missing}; pass "
+                "match='instance' to match units by instance id."
+            )
+            raise ValueError(msg)
+        r = pd.to_numeric(obs["array_row"], errors="coerce").to_numpy(dtype=np.float64)
+        c = pd.to_numeric(obs["array_col"], errors="coerce").to_numpy(dtype=np.float64)
+        if not (np.isfinite(r).all() and np.isfinite(c).all()):
+            msg = f"Table {name!r} has missing array_row / array_col values; match='grid' needs them for every unit."
+            raise ValueError(msg)
+        key = pd.MultiIndex.from_arrays([r.astype(np.int64), c.astype(np.int64)])
+        if key.has_duplicates:
+            dup = key[key.duplicated()][0]
+            msg = f"Table {name!r} holds the grid position (array_row, array_col) = {dup} more than once."
+            raise ValueError(msg)
+        keys.append(key)
+    areas = [
+        np.unique(pd.to_numeric(t.obs["area_um2"], errors="coerce").to_numpy(dtype=np.float64))
+        if "area_um2" in t.obs.columns
+        else None
+        for t in (pred, true)
+    ]
+    if all(a is not None and len(a) == 1 for a in areas) and not np.isclose(areas[0][0], areas[1][0], rtol=1e-6):
+        msg = (
+            f"match='grid' needs bins of one size in both tables, but {pred_key!r} has bins of {areas[0][0]:g} µm² and "
+            f"{true_key!r} of {areas[1][0]:g} µm²; aggregate the truth with the same bin_size."
+        )
+        raise ValueError(msg)
+    itrue = keys[1].get_indexer(keys[0])
+    ipred = np.flatnonzero(itrue >= 0)
+    itrue = itrue[ipred]
+    if len(ipred) == 0:
+        msg = f"The tables {pred_key!r} and {true_key!r} share no grid position (array_row, array_col)."
+        raise ValueError(msg)
+    regions = [str(r) for r in table_keys(true, name=true_key)[0]]
+    return ipred, itrue, regions
+
+
+def _check_choice(value, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        msg = f"{name} must be one of {choices}, got {value!r}."
+        raise ValueError(msg)
+
+
+def _normalise_counts(counts, normalisation: str) -> np.ndarray:
+    """``log1p`` of counts, per 10k of each unit's counts over these genes (``"log1p_cp10k"``) or raw."""
+    x = _dense(counts).astype(np.float64)
+    if normalisation == "log1p":
+        return np.log1p(np.clip(x, 0, None))
+    return lognormalise(x, x.sum(axis=1))
 
 
 def _genes(pred, true, genes, pred_key: str, true_key: str) -> list[str]:
