@@ -248,3 +248,42 @@ def test_multipolygon_unit_draws_every_part_in_its_colour():
     want = plt.get_cmap("viridis")(norm(values[list(pred.obs["instance_id"]).index("2_1")]))
     np.testing.assert_allclose(colours[parts[0]][:3], want[:3], atol=1e-6)
     assert axes[0].get_xlim() == pytest.approx((0, 108))  # the region takes in the far part
+
+
+def test_super_resolved_counts_beside_their_input_and_the_truth():
+    """Spots (input), true 8 µm bins and super-resolved counts: one colour scale, values log-normalised alike."""
+    sdata = st2he.datasets.synthetic_tissue(3, size_um=192.0)
+    st2he.pp.aggregate_transcripts(sdata, by="spots", key_added="spots")
+    st2he.pp.aggregate_transcripts(sdata, by="bins", bin_size=8.0, key_added="truth")
+    st2he.tl.super_resolve(sdata, table_key="spots", method="bicubic", key_added="sr", progress=False)
+    genes = ["EPCAM", "COL1A1"]
+    axes = st2he.pl.expression(
+        sdata, genes=genes, pred_key="sr", true_key="truth", input_key="spots", prediction="counts"
+    )
+    titles = [ax.get_title() for ax in axes[:3]]
+    assert titles == ["EPCAM: input (spots)", "EPCAM: measured (truth)", "EPCAM: predicted (sr)"]
+    sr, truth, spots = (sdata.tables[k] for k in ("sr", "truth", "spots"))
+    common = [g for g in sr.var_names if g in set(truth.var_names)]
+
+    def lognorm(table, rows_genes):
+        x = table[:, common].X
+        x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+        return np.log1p(x / np.maximum(x.sum(axis=1, keepdims=True), 1e-12) * 1e4)[:, common.index(rows_genes)]
+
+    for k, gene in enumerate(genes):
+        low, true, pred = axes[3 * k : 3 * k + 3]
+        drawn_pred = np.sort(np.asarray(pred.collections[0].get_array(), dtype=np.float64))
+        np.testing.assert_allclose(drawn_pred, np.sort(lognorm(sr, gene)), atol=1e-5)
+        drawn_true = np.sort(np.asarray(true.collections[0].get_array(), dtype=np.float64))
+        np.testing.assert_allclose(drawn_true, np.sort(lognorm(truth, gene)), atol=1e-5)
+        x = spots.X.toarray().astype(np.float64)
+        want_low = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)[:, list(spots.var_names).index(gene)]
+        drawn_low = np.sort(np.asarray(low.collections[0].get_array(), dtype=np.float64))
+        np.testing.assert_allclose(drawn_low, np.sort(want_low), atol=1e-5)
+        assert low.collections[0].get_clim() == true.collections[0].get_clim() == pred.collections[0].get_clim()
+    want = st2he.tl.evaluate_expression(
+        sdata, pred_key="sr", true_key="truth", genes=genes, prediction="counts", match="grid"
+    )["pearson"]
+    heights = [p.get_height() for p in axes[-1].patches]
+    np.testing.assert_allclose(heights, want.to_numpy(), rtol=1e-6)
+    assert np.all(want.to_numpy() > 0.2)  # spots spread onto bins follow the true bins

@@ -129,6 +129,8 @@ def expression(
     genes: str | Sequence[str],
     pred_key: str,
     true_key: str | None = None,
+    input_key: str | None = None,
+    prediction: str = "log1p_cp10k",
     image_key: str | None = "he_image",
     metrics_key: str | None = None,
     tumour: bool = True,
@@ -167,6 +169,14 @@ def expression(
     true_key
         Table of measured counts (:func:`st2he.pp.aggregate_transcripts` or a reader); ``None`` shows the
         predicted maps only.
+    input_key
+        Table of low-resolution counts shown in a first column (e.g. the spots :func:`st2he.tl.super_resolve` read),
+        log-normalised like the measured table and drawn in the same colours.
+    prediction
+        What ``pred_key`` holds: ``"log1p_cp10k"`` (log-normalised expression, :func:`st2he.tl.predict_expression`) or
+        ``"counts"`` (:func:`st2he.tl.super_resolve`), log-normalised here over the genes of the predicted table
+        (``log1p(counts / total * 1e4)``); the bars then match units by grid position when both tables are
+        gridded (``evaluate_expression(match="grid")``).
     image_key
         H&E image drawn, faded, under the units; ``None`` draws none.
     metrics_key
@@ -201,8 +211,8 @@ def expression(
 
     Returns
     -------
-    A 1-D numpy array of the :class:`matplotlib.axes.Axes` drawn, in panel order: for each gene its measured map
-    (with ``true_key``) and its predicted map, then the tumour map and the bar chart (when shown).
+    A 1-D numpy array of the :class:`matplotlib.axes.Axes` drawn, in panel order: for each gene its input map (with
+    ``input_key``), its measured map (with ``true_key``) and its predicted map, then the tumour map and the bar chart (when shown).
     """
     import matplotlib.pyplot as plt
 
@@ -218,10 +228,15 @@ def expression(
     if not 0 < float(percentile) <= 100:
         msg = f"percentile must lie in (0, 100], got {percentile!r}."
         raise ValueError(msg)
+    if prediction not in ("log1p_cp10k", "counts"):
+        msg = f"prediction must be 'log1p_cp10k' or 'counts', got {prediction!r}."
+        raise ValueError(msg)
     pred = get_table(sdata, pred_key, "pred_key")
     true = get_table(sdata, true_key, "true_key") if true_key is not None else None
+    low = get_table(sdata, input_key, "input_key") if input_key is not None else None
     pcols = gene_columns(pred, genes, name=pred_key)
     tcols = gene_columns(true, genes, name=true_key) if true is not None else None
+    lcols = gene_columns(low, genes, name=input_key) if low is not None else None
     if image_key is not None and image_key not in sdata.images:
         msg = (
             f"image_key={image_key!r} is not an image of this SpatialData object (its images are "
@@ -250,8 +265,9 @@ def expression(
     cache: dict = {}  # shapes elements read once, their outlines made once for both tables
     pred_units = _units(sdata, pred, pred_key, coordinate_system, cache)
     true_units = _units(sdata, true, true_key, coordinate_system, cache) if true is not None else None
+    low_units = _units(sdata, low, input_key, coordinate_system, cache) if low is not None else None
     if region is None:
-        boxes = [u.bounds for u in (pred_units, true_units) if u is not None and len(u.rows)]
+        boxes = [u.bounds for u in (pred_units, true_units, low_units) if u is not None and len(u.rows)]
         if not boxes:
             msg = f"The tables {[k for k in (pred_key, true_key) if k]} have no unit to draw."
             raise ValueError(msg)
@@ -260,10 +276,22 @@ def expression(
     region = check_region(region)
     pred_units = _in_region(pred_units, region)
     true_units = _in_region(true_units, region) if true_units is not None else None
+    low_units = _in_region(low_units, region) if low_units is not None else None
     predicted = _dense(pred.X[pred_units.rows][:, pcols])
+    if prediction == "counts":
+        # totals over the genes both tables hold, as evaluate_expression(prediction="counts") normalises
+        keep = [i for i, g in enumerate(map(str, pred.var_names)) if true is None or g in set(map(str, true.var_names))]
+        totals = _dense(pred.X[pred_units.rows][:, keep]).sum(axis=1)
+        predicted = lognormalise(pred.X[pred_units.rows][:, pcols], totals)
+    low_values = None
+    if low is not None:
+        low_values = lognormalise(low.X[low_units.rows][:, lcols], total_counts(low)[low_units.rows])
     measured = None
     if true is not None:
         totals = total_counts(true)[true_units.rows]
+        if prediction == "counts":  # over the genes both tables hold, as the predicted counts
+            shared = gene_columns(true, [g for g in map(str, pred.var_names) if g in set(map(str, true.var_names))])
+            totals = np.asarray(true.X[true_units.rows][:, shared].sum(axis=1)).ravel()
         measured = lognormalise(true.X[true_units.rows][:, tcols], totals)
     if len(pred_units.rows) == 0 and (true_units is None or len(true_units.rows) == 0):
         msg = f"No unit of {[k for k in (pred_key, true_key) if k]} lies in region {tuple(region)}."
@@ -279,24 +307,29 @@ def expression(
             probability = None
     if metrics is None and true_key is not None:
         try:
-            df, _, _ = _evaluate(sdata, pred_key=pred_key, true_key=true_key, genes=genes)
+            gridded = all({"array_row", "array_col"} <= set(t.obs.columns) for t in (pred, true))
+            match = "grid" if prediction == "counts" and gridded else "instance"
+            df, _, _ = _evaluate(
+                sdata, pred_key=pred_key, true_key=true_key, genes=genes, prediction=prediction, match=match
+            )
             metrics = df["pearson"].to_numpy(dtype=np.float64)
         except ValueError as err:  # units of different elements (cells measured, bins predicted): maps, no bars
             msg = f"No Pearson r bars: {pred_key!r} and {true_key!r} cannot be scored unit by unit. {err}"
             warnings.warn(msg, UserWarning, stacklevel=2)
 
     # layout: one row per gene (measured, predicted), then the tumour map and the bars
-    map_cols = 2 if true is not None else 1
+    map_cols = 1 + (true is not None) + (low is not None)
     mosaic: list[list[str]] = []
     names: list[str] = []
     for g in genes:
-        row = ([f"true:{g}"] if true is not None else []) + [f"pred:{g}"]
+        row = ([f"low:{g}"] if low is not None else []) + ([f"true:{g}"] if true is not None else []) + [f"pred:{g}"]
         mosaic.append(row)
         names += row
     extras = (["tumour"] if probability is not None else []) + (["bars"] if metrics is not None else [])
     names += extras
-    if map_cols == 2 and len(extras) == 2:
-        mosaic.append(["bars", "tumour"])  # the tumour map under the predicted maps, its colour bar in line with theirs
+    if map_cols >= 2 and len(extras) == 2:
+        # the tumour map under the predicted maps, its colour bar in line with theirs
+        mosaic.append(["bars"] * (map_cols - 1) + ["tumour"])
     else:
         mosaic += [[name] * map_cols for name in extras]
     width, height = region[2] - region[0], region[3] - region[1]
@@ -335,10 +368,14 @@ def expression(
             ax_t = panels[f"true:{g}"]
             coll = true_units.collection(measured[:, k], cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, axis=ax_t)
             ax_t.set_title(f"{g}: measured ({true_key})")
+        if low is not None:
+            ax_l = panels[f"low:{g}"]
+            low_units.collection(low_values[:, k], cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, axis=ax_l)
+            ax_l.set_title(f"{g}: input ({input_key})")
         ax_p = panels[f"pred:{g}"]
         coll = pred_units.collection(predicted[:, k], cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, axis=ax_p)
         ax_p.set_title(f"{g}: predicted ({pred_key})")
-        row_axes = [panels[f"true:{g}"], ax_p] if true is not None else [ax_p]
+        row_axes = [panels[n] for n in (f"low:{g}", f"true:{g}") if n in panels] + [ax_p]
         fig.colorbar(coll, ax=row_axes, shrink=0.8, label=f"{g}, log1p(counts per 10k)")
     if probability is not None:
         ax_tu = panels["tumour"]

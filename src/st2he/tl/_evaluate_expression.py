@@ -110,9 +110,9 @@ def evaluate_expression(
         :func:`st2he.tl.predict_expression` writes) or ``"counts"`` (predicted counts, as :func:`st2he.tl.super_resolve`
         writes). Counts are normalised here by ``normalisation``, both tables the same way over the same genes.
     normalisation
-        With ``prediction="counts"``: ``"log1p_cp10k"`` (``log1p(counts / total * 1e4)`` with ``total`` each unit's
-        counts over the scored genes, in each table its own) or ``"log1p"`` (``log1p(counts)``, for units of equal
-        area such as bins). Ignored otherwise (the measured table is then normalised over every gene, as above).
+        With ``prediction="counts"``: ``"log1p_cp10k"`` (``log1p(counts / total * 1e4)``, ``total`` each unit's
+        counts in its own table over the same genes: every gene both tables hold) or ``"log1p"``
+        (``log1p(counts)``, for units of equal area such as bins). Ignored otherwise (the measured table is then normalised over every gene, as above).
     match
         How units are matched: ``"instance"`` (same annotated shapes element, same instance id) or ``"grid"`` (both
         tables gridded bins of the same size: the same ``obs["array_row"]`` / ``obs["array_col"]``, whatever element
@@ -208,15 +208,20 @@ def _evaluate(
 
     if prediction == "counts":
         # both tables hold counts: normalised the same way over the same genes
-        measured = _normalise_counts(true.X[itrue][:, gene_columns(true, genes, name=true_key)], normalisation)
-        predicted = _dense(pred.X[ipred][:, gene_columns(pred, genes, name=pred_key)])
+        # totals over every gene both tables hold (not only the scored ones), the same genes in both tables
+        common = [str(g) for g in pred.var_names if str(g) in set(map(str, true.var_names))]
+        measured_all = _dense(true.X[itrue][:, gene_columns(true, common, name=true_key)])
+        predicted_all = _dense(pred.X[ipred][:, gene_columns(pred, common, name=pred_key)])
+        pick = pd.Index(common).get_indexer(genes)
+        measured = _normalise_counts(measured_all, normalisation)[:, pick]
+        predicted = predicted_all
         if (predicted < 0).any():
             msg = (
                 f"prediction='counts' but the predicted table {pred_key!r} holds negative values: it does not hold "
                 "counts; pass prediction='log1p_cp10k' for log-normalised predictions."
             )
             raise ValueError(msg)
-        predicted = _normalise_counts(predicted, normalisation).astype(np.float32)
+        predicted = _normalise_counts(predicted, normalisation)[:, pick].astype(np.float32)
     else:
         # measured: log-normalised with totals over every gene of the measured table; predicted: as stored
         totals = total_counts(true)[itrue]
