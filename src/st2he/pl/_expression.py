@@ -212,7 +212,8 @@ def expression(
     Returns
     -------
     A 1-D numpy array of the :class:`matplotlib.axes.Axes` drawn, in panel order: for each gene its input map (with
-    ``input_key``), its measured map (with ``true_key``) and its predicted map, then the tumour map and the bar chart (when shown).
+    ``input_key``), its measured map (with ``true_key``) and its predicted map, then the tumour map and the bar chart
+    (when shown).
     """
     import matplotlib.pyplot as plt
 

@@ -112,7 +112,8 @@ def evaluate_expression(
     normalisation
         With ``prediction="counts"``: ``"log1p_cp10k"`` (``log1p(counts / total * 1e4)``, ``total`` each unit's
         counts in its own table over the same genes: every gene both tables hold) or ``"log1p"``
-        (``log1p(counts)``, for units of equal area such as bins). Ignored otherwise (the measured table is then normalised over every gene, as above).
+        (``log1p(counts)``, for units of equal area such as bins). Ignored otherwise (the measured table is then
+        normalised over every gene, as above).
     match
         How units are matched: ``"instance"`` (same annotated shapes element, same instance id) or ``"grid"`` (both
         tables gridded bins of the same size: the same ``obs["array_row"]`` / ``obs["array_col"]``, whatever element
