@@ -292,7 +292,7 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing():
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", bin_size=-8, progress=False)
     with pytest.raises(ValueError, match="'diffusion'.*not available yet"):
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", method="diffusion", progress=False)
-    with pytest.raises(ValueError, match="needs model="):
+    with pytest.raises(ValueError, match="expression model reads RGB H&E"):  # regression: the shipped model
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", method="regression", progress=False)
     with pytest.raises(KeyError, match="already exists.*overwrite=True"):
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", key_added="bare", progress=False)

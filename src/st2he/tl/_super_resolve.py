@@ -92,11 +92,11 @@ def super_resolve(
           over the bin and over the unit's bins, scaled to [0, 1] by the 1st and 99th percentiles over the bins
           (a bin off the image has weight 1 for the guidance term);
         - ``"regression"``: an expression model's dense prediction (:func:`st2he.tl.predict_expression` over the bins,
-          ``model`` required), ``expm1`` of its log-normalised values taken as each bin's relative share of its unit's
+          ``model``), ``expm1`` of its log-normalised values taken as each bin's relative share of its unit's
           counts (iStar's rescaling).
     model
-        ``"regression"``: an :class:`~st2he.models.ExpressionModel` or the folder of a saved one; it must predict every
-        gene asked for.
+        ``"regression"``: an :class:`~st2he.models.ExpressionModel` or the folder of a saved one (default: the model
+        shipped with st2he, trained on simulated sections); it must predict every gene asked for.
     conserve_counts
         Rescale the estimates so the bins of each unit sum to its counts exactly. Otherwise the estimates themselves,
         as counts per bin (densities times the bin's area; for ``"regression"`` the predicted share of counts per 10k
@@ -143,8 +143,9 @@ def super_resolve(
         raise ValueError(msg)
     bin_size = _positive(bin_size, "bin_size")
     if method == "regression" and model is None:
-        msg = "method='regression' needs model= (an st2he.models.ExpressionModel or the folder of a saved one)."
-        raise ValueError(msg)
+        from st2he.models._expression import SHIPPED_EXPRESSION
+
+        model = SHIPPED_EXPRESSION  # the expression model shipped with st2he (simulated panel)
     if method == "guided":
         if sigma_spatial is not None:
             sigma_spatial = _positive(sigma_spatial, "sigma_spatial")
