@@ -131,14 +131,16 @@ def report(frame: pd.DataFrame) -> dict:
 
 
 _CHILD = r"""
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[3])
+from _memory import peak_rss_mb
 import spatialdata, st2he
 sdata = spatialdata.read_zarr(sys.argv[1])
 t0 = time.time()
 table = st2he.tl.predict_expression(sdata, model=sys.argv[2], units="bins", bin_size=16.0, chip_um=512.0, progress=False)
 took = time.time() - t0
-print(json.dumps({"seconds": took, "units": table.n_obs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": took, "units": table.n_obs, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -156,10 +158,13 @@ def memory(model_path: str, sizes=(512.0, 1536.0)) -> list[dict]:
                 SpatialData(images={"he_image": sdata["he_image"]}).write(store)
             del sdata
             out = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(store), model_path], capture_output=True, text=True, check=True
+                [sys.executable, "-c", _CHILD, str(store), model_path, str(Path(__file__).parent)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             rec = json.loads(out.stdout.strip().splitlines()[-1])
-            chips = (size / 512.0) ** 2
+            chips = (size / 512.0) ** 2  # chips of 512 µm the section's area holds
             rec.update(size_um=size, chips_per_second=chips / rec["seconds"])
             results.append(rec)
             print(

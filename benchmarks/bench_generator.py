@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from _bare import import_models
+from _memory import peak_rss_mb
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def time_predict(model, tiles, *, batch_size, autocast, channels_last, merge_lora=True, repeats=1):

@@ -144,9 +144,9 @@ def simulated_slide(n: int, *, stain: bool, seed: int = 0):
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from _memory import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
+    return peak_rss_mb()
 
 
 def case_st2he(n: int, stain: bool, palette: str, chunk: int) -> dict:
