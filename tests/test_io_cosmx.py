@@ -85,8 +85,18 @@ def _molecules(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _write_export(folder: Path, *, positions="px", metadata=True, counts=True, morphology=True, composite=True,
-                  labels=True, skip_files=()) -> Path:
+def _write_export(
+    folder: Path,
+    *,
+    positions="px",
+    metadata=True,
+    counts=True,
+    morphology=True,
+    composite=True,
+    labels=True,
+    skip_files=(),
+    labels_dtype=np.uint16,
+) -> Path:
     import tifffile
     from PIL import Image
 
@@ -98,10 +108,8 @@ def _write_export(folder: Path, *, positions="px", metadata=True, counts=True, m
         for fov, per_fov in CELLS.items()
         for cell, x, y in per_fov
     ]
-    meta = pd.DataFrame(
-        cells, columns=["fov", "cell_ID", "CenterX_local_px", "CenterY_local_px", "CenterX_global_px",
-                        "CenterY_global_px"]
-    )
+    centres = ["CenterX_local_px", "CenterY_local_px", "CenterX_global_px", "CenterY_global_px"]
+    meta = pd.DataFrame(cells, columns=["fov", "cell_ID", *centres])
     meta["Area"] = 25
     if metadata:
         meta.to_csv(folder / f"{DATASET}_metadata_file.csv", index=False)
@@ -115,7 +123,8 @@ def _write_export(folder: Path, *, positions="px", metadata=True, counts=True, m
         mm = pd.DataFrame({"FOV": fovs.fov, "X_mm": fovs.x_global_px * PX / 1000, "Y_mm": fovs.y_global_px * PX / 1000})
         mm.to_csv(folder / f"{DATASET}_fov_positions_file.csv", index=False)
     elif positions == "shifted":  # a positions file one FOV off in y (some AtoMx exports)
-        fovs.assign(y_global_px=fovs.y_global_px + SIZE).to_csv(folder / f"{DATASET}_fov_positions_file.csv", index=False)
+        shifted = fovs.assign(y_global_px=fovs.y_global_px + SIZE)
+        shifted.to_csv(folder / f"{DATASET}_fov_positions_file.csv", index=False)
     for kind, wanted in (("Morphology2D", morphology), ("CellComposite", composite), ("CellLabels", labels)):
         if wanted:
             (folder / kind).mkdir()
@@ -126,9 +135,11 @@ def _write_export(folder: Path, *, positions="px", metadata=True, counts=True, m
         if composite and ("CellComposite", fov) not in skip_files:
             rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
             rgb[..., 2] = (_morphology(fov)[4] > 1000) * 255
-            Image.fromarray(rgb).save(folder / "CellComposite" / f"CellComposite_F{fov:03d}.jpg", quality=95, subsampling=0)
+            file = folder / "CellComposite" / f"CellComposite_F{fov:03d}.jpg"
+            Image.fromarray(rgb).save(file, quality=95, subsampling=0)
         if labels and ("CellLabels", fov) not in skip_files:
-            tifffile.imwrite(folder / "CellLabels" / f"CellLabels_F{fov:03d}.tif", _labels(fov))
+            file = folder / "CellLabels" / f"CellLabels_F{fov:03d}.tif"
+            tifffile.imwrite(file, _labels(fov).astype(labels_dtype))
     return folder
 
 
@@ -272,9 +283,13 @@ def test_spatialdata_io_places_the_fovs_where_st2he_does(export):
 
 def test_positions_in_mm_and_without_a_positions_file(tmp_path, read):
     expected = Grid.from_element(read[0]["morphology"])
-    mm, caught = _read(_write_export(tmp_path / "mm", positions="mm"))
+    mm, caught = _read(_write_export(tmp_path / "mm", positions="mm", labels_dtype=np.uint32))
     assert caught == []
     assert Grid.from_element(mm["morphology"]) == expected
+    # 32-bit label files: the cell table bounds cell_ID, so the labels are the same
+    np.testing.assert_array_equal(
+        np.asarray(_scale0(mm["cell_labels"]).data), np.asarray(_scale0(read[0]["cell_labels"]).data)
+    )
     bare, caught = _read(_write_export(tmp_path / "none", positions=None))
     assert Grid.from_element(bare["morphology"]) == expected
     assert any("no FOV positions file" in m and "metadata_file" in m for m in caught)

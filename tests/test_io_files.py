@@ -94,7 +94,8 @@ def test_report_is_bounded_and_relative(tmp_path):
     (folder / ".hidden").write_text("")
     outside = tmp_path / "he.svs"
     outside.write_text("")
-    report = files_report(folder, [folder / "a.csv", folder / "images" / "tile_000.tif", outside], subfolders=["images"])
+    used = [folder / "a.csv", folder / "images" / "tile_000.tif", outside]
+    report = files_report(folder, used, subfolders=["images"])
     assert report["used"] == [str(outside.resolve()), "a.csv", "images/tile_000.tif"]
     # another folder at the top is one entry; the image folder is listed file by file, up to FILES_LISTED
     assert report["ignored"][0] == "analysis/"
