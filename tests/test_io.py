@@ -391,7 +391,7 @@ def test_cosmx_full_folder_through_spatialdata_io(shared_data, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(folder / "CellComposite" / "CellComposite_F001.jpg")
     tifffile.imwrite(folder / "CellLabels" / "CellLabels_F001.tif", np.zeros((64, 64), np.uint32))
-    sdata = _read(st2he.io.read_cosmx, folder)
+    sdata = _read(st2he.io.read_cosmx, folder, use_spatialdata_io=True)  # st2he stitches them by default
     assert sdata.attrs["st2he"]["source"]["reader"] == "spatialdata_io.cosmx"
     assert "1_image" in sdata.images and "1_labels" in sdata.labels
     grid = Grid.from_element(sdata["1_image"])

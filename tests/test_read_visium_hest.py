@@ -641,3 +641,19 @@ def test_visium_reads_images_beyond_pillows_bomb_limit(visium_dir, monkeypatch):
     sdata = _read(st2he.io.read_visium, visium_dir, image="hires", use_spatialdata_io=False)
     assert st2he.io.Raster(sdata.images["he_image"]).bounds == pytest.approx((0, 0, 480, 260))
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_visium_and_hest_say_which_files_they_used(visium_dir, hest_dir):
+    files = _read(st2he.io.read_visium, visium_dir).attrs["st2he"]["files"]
+    assert files["used"] == [
+        "filtered_feature_bc_matrix.h5",
+        "sample_tissue_image.tif",
+        "spatial/scalefactors_json.json",
+        "spatial/tissue_positions.csv",
+    ]
+    assert files["ignored"] == ["spatial/tissue_hires_image.png", "spatial/tissue_lowres_image.png"]
+    files = _read(st2he.io.read_visium, visium_dir, image="hires").attrs["st2he"]["files"]
+    assert "spatial/tissue_hires_image.png" in files["used"] and "sample_tissue_image.tif" in files["ignored"]
+    files = _read(st2he.io.read_hest, hest_dir, sample_id=HEST_ID).attrs["st2he"]["files"]
+    assert files["used"] == [f"metadata/{HEST_ID}.json", f"st/{HEST_ID}.h5ad", f"wsis/{HEST_ID}.tif"]
+    assert all(not f.startswith(("st/", "wsis/", "metadata/")) for f in files["ignored"])

@@ -776,6 +776,11 @@ def _read(args: argparse.Namespace) -> int:
     write_new_store(sdata, store, overwrite=args.overwrite)
     names = {kind: sorted(getattr(sdata, kind)) for kind in ("images", "labels", "points", "shapes", "tables")}
     logger.info("wrote %s: %s", store, "; ".join(f"{k} {v}" for k, v in names.items() if v))
+    files = sdata.attrs.get("st2he", {}).get("files")
+    if files is not None:  # which files of the folder the reader used, and which it ignored
+        from st2he.io._common import describe_files
+
+        print(describe_files(files))
     return 0
 
 

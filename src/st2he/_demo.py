@@ -61,6 +61,7 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
 
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    files = None
     t0 = time.perf_counter()
     if data is None:
         sdata = st2he.datasets.synthetic_tissue(seed=seed)
@@ -70,6 +71,7 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
         reader = {"xenium": st2he.io.read_xenium, "cosmx": st2he.io.read_cosmx, "merscope": st2he.io.read_merscope}
         sdata = reader[platform](data)
         source = f"{platform} folder {data}"
+        files = sdata.attrs.get("st2he", {}).get("files")
     timings["read_or_simulate_s"] = time.perf_counter() - t0
     logger.info("sample: %s", source)
 
@@ -108,6 +110,8 @@ def run(data: Path | None, out: Path, *, method: str = "diffusion", seed: int = 
         "metrics": metrics,
         "timings": timings,
     }
+    if files is not None:
+        summary["files"] = files
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
 
     axes = st2he.pl.compare(sdata, input_key="st2he_input", pred_key="virtual_he", true_key="he_image", save=figure_path)
@@ -134,6 +138,10 @@ def execute(args: argparse.Namespace, *, prog: str = "st2he-demo") -> int:
     print(f"SpatialData store: {summary['store']}")
     print(f"Figure:            {summary['figure']}")
     print(f"Metrics:           {args.out / 'metrics.json'}")
+    if summary.get("files") is not None:  # what the reader took from the --data folder, and what it left
+        from st2he.io._common import describe_files
+
+        print(describe_files(summary["files"]))
     if summary["metrics"]:
         print(json.dumps(summary["metrics"], indent=2, default=float))
     return 0

@@ -435,6 +435,24 @@ def image_element(data, grid: Grid, c_coords: Sequence[str]):
     return parse_image(data, grid, c_coords=list(c_coords), scale_factors="auto", chunks=1024)
 
 
+def labels_element(data, grid: Grid, *, chunks: int = 1024):
+    """Parse a lazy ``(y, x)`` integer array as a labels element placed on ``grid`` (a pyramid when large)."""
+    import dask.array as da
+    from spatialdata.models import Labels2DModel
+
+    from st2he._elements import auto_scale_factors
+
+    if not isinstance(data, da.Array):
+        data = da.from_array(data, chunks=(chunks, chunks))
+    return Labels2DModel.parse(
+        data,
+        dims=("y", "x"),
+        scale_factors=auto_scale_factors(grid.shape) or None,
+        transformations={COORDINATE_SYSTEM: grid.transformation()},
+        chunks=(chunks, chunks),
+    )
+
+
 def grid_from_extent(
     shape: tuple[int, int], extent: tuple[float, float, float, float], *, what: str
 ) -> tuple[Grid, str]:
@@ -620,14 +638,115 @@ def scale_matrix(factor: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------- attrs
 
 
-def set_source(sdata, source: dict[str, Any]) -> None:
-    """Record where the object came from in ``sdata.attrs['st2he']['source']`` (JSON-serialisable)."""
+def set_source(
+    sdata, source: dict[str, Any], *, used: Iterable[str | Path] | None = None, subfolders: Iterable[str] = ()
+) -> None:
+    """Record where the object came from in ``sdata.attrs['st2he']['source']`` (JSON-serialisable).
+
+    With ``used`` (the files and folders the reader read), also record which files of the folder
+    ``source["path"]`` were used and which were ignored, in ``sdata.attrs['st2he']['files']`` (see
+    :func:`files_report`; ``subfolders`` are the folders whose files are listed one by one), and log it as one
+    INFO line.
+    """
     import json
 
     from st2he._elements import _jsonable
 
     store = sdata.attrs.setdefault(ATTRS_KEY, {})
     store["source"] = json.loads(json.dumps(source, default=_jsonable))
+    if used is not None and source.get("path") is not None:
+        report = files_report(Path(source["path"]), used, subfolders=subfolders)
+        store["files"] = report
+        logger.info("read_%s: %s", source.get("platform", "?"), describe_files(report, sep="; "))
+
+
+#: At most this many files per folder are named in a files report; the others are counted.
+FILES_LISTED = 20
+
+#: Names a files report never lists (operating-system litter).
+_LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def files_report(folder: Path, used: Iterable[str | Path], *, subfolders: Iterable[str] = ()) -> dict[str, Any]:
+    """Which files of an instrument output folder a reader used and which it ignored.
+
+    Returns ``{"used": [...], "ignored": [...], "unlisted": {"used": {folder: n}, "ignored": {folder: n}}}``:
+    paths relative to ``folder`` (``/``-separated, sorted; a folder ends with ``/``; a used file outside
+    ``folder`` keeps its absolute path). ``ignored`` lists the files at the top level of ``folder`` and in its
+    ``subfolders`` (the image folders a platform writes) that are not in ``used`` nor inside a used folder;
+    another folder at the top level is listed as one entry. At most :data:`FILES_LISTED` paths per folder are
+    named in each list; ``unlisted`` counts the others by folder (``""`` is the top level). Hidden files are
+    left out.
+    """
+    folder = Path(folder)
+    used_paths: set[str] = set()
+    for item in used:
+        path = Path(item)
+        if not path.exists():
+            continue
+        used_paths.add(_relative(path, folder))
+    used_dirs = tuple(p for p in used_paths if p.endswith("/"))
+
+    present: list[str] = []
+    wanted = {s.strip("/") for s in subfolders}
+    for entry in _visible(folder):
+        if entry.is_dir() and entry.name in wanted:
+            present.extend(_relative(sub, folder) for sub in _visible(entry))
+        else:
+            present.append(_relative(entry, folder))
+
+    def covered(rel: str) -> bool:
+        if rel in used_paths or any(rel.startswith(d) for d in used_dirs):
+            return True
+        # a folder that holds something used is not ignored as a whole
+        return rel.endswith("/") and any(p.startswith(rel) for p in used_paths)
+
+    ignored = sorted(rel for rel in present if not covered(rel))
+    used_list, used_more = _bounded(sorted(used_paths))
+    ignored_list, ignored_more = _bounded(ignored)
+    return {"used": used_list, "ignored": ignored_list, "unlisted": {"used": used_more, "ignored": ignored_more}}
+
+
+def describe_files(report: Mapping[str, Any], *, sep: str = "\n") -> str:
+    """The files report of a reader (:func:`files_report`) as text: the used files, then the ignored ones."""
+    lines = []
+    for kind in ("used", "ignored"):
+        names = list(report.get(kind, []))
+        more = report.get("unlisted", {}).get(kind, {})
+        names += [f"... {n} more in {where or 'the folder'}" for where, n in sorted(more.items())]
+        lines.append(f"files {kind}: " + (", ".join(names) if names else "none"))
+    return sep.join(lines)
+
+
+def _visible(directory: Path) -> list[Path]:
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if not p.name.startswith(".") and p.name not in _LITTER]
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        rel = str(path.resolve())
+    return rel + "/" if path.is_dir() else rel
+
+
+def _bounded(paths: list[str]) -> tuple[list[str], dict[str, int]]:
+    """At most :data:`FILES_LISTED` paths per parent folder, and the counts of the rest by folder."""
+    shown: list[str] = []
+    counts: dict[str, int] = {}
+    more: dict[str, int] = {}
+    for rel in paths:
+        parent = rel.rstrip("/").rpartition("/")[0] if not rel.startswith("/") else ""
+        counts[parent] = counts.get(parent, 0) + 1
+        if counts[parent] <= FILES_LISTED:
+            shown.append(rel)
+        else:
+            more[parent] = more.get(parent, 0) + 1
+    return shown, more
 
 
 @contextmanager

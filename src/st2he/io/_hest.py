@@ -135,6 +135,7 @@ def read_hest(
             "files": files,
             "metadata": meta,
         },
+        used=[Path(f) for f in files.values() if f],
     )
     logger.info("HEST %s: %d spots, %.4g µm per pixel (%s)", sample_id, table.n_obs, pixel_size, pixel_how)
     return sdata

@@ -125,7 +125,8 @@ def read_merscope(
     transcripts = _read_transcripts(transcripts_file)
     assumptions: list[str] = []
     placement = _mosaic_placement(folder, image_pixel_size, image_origin)
-    images, grid_info = _read_mosaics(folder, stains, z_layers, placement, transcripts, assumptions)
+    used: list[Path] = [transcripts_file, folder / _MANIFEST_FILE, folder / _TRANSFORM_FILE]
+    images, grid_info = _read_mosaics(folder, stains, z_layers, placement, transcripts, assumptions, used)
 
     shapes: dict = {}
     tables: dict = {}
@@ -146,6 +147,11 @@ def read_merscope(
         table = _read_cell_table(folder, annotates=CELL_BOUNDARIES_KEY if CELL_BOUNDARIES_KEY in shapes else None)
         if table is not None:
             tables[TABLE_KEY] = table
+    if shapes:
+        parquet = folder / "cell_boundaries.parquet"
+        used.append(parquet if parquet.exists() else folder / "cell_boundaries")
+    if tables:
+        used += [folder / "cell_by_gene.csv", folder / "cell_metadata.csv"]
 
     from spatialdata import SpatialData
 
@@ -162,7 +168,7 @@ def read_merscope(
         "nuclear_stain": "dapi" if "dapi" in images else None,
         "assumptions": assumptions,
     }
-    set_source(sdata, source)
+    set_source(sdata, source, used=used, subfolders=("images", "cell_boundaries"))
     return sdata
 
 
@@ -269,7 +275,7 @@ def _mosaic_grid(shape, placement, file: Path, transcripts, assumptions) -> Grid
     return Grid(float(origin[0]), float(origin[1]), float(pixel_size), height, width)
 
 
-def _read_mosaics(folder: Path, stains, z_layers, placement, transcripts, assumptions):
+def _read_mosaics(folder: Path, stains, z_layers, placement, transcripts, assumptions, used: list[Path]):
     import dask.array as da
 
     images_dir = folder / "images"
@@ -296,6 +302,7 @@ def _read_mosaics(folder: Path, stains, z_layers, placement, transcripts, assump
             arrays = [read_image_lazy(planes[z])[0] for z in available]
             data = da.stack(arrays).max(axis=0) if len(arrays) > 1 else arrays[0]
             selected = {name: (data, planes[available[0]])}
+            used += [planes[z] for z in available]
             info["z_layers"][actual] = "max of " + ",".join(map(str, available))
         else:
             if isinstance(z_layers, str):  # "auto"
@@ -315,6 +322,7 @@ def _read_mosaics(folder: Path, stains, z_layers, placement, transcripts, assump
                 (name if len(zs) == 1 else f"{name}_z{z}"): (read_image_lazy(planes[z])[0], planes[z]) for z in zs
             }
             info["z_layers"][actual] = zs if len(zs) > 1 else zs[0]
+            used += [planes[z] for z in zs]
         for key, (data, file) in selected.items():
             grid = _mosaic_grid(data.shape[1:], placement, file, transcripts, assumptions)
             images[key] = image_element(data[:1] if data.shape[0] > 1 else data, grid, [actual])

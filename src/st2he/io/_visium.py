@@ -222,6 +222,8 @@ def _read_visium(folder: Path, *, image, fullres_image_file, counts_file: str, u
             "image": image_source,
             "assumptions": assumptions,
         },
+        used=[counts, positions_file, spatial / _SCALEFACTORS, *([image_source["file"]] if image_source else [])],
+        subfolders=("spatial",),
     )
     return sdata
 
@@ -388,6 +390,8 @@ def _read_hd(folder, outs, bin_dirs, *, bin_size, image, fullres_image_file, use
             "image": image_source,
             "assumptions": assumptions,
         },
+        used=[counts, positions_file, factors_file, *([image_source["file"]] if image_source else [])],
+        subfolders=("spatial",),
     )
     return sdata
 

@@ -156,6 +156,7 @@ def read_xenium(
 
     transcripts = _read_transcripts(transcripts_file)
     assumptions: list[str] = []
+    used: list[Path] = [transcripts_file, folder / _SPECS_FILE]
     native = float(specs.get("pixel_size", XENIUM_PIXEL_SIZE))
     source = {
         "platform": "xenium",
@@ -168,6 +169,7 @@ def read_xenium(
 
     if use_spatialdata_io:
         sdata, image_pixel = _read_full(folder, native, labels=labels, aligned_images=aligned_images)
+        used += _full_folder_files(folder, aligned_images=aligned_images)
         source.update(reader="spatialdata_io.xenium", image_pixel_size=image_pixel, image_origin=[0.0, 0.0])
         if image_pixel_size is not None or image_origin is not None:
             logger.info("image_pixel_size / image_origin are ignored for a full Xenium output folder.")
@@ -179,6 +181,7 @@ def read_xenium(
             image_pixel_size=image_pixel_size,
             image_origin=image_origin,
             assumptions=assumptions,
+            used=used,
         )
         source.update(
             reader="st2he (partial folder)",
@@ -188,13 +191,34 @@ def read_xenium(
     sdata[TRANSCRIPTS_KEY] = transcripts
     if he_image is not None:
         source["he_alignment"] = _place_he(sdata, he_image, alignment, keypoints, he_pixel_size, native, he_key)
+        used += [Path(p) for p in (he_image, alignment, keypoints) if p is not None]
     elif alignment is not None or keypoints is not None:
         msg = "alignment= and keypoints= place an H&E image: pass the image file as he_image= too."
         raise ValueError(msg)
     source["nuclear_stain"] = next((k for k in ("morphology_focus", "morphology_mip") if k in sdata.images), None)
     source["assumptions"] = assumptions
-    set_source(sdata, source)
+    set_source(sdata, source, used=used, subfolders=("morphology_focus",))
     return sdata
+
+
+def _full_folder_files(folder: Path, *, aligned_images: bool) -> list[Path]:
+    """The files of a full output folder that :func:`spatialdata_io.xenium` reads (as st2he calls it)."""
+    names = (
+        _CELLS_ZARR,
+        "cell_feature_matrix.h5",
+        "cells.parquet",
+        "cell_boundaries.parquet",
+        "nucleus_boundaries.parquet",
+        "morphology_mip.ome.tif",
+        "morphology_focus.ome.tif",
+        "morphology_focus",
+    )
+    files = [folder / name for name in names]
+    if aligned_images:
+        for image in folder.glob("*.ome.tif"):
+            if image.name.endswith(("he_image.ome.tif", "if_image.ome.tif")):
+                files += [image, folder / (image.name[: -len(".ome.tif")] + "alignment.csv")]
+    return files
 
 
 def _place_he(sdata, image, alignment, keypoints, pixel_size, native: float, key: str) -> dict:
@@ -294,7 +318,7 @@ def _read_full(folder: Path, pixel_size: float, *, labels: bool, aligned_images:
 # -------------------------------------------------------------------------------------------- partial folders
 
 
-def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin, assumptions):
+def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin, assumptions, used):
     from spatialdata import SpatialData
 
     images: dict = {}
@@ -309,6 +333,7 @@ def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin,
         if file is None:
             continue
         data, ome_size = read_image_lazy(file)
+        used.append(file)
         if grid is None or grid.shape != tuple(data.shape[1:]):
             grid = _image_grid(
                 data.shape[1:],
@@ -328,6 +353,7 @@ def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin,
         if file is None:
             continue
         table = read_table(file, required=("cell_id", "vertex_x", "vertex_y"), lazy=False)
+        used.append(file)
         id_col = "label_id" if (key == NUCLEUS_BOUNDARIES_KEY and "label_id" in table.columns) else "cell_id"
         frame = polygons_from_vertices(table, id_col=id_col, x="vertex_x", y="vertex_y", file=file)
         if id_col == "label_id":
@@ -337,7 +363,9 @@ def _read_partial(folder, transcripts, *, specs, image_pixel_size, image_origin,
         frame.index.name = id_col
         shapes[key] = shapes_element(frame)
 
-    table = _read_cell_table(folder, annotates=CELL_BOUNDARIES_KEY if CELL_BOUNDARIES_KEY in shapes else None)
+    table = _read_cell_table(
+        folder, annotates=CELL_BOUNDARIES_KEY if CELL_BOUNDARIES_KEY in shapes else None, used=used
+    )
     if table is not None:
         tables[TABLE_KEY] = table
     return SpatialData(images=images, shapes=shapes, tables=tables), grid
@@ -386,7 +414,7 @@ def _image_grid(shape, *, file, transcripts, specs, ome_size, image_pixel_size, 
     return Grid(float(origin[0]), float(origin[1]), float(pixel_size), height, width)
 
 
-def _read_cell_table(folder: Path, *, annotates: str | None):
+def _read_cell_table(folder: Path, *, annotates: str | None, used: list[Path]):
     import anndata as ad
     import scanpy as sc
 
@@ -405,12 +433,14 @@ def _read_cell_table(folder: Path, *, annotates: str | None):
         file = h5 if h5.exists() else mtx
         msg = f"Could not read the cell x gene matrix {str(file)!r} ({type(err).__name__}: {err}); copy it again."
         raise ValueError(msg) from err
+    used.append(source)
     adata = ad.AnnData(adata.X.tocsr() if hasattr(adata.X, "tocsr") else adata.X, obs=adata.obs, var=adata.var)
     adata.obs_names = adata.obs_names.astype(str)
     adata.obs["cell_id"] = adata.obs_names.to_numpy()
     cells_file = find_file(folder, ("cells.parquet", "cells.csv.gz", "cells.csv"))
     if cells_file is not None:
         cells = read_table(cells_file, required=("cell_id",), lazy=False)
+        used.append(cells_file)
         cells["cell_id"] = cells["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else str(v))
         cells = cells.set_index("cell_id").reindex(adata.obs_names)
         for col in cells.columns:
