@@ -330,6 +330,7 @@ def test_every_command_has_its_help(capsys):
         "zero-shot",
         "evaluate",
         "aggregate",
+        "super-resolve",
         "train",
         "train-expression",
         "predict-expression",

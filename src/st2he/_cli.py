@@ -880,7 +880,7 @@ COMMANDS["read"] = Command(
     _read,
 )
 # the steps over a store registered above come next in --help, then these
-for _name in ("register", "rasterize", "virtual-he", "zero-shot", "evaluate", "aggregate"):
+for _name in ("register", "rasterize", "virtual-he", "zero-shot", "evaluate", "aggregate", "super-resolve"):
     COMMANDS[_name] = COMMANDS.pop(_name)
 COMMANDS["train"] = Command(
     "train", "Train or fine-tune the generator on stores with input pictures and aligned H&E.", _train_arguments, _train
