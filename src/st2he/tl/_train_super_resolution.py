@@ -243,11 +243,11 @@ def train_super_resolution(
         n_in = lm_t.sum().clamp_min(1) * target_t.shape[1]
         loss_mse = (((x0 - target_t) ** 2) * lm_t).sum() / n_in
         loss = loss_mse
-        entry = {"step": step + 1, "loss_mse": float(loss_mse)}
+        entry = {"step": step + 1, "loss_mse": float(loss_mse.detach())}
         if opt_d is not None and step >= adv_from:
             loss_g = -model.discriminator(x0, low_t, mask_t).mean()
             loss = loss + adversarial_weight * loss_g
-            entry["loss_adv"] = float(loss_g)
+            entry["loss_adv"] = float(loss_g.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
