@@ -87,7 +87,8 @@ def super_resolve(
     bin_size
         Edge of the output bins in µm; not larger than the units (their median diameter, or the edge of square ones).
     method
-        Default ``"guided"`` (the planned conditional diffusion model, ``"diffusion"``, is not available yet):
+        Default ``"guided"`` (``"diffusion"`` is not the default: the shipped diffusion model knows only the
+        simulated panel's genes, so it cannot serve an arbitrary table):
 
         - ``"bicubic"``: each unit's density (counts per µm² of the unit) placed at its centroid and interpolated at
           the bin centres by piecewise cubic (Clough-Tocher) interpolation over the units' Delaunay triangulation
@@ -100,8 +101,16 @@ def super_resolve(
           (a bin off the image has weight 1 for the guidance term);
         - ``"regression"``: an expression model's dense prediction (:func:`st2he.tl.predict_expression` over the bins,
           ``model`` required), ``expm1`` of its log-normalised values taken as each bin's relative share of its unit's
-          counts (iStar's rescaling).
+          counts (iStar's rescaling);
+        - ``"diffusion"``: a conditional diffusion model (:class:`~st2he.models.SuperResolutionModel`, HaDM-ST's
+          design; train one with :func:`st2he.tl.train_super_resolution`) generates each gene's map on the bin grid
+          from the units' low-resolution map, image features of ``image_key`` and (when the model was trained with
+          one) its expression model's ``"regression"`` answer, in windows of the grid blended where they overlap
+          (one band of windows in memory at a time); each sample is then conserved like the other methods.
     model
+        ``"diffusion"``: a :class:`~st2he.models.SuperResolutionModel`, the folder of a saved one, or None for the one
+        shipped with st2he (``st2he/models/weights/super_resolution``: simulated panel, 50 genes); it must generate
+        every gene asked for, and the table must hold every gene it generates.
         ``"regression"``: an :class:`~st2he.models.ExpressionModel` or the folder of a saved one; it must predict every
         gene asked for.
     conserve_counts
@@ -112,7 +121,8 @@ def super_resolve(
         ``"guided"``: the spatial kernel's width in µm (default half the median distance between neighbouring units)
         and the guidance kernel's width (guidance scaled to [0, 1]).
     seed
-        Recorded; the present methods are deterministic.
+        ``"diffusion"``: seeds the noise of every sample and window (the same seed gives the same result); the other
+        methods are deterministic.
     key_added
         Name of the new table.
     shapes_added
