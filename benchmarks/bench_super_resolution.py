@@ -19,6 +19,12 @@ Seconds per mm² of each method (the super_resolve call alone, 2 CPU cores share
 
     python benchmarks/bench_super_resolution.py
     python benchmarks/bench_super_resolution.py --model PATH   # regression with a saved expression model
+    python benchmarks/bench_super_resolution.py --model src/st2he/models/weights/expression \
+        --diffusion src/st2he/models/weights/super_resolution --no-real   # + the diffusion model
+
+With ``--diffusion`` (a super-resolution model, e.g. the shipped one) every method resolves the model's genes only
+(its 50 most variable genes of the training seeds), so the comparison is paired gene by gene; rows ``diffusion``
+(10 DDIM steps) and ``diffusion_1step`` (the one-step mode) are added.
 """
 
 from __future__ import annotations
@@ -134,7 +140,7 @@ def _wilcoxon(all_scores, pairs, metric: str) -> None:
         )
 
 
-def simulated(model_path: str | None) -> None:
+def simulated(model_path: str | None, diffusion: str | None = None) -> None:
     import st2he
 
     all_scores: dict[str, list[pd.DataFrame]] = {}
@@ -147,12 +153,23 @@ def simulated(model_path: str | None) -> None:
         genes = list(sdata.tables["spots"].var_names)
         if model is None:
             model = _tiny_model(genes)
+        sr = None
+        if diffusion is not None:
+            from st2he.models import load_super_resolution_model
+
+            sr = load_super_resolution_model(diffusion)
+            genes = sr.genes
         methods = {
             "bicubic": {"method": "bicubic"},
             "guided_he": {"method": "guided", "image_key": "he_image"},
             "guided_dapi": {"method": "guided", "image_key": "morphology_focus"},
             "regression": {"method": "regression", "image_key": "he_image", "model": model},
         }
+        if sr is not None:
+            methods["diffusion"] = {"method": "diffusion", "image_key": "he_image", "model": sr, "steps": 10}
+            methods["diffusion_1step"] = {"method": "diffusion", "image_key": "he_image", "model": sr, "steps": 1}
+            for kw in methods.values():
+                kw["genes"] = genes
         scores, speed = _run(sdata, methods)
         for k, v in scores.items():
             all_scores.setdefault(k, []).append(v)
@@ -167,6 +184,8 @@ def simulated(model_path: str | None) -> None:
         ("guided_he", "flat"), ("guided_dapi", "flat"), ("bicubic", "flat"), ("guided_he", "bicubic"),
         ("guided_dapi", "bicubic"), ("regression", "flat"), ("regression", "guided_he"), ("guided_he", "regression"),
     ]
+    for d in ("diffusion", "diffusion_1step"):
+        pairs += [(d, b) for b in ("flat", "bicubic", "guided_he", "guided_dapi", "regression")]
     for metric in ("pearson", "ssim"):
         _wilcoxon(all_scores, pairs, metric)
 
@@ -210,12 +229,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="saved expression model for method='regression'")
     parser.add_argument("--no-real", action="store_true", help="skip the real crops")
+    parser.add_argument("--diffusion", default=None, help="saved super-resolution model for method='diffusion'")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import logging
 
     logging.getLogger("st2he").setLevel(logging.ERROR)
-    simulated(args.model)
+    simulated(args.model, args.diffusion)
     if not args.no_real:
         real()
 

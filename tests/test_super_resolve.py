@@ -290,7 +290,8 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing():
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", bin_size=60, progress=False)
     with pytest.raises(ValueError, match="bin_size must be a positive"):
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", bin_size=-8, progress=False)
-    with pytest.raises(ValueError, match="'diffusion'.*not available yet"):
+    # method="diffusion" exists now (issue 11); the shipped model's genes are not in this table
+    with pytest.raises(ValueError, match="genes of the super-resolution model are not in table 'counts'"):
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", method="diffusion", progress=False)
     with pytest.raises(ValueError, match="expression model reads RGB H&E"):  # regression: the shipped model
         st2he.tl.super_resolve(sdata, table_key="counts", image_key="dapi", method="regression", progress=False)

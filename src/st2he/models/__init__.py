@@ -1,4 +1,4 @@
-"""st2he.models: the one-step pix2pix-turbo generator, the expression model and pathology CLIP models.
+"""st2he.models: the one-step pix2pix-turbo generator, the expression and super-resolution models, pathology CLIP.
 
 Importing this package never imports spatialdata, so the training core runs wherever torch, diffusers, transformers
 and peft are installed.
@@ -25,6 +25,12 @@ from ._expression import (
 )
 from ._io import from_pretrained, load_model, read_published, save_base, save_pretrained, save_published
 from ._pix2pix import Pix2PixTurbo, default_prompt
+from ._super_resolution import (
+    SuperResolutionModel,
+    build_super_resolution_model,
+    load_super_resolution_model,
+    save_super_resolution_model,
+)
 from ._tokenizer import HashingWordTokenizer
 from ._training import TrainConfig
 
@@ -34,18 +40,22 @@ __all__ = [
     "ExpressionModel",
     "HashingWordTokenizer",
     "Pix2PixTurbo",
+    "SuperResolutionModel",
     "TrainConfig",
     "build_expression_model",
+    "build_super_resolution_model",
     "default_prompt",
     "from_pretrained",
     "get_config",
     "load_clip",
     "load_expression_model",
     "load_model",
+    "load_super_resolution_model",
     "pool_units",
     "read_published",
     "save_base",
     "save_expression_model",
     "save_pretrained",
     "save_published",
+    "save_super_resolution_model",
 ]

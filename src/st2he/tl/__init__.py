@@ -8,6 +8,7 @@ from ._cycle import cycle_check
 from ._register import register_he
 from ._super_resolve import super_resolve
 from ._train import train_generator
+from ._train_super_resolution import train_super_resolution
 from ._virtual_he import virtual_he
 from ._zero_shot import evaluate_zero_shot, zero_shot
 
@@ -24,6 +25,7 @@ __all__ = [
     "super_resolve",
     "train_expression",
     "train_generator",
+    "train_super_resolution",
     "virtual_he",
     "zero_shot",
 ]

@@ -31,8 +31,12 @@ from st2he._grid import COORDINATE_SYSTEM, Grid
 
 logger = logging.getLogger("st2he")
 
-#: The methods of :func:`super_resolve` (``"diffusion"``, the conditional diffusion model of issue 11, is to come).
-METHODS = ("bicubic", "guided", "regression")
+#: The methods of :func:`super_resolve`.
+METHODS = ("bicubic", "guided", "regression", "diffusion")
+#: Sampling steps of ``method="diffusion"`` when ``steps`` is not given.
+DIFFUSION_STEPS = 10
+#: Windows of the bin grid the diffusion model reads at once per batch.
+_DIFFUSION_BATCH = 8
 #: Guidance pixels per bin edge.
 _GUIDE_SUBPIXELS = 4
 #: Bin rows of guidance read at once (bounded memory on whole slides).
@@ -50,6 +54,9 @@ def super_resolve(
     bin_size: float = 8.0,
     method: str = "guided",
     model: Any = None,
+    n_samples: int = 1,
+    steps: int | None = None,
+    device: str | None = None,
     conserve_counts: bool = True,
     sigma_spatial: float | None = None,
     sigma_range: float = 0.2,
@@ -80,7 +87,8 @@ def super_resolve(
     bin_size
         Edge of the output bins in µm; not larger than the units (their median diameter, or the edge of square ones).
     method
-        Default ``"guided"`` (the planned conditional diffusion model, ``"diffusion"``, is not available yet):
+        Default ``"guided"`` (``"diffusion"`` is not the default: the shipped diffusion model knows only the
+        simulated panel's genes, so it cannot serve an arbitrary table):
 
         - ``"bicubic"``: each unit's density (counts per µm² of the unit) placed at its centroid and interpolated at
           the bin centres by piecewise cubic (Clough-Tocher) interpolation over the units' Delaunay triangulation
@@ -93,8 +101,16 @@ def super_resolve(
           (a bin off the image has weight 1 for the guidance term);
         - ``"regression"``: an expression model's dense prediction (:func:`st2he.tl.predict_expression` over the bins,
           ``model``), ``expm1`` of its log-normalised values taken as each bin's relative share of its unit's
-          counts (iStar's rescaling).
+          counts (iStar's rescaling);
+        - ``"diffusion"``: a conditional diffusion model (:class:`~st2he.models.SuperResolutionModel`, HaDM-ST's
+          design; train one with :func:`st2he.tl.train_super_resolution`) generates each gene's map on the bin grid
+          from the units' low-resolution map, image features of ``image_key`` and (when the model was trained with
+          one) its expression model's ``"regression"`` answer, in windows of the grid blended where they overlap
+          (one band of windows in memory at a time); each sample is then conserved like the other methods.
     model
+        ``"diffusion"``: a :class:`~st2he.models.SuperResolutionModel`, the folder of a saved one, or None for the one
+        shipped with st2he (``st2he/models/weights/super_resolution``: simulated panel, 50 genes); it must generate
+        every gene asked for, and the table must hold every gene it generates.
         ``"regression"``: an :class:`~st2he.models.ExpressionModel` or the folder of a saved one (default: the model
         shipped with st2he, trained on simulated sections); it must predict every gene asked for.
     conserve_counts
@@ -105,7 +121,8 @@ def super_resolve(
         ``"guided"``: the spatial kernel's width in µm (default half the median distance between neighbouring units)
         and the guidance kernel's width (guidance scaled to [0, 1]).
     seed
-        Recorded; the present methods are deterministic.
+        ``"diffusion"``: seeds the noise of every sample and window (the same seed gives the same result); the other
+        methods are deterministic.
     key_added
         Name of the new table.
     shapes_added
@@ -132,12 +149,6 @@ def super_resolve(
     from st2he._units import gene_columns, table_keys
     from st2he.pp._aggregate import _positive
 
-    if method == "diffusion":
-        msg = (
-            "method='diffusion' (the conditional diffusion model of issue 11) is not available yet; use 'guided' "
-            "(the default), 'bicubic' or 'regression'."
-        )
-        raise ValueError(msg)
     if method not in METHODS:
         msg = f"method must be one of {METHODS}, got {method!r}."
         raise ValueError(msg)
@@ -146,6 +157,20 @@ def super_resolve(
         from st2he.models._expression import SHIPPED_EXPRESSION
 
         model = SHIPPED_EXPRESSION  # the expression model shipped with st2he (simulated panel)
+    if method == "diffusion":
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+            msg = f"n_samples must be an integer >= 1, got {n_samples!r}."
+            raise ValueError(msg)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+            msg = f"steps must be an integer >= 1 (1: the one-step mode) or None (default {DIFFUSION_STEPS}), got {steps!r}."
+            raise ValueError(msg)
+        model = _diffusion_model(model)
+        if abs(model.bin_size - bin_size) > 1e-9:
+            msg = (
+                f"The super-resolution model generates bins of {model.bin_size:g} µm, not bin_size={bin_size:g}; pass "
+                f"bin_size={model.bin_size:g} or a model trained for {bin_size:g} µm bins."
+            )
+            raise ValueError(msg)
     if method == "guided":
         if sigma_spatial is not None:
             sigma_spatial = _positive(sigma_spatial, "sigma_spatial")
@@ -159,20 +184,45 @@ def super_resolve(
         raise KeyError(msg)
     table = sdata.tables[table_key]
     regions, region_key, instance_key = table_keys(table, name=table_key)
-    gene_list = [str(g) for g in table.var_names] if genes is None else [str(g) for g in genes]
+    if method == "diffusion":
+        default = model.genes
+        missing = [g for g in model.genes if g not in set(map(str, table.var_names))]
+        if missing:
+            msg = (
+                f"{len(missing)} genes of the super-resolution model are not in table {table_key!r} (e.g. "
+                f"{missing[:5]}): the model reads the low-resolution map of each of its genes; use a model trained on "
+                "this panel (st2he.tl.train_super_resolution)."
+            )
+            raise ValueError(msg)
+        if genes is not None:
+            other = [str(g) for g in genes if str(g) not in model.genes]
+            if other:
+                msg = f"{len(other)} genes asked for are not generated by the super-resolution model: {other[:5]}."
+                raise ValueError(msg)
+    else:
+        default = [str(g) for g in table.var_names]
+    gene_list = default if genes is None else [str(g) for g in genes]
     if not gene_list:
         msg = "genes is empty; pass at least one gene of the table."
         raise ValueError(msg)
     columns = gene_columns(table, gene_list, name=table_key)
 
     shapes_added = shapes_added or f"{key_added}_bins"
+    uncertainty_added = f"{key_added}_uncertainty" if method == "diffusion" and n_samples > 1 else None
     written = [key_added, shapes_added] + ([image_added] if image_added else [])
+    written += [uncertainty_added] if uncertainty_added else []
     if len(set(written)) < len(written):
         msg = f"key_added, shapes_added and image_added must differ, got {written}."
         raise ValueError(msg)
-    reads = {table_key, *regions} | ({image_key} if method != "bicubic" else set())
-    kinds = {key_added: "tables", shapes_added: "shapes", image_added: "images"}
-    parameters = {key_added: "key_added", shapes_added: "shapes_added", image_added: "image_added"}
+    needs_image = method in ("guided", "regression") or (
+        method == "diffusion" and (model.encoder is not None or model.uses_expression)
+    )
+    reads = {table_key, *regions} | ({image_key} if needs_image else set())
+    kinds = {key_added: "tables", shapes_added: "shapes", image_added: "images", uncertainty_added: "images"}
+    parameters = {
+        key_added: "key_added", shapes_added: "shapes_added", image_added: "image_added",
+        uncertainty_added: "key_added (its uncertainty image, n_samples > 1)",
+    }
     for key in written:  # before any work
         check_key_free(
             sdata, key, overwrite=overwrite, parameter=parameters[key], kind=kinds[key], inputs=reads, replaced=written
@@ -187,7 +237,7 @@ def super_resolve(
         )
         raise ValueError(msg)
     raster = None
-    if method != "bicubic":
+    if needs_image:
         raster = _guidance_raster(sdata, image_key, coordinate_system, units)
     bins = _assign_bins(units, bin_size)
 
@@ -198,7 +248,27 @@ def super_resolve(
     bin_area = bin_size * bin_size
 
     info: dict[str, Any] = {}
-    if method == "bicubic":
+    spread = None
+    if method == "diffusion":
+        steps = DIFFUSION_STEPS if steps is None else int(steps)
+        samples = _diffusion_estimates(
+            sdata, image_key, raster, model, units, bins, counts_of(table, model.genes, table_key), bin_size,
+            shapes_added, coordinate_system, n_samples=int(n_samples), steps=steps, seed=int(seed), device=device,
+            progress=progress,
+        )
+        keep = [model.genes.index(g) for g in gene_list]
+        samples = [s[:, keep] for s in samples]
+        if conserve_counts:
+            samples = [conserve(s, counts, bins.unit) for s in samples]
+        stack = np.stack(samples)
+        estimate = stack.mean(axis=0)
+        if n_samples > 1:
+            spread = stack.std(axis=0).astype(np.float32)
+        info.update(
+            model=model.metadata.get("checkpoint", "in memory"), steps=steps, n_samples=int(n_samples),
+            expression_channels=bool(model.uses_expression),
+        )
+    elif method == "bicubic":
         estimate = bicubic_estimate(units.centroids, density, bins.centres) * bin_area
     elif method == "guided":
         guide = _bin_guidance(raster, bins, bin_size, progress=progress)
@@ -220,18 +290,22 @@ def super_resolve(
         )
         estimate = share / 1e4 * (counts.sum(axis=1) / units.area)[bins.unit, None] * bin_area
         info.update(model=str(model) if isinstance(model, str | bytes) or hasattr(model, "__fspath__") else "in memory")
-    values = conserve(estimate, counts, bins.unit) if conserve_counts else estimate
+    if method == "diffusion":
+        values = estimate  # each sample already conserved
+    else:
+        values = conserve(estimate, counts, bins.unit) if conserve_counts else estimate
     values = values.astype(np.float32)
 
     params = {
         "method": method,
         "table_key": table_key,
-        "image_key": image_key if method != "bicubic" else None,
+        "image_key": image_key if needs_image else None,
         "genes": gene_list,
         "bin_size": bin_size,
         "conserve_counts": bool(conserve_counts),
         "seed": int(seed),
         "coordinate_system": coordinate_system,
+        "uncertainty": uncertainty_added,
         "n_units": len(units.ids),
         "n_bins": len(bins.keys),
         "units_without_bins": int(bins.lost.sum()),
@@ -250,6 +324,8 @@ def super_resolve(
     }
     if image_added:
         elements[image_added] = _image(values, bins, gene_list, bin_size, coordinate_system)
+    if uncertainty_added:
+        elements[uncertainty_added] = _image(spread, bins, gene_list, bin_size, coordinate_system)
     stored = write_elements(
         sdata,
         elements,
@@ -648,3 +724,197 @@ def _image(values, bins: _Bins, genes, bin_size: float, coordinate_system: str):
     return Image2DModel.parse(
         data, dims=("c", "y", "x"), c_coords=list(genes), transformations={coordinate_system: affine}
     )
+
+
+# ----------------------------------------------------------------------------------------------- diffusion
+
+
+def _diffusion_model(model):
+    """A SuperResolutionModel from ``model`` (a model, a folder, or None: the shipped one)."""
+    import os
+
+    from st2he.models._super_resolution import (
+        SHIPPED_SUPER_RESOLUTION,
+        SuperResolutionModel,
+        load_super_resolution_model,
+    )
+
+    if isinstance(model, SuperResolutionModel):
+        return model
+    if model is None:
+        if not (SHIPPED_SUPER_RESOLUTION / "config.json").is_file():
+            msg = (
+                "method='diffusion' needs model= (an st2he.models.SuperResolutionModel or the folder of a saved one, "
+                "e.g. from st2he.tl.train_super_resolution): no super-resolution model is shipped with this st2he."
+            )
+            raise ValueError(msg)
+        return load_super_resolution_model(SHIPPED_SUPER_RESOLUTION)
+    if isinstance(model, str | os.PathLike):
+        return load_super_resolution_model(model)
+    msg = (
+        f"model must be an st2he.models.SuperResolutionModel, the folder of a saved one or None for "
+        f"method='diffusion', got {type(model).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def counts_of(table, genes, name: str) -> np.ndarray:
+    """Dense float64 counts of ``genes`` (in that order) of a table."""
+    from st2he._units import gene_columns
+
+    X = table.X[:, gene_columns(table, list(genes), name=name)]
+    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
+    return X.astype(np.float64)
+
+
+def _bin_low(units: _Units, bins: _Bins, counts: np.ndarray, scales: np.ndarray, bin_size: float) -> np.ndarray:
+    """The low-resolution map at each bin: ``log1p`` of its unit's counts per bin area, divided by the gene's scale."""
+    density = counts / units.area[:, None]
+    return (np.log1p(density[bins.unit] * bin_size * bin_size) / scales).astype(np.float32)
+
+
+def _bin_expression(
+    sdata, image_key, expression_model, genes, units: _Units, bins: _Bins, counts: np.ndarray, scales: np.ndarray,
+    bin_size: float, shapes_key: str, coordinate_system: str, *, progress: bool,
+) -> np.ndarray:
+    """The ``"regression"`` answer (expression model's prediction, conserved in each unit), log1p, scaled."""
+    share = _regression_shares(
+        sdata, image_key, expression_model, list(genes), bins, bin_size, shapes_key, coordinate_system,
+        progress=progress,
+    )
+    estimate = conserve(share, counts, bins.unit)
+    return (np.log1p(estimate) / scales).astype(np.float32)
+
+
+def _dense(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(G, h, w)`` float32 with each bin's values at (row, col), 0 elsewhere."""
+    out = np.zeros((values.shape[1], h, w), dtype=np.float32)
+    out[:, rows, cols] = values.T
+    return out
+
+
+def _guidance_kind(raster) -> str:
+    return "he" if _guide_channels(raster)[1] == "he" else "grey"
+
+
+def _pixels(raster, row0: int, col0: int, h: int, w: int, bin_size: float, subpixels: int) -> np.ndarray:
+    """Guidance pixels ``(3, s*h, s*w)`` in [-1, 1] over bins [row0, row0+h) x [col0, col0+w) (off the image:
+    white for an H&E, 0 for a stain)."""
+    channels, kind = _guide_channels(raster)
+    s = int(subpixels)
+    grid = Grid(x0=col0 * bin_size, y0=row0 * bin_size, pixel_size=bin_size / s, height=h * s, width=w * s)
+    px = raster.read(grid, channels=channels, fill=np.nan, dtype=np.float32)
+    if kind == "he":
+        px = np.nan_to_num(px, nan=255.0) / 255.0
+    else:
+        dtype = np.dtype(raster.level0.dtype)
+        top = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+        px = np.repeat(np.nan_to_num(px[:1], nan=0.0) / top, 3, axis=0)
+    return (np.clip(px, 0, 1) * 2 - 1).astype(np.float32)
+
+
+def _window_weight(window: int, overlap: int) -> np.ndarray:
+    """Blending weights of a window: 1 inside, ramping linearly towards the edges over ``overlap`` bins."""
+    i = np.arange(window)
+    ramp = np.minimum(1.0, np.minimum(i + 1, window - i) / (overlap + 1))
+    return np.outer(ramp, ramp).astype(np.float32)
+
+
+def _starts(lo: int, hi: int, window: int, stride: int) -> list[int]:
+    out = [lo]
+    while out[-1] + window < hi:
+        out.append(out[-1] + stride)
+    return out
+
+
+def _diffusion_estimates(
+    sdata, image_key, raster, model, units: _Units, bins: _Bins, counts: np.ndarray, bin_size: float, shapes_key,
+    coordinate_system, *, n_samples: int, steps: int, seed: int, device, progress: bool,
+) -> list[np.ndarray]:
+    """``n_samples`` estimates (counts per bin, ``(n_bins, G)`` over the model's genes), window by window.
+
+    The bin grid is cut into windows of ``model.config["window"]`` bins overlapping by a quarter, processed in bands
+    of window rows; overlapping windows are blended with weights that ramp down towards their edges. Only one band
+    of the grid is held at a time (memory grows with the slide's width, not its area), plus the output.
+    """
+    import torch
+
+    from st2he._progress import tqdm
+
+    scales = np.asarray(model.config["scales"], dtype=np.float64)
+    if raster is not None and model.encoder is not None:
+        kind = _guidance_kind(raster)
+        if kind != model.config["guidance"]:
+            want = "an RGB H&E" if model.config["guidance"] == "he" else "a single-channel stain"
+            msg = (
+                f"The super-resolution model reads {want} ({model.config['guidance']!r}) but image {image_key!r} is "
+                f"read as {kind!r}: pass the kind of guidance image the model was trained on."
+            )
+            raise ValueError(msg)
+    low = _bin_low(units, bins, counts, scales, bin_size)
+    expr = None
+    if model.uses_expression:
+        expr = _bin_expression(
+            sdata, image_key, model.expression_model(), model.genes, units, bins, counts, scales, bin_size,
+            shapes_key, coordinate_system, progress=progress,
+        )
+    device = torch.device(device or "cpu")
+    model.eval()
+    model.to(device)
+    W = int(model.config["window"])
+    overlap = W // 4
+    stride = W - overlap
+    sub = int(model.config["subpixels"])
+    rows, cols = bins.rows, bins.cols  # sorted by row (the keys are row-major)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    row_starts = _starts(r0, r1, W, stride)
+    col_starts = _starts(c0, c1, W, stride)
+    width = col_starts[-1] - c0 + W
+    weight = _window_weight(W, overlap)
+    G = len(model.genes)
+    out = [np.zeros((len(rows), G), dtype=np.float32) for _ in range(n_samples)]
+    acc = np.zeros((n_samples, G, W, width), dtype=np.float32)
+    wsum = np.zeros((W, width), dtype=np.float32)
+    for band, s in enumerate(tqdm(row_starts, desc="diffusion", unit="band", disable=not progress)):
+        lo, hi = np.searchsorted(rows, s), np.searchsorted(rows, s + W)
+        lr, lc = rows[lo:hi] - s, cols[lo:hi] - c0
+        low_d = _dense(low[lo:hi], lr, lc, W, width)
+        mask_d = _dense(np.ones((hi - lo, 1), np.float32), lr, lc, W, width)
+        expr_d = _dense(expr[lo:hi], lr, lc, W, width) if expr is not None else None
+        px = None
+        if model.encoder is not None and hi > lo:
+            px = _pixels(raster, s, c0, W, width, bin_size, sub)
+        todo = [j for j, c in enumerate(col_starts) if mask_d[0, :, c - c0 : c - c0 + W].any()]
+        for b0 in range(0, len(todo), _DIFFUSION_BATCH):
+            batch = todo[b0 : b0 + _DIFFUSION_BATCH]
+            offs = [col_starts[j] - c0 for j in batch]
+
+            def crop(a, k=1, offs=offs):
+                return torch.from_numpy(np.stack([a[:, :, o * k : (o + W) * k] for o in offs])).to(device)
+
+            inputs = (crop(low_d), crop(mask_d), crop(px, sub) if px is not None else None,
+                      crop(expr_d) if expr_d is not None else None)
+            for k in range(n_samples):
+                noise = np.stack([
+                    np.random.default_rng([seed, k, band, j]).standard_normal((G, W, W), dtype=np.float32)
+                    for j in batch
+                ])
+                with torch.no_grad():
+                    x0 = model.sample(*inputs, steps=steps, noise=torch.from_numpy(noise)).float().cpu().numpy()
+                for i, o in enumerate(offs):
+                    acc[k, :, :, o : o + W] += x0[i] * weight
+        for o in (col_starts[j] - c0 for j in todo):
+            wsum[:, o : o + W] += weight
+        final = W if band == len(row_starts) - 1 else stride
+        done = lr < final
+        if done.any():
+            fr, fc = lr[done], lc[done]
+            idx = np.arange(lo, hi)[done]
+            for k in range(n_samples):
+                out[k][idx] = (acc[k][:, fr, fc] / np.maximum(wsum[fr, fc], 1e-12)).T
+        acc[:, :, :overlap] = acc[:, :, stride:]
+        acc[:, :, overlap:] = 0
+        wsum[:overlap] = wsum[stride:]
+        wsum[overlap:] = 0
+    return [np.clip(np.expm1(np.clip(o.astype(np.float64) * scales, None, 30.0)), 0, None) for o in out]
