@@ -57,7 +57,8 @@ def _overall(df) -> dict:
 def _score(sd, key: str) -> dict:
     import st2he
 
-    return _overall(st2he.tl.evaluate_he(sd, pred_key=key, true_key="he_image", key_added=f"metrics_{key}"))
+    res = st2he.tl.evaluate_he(sd, pred_key=key, true_key="he_image", key_added=f"metrics_{key}", overwrite=True)
+    return _overall(res)
 
 
 def _mean(rows: list[dict]) -> dict:

@@ -148,7 +148,8 @@ _XENIUM_BREAST: dict[str, tuple[str, ...]] = {
     "keratinizing": ("GJB2", "KRT23", "DMKN", "SERPINB9", "CDC42EP1", "S100A4"),
     # PCLAF -, CENPF p, TOP2A p
     "proliferating": ("PCLAF", "CENPF", "TOP2A"),
-    # genes outside the marker table, most of them broadly expressed: TOMM7, TMEM147, NPM3, POLR2J3, SMS, TRAPPC3, PTRHD1, EIF4EBP1, LDHB, SEC11C (all -)
+    # genes outside the marker table, most of them broadly expressed: TOMM7, TMEM147, NPM3, POLR2J3, SMS,
+    # TRAPPC3, PTRHD1, EIF4EBP1, LDHB, SEC11C (all -)
     "housekeeping": (
         "TOMM7",
         "TMEM147",
