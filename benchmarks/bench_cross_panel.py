@@ -20,6 +20,8 @@ samples, and the share of the in-panel PSNR gain over the baseline that the cros
 
     python benchmarks/bench_cross_panel.py --minutes 8 --out .devdata/cross_panel
 
+Figures and their caveats: ``docs/models.md`` (measured with ``--minutes 3 --size-um 256``).
+
 ``--init shipped`` (default) fine-tunes the shipped ``small`` generator (trained on the default panel's
 co-expression colours), ``--init scratch`` trains the ``small`` architecture from random weights.
 """
