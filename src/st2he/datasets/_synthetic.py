@@ -22,7 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from st2he._grid import COORDINATE_SYSTEM, Grid
-from st2he.datasets import _realism
+from st2he.datasets import _panels, _realism
 from st2he.datasets import _stain_model as stain
 
 logger = logging.getLogger("st2he")
@@ -277,6 +277,7 @@ def synthetic_tissue(
     transcripts_per_um2: float = 1.0,
     appearance: str = "clean",
     artefacts: dict[str, float] | None = None,
+    panel: str = "default",
 ):
     """Simulate a high-resolution spatial transcriptomics sample with its paired ground-truth H&E.
 
@@ -338,6 +339,14 @@ def synthetic_tissue(
         section; ``thickness``, the standard deviation of the log section thickness (a smooth field). Set a rate
         to 0 to leave that artefact out; the other draws stay the same. What was drawn is recorded in
         ``sdata.attrs["st2he"]["source"]["look"]``.
+    panel
+        The names of the genes. ``"default"``: the simulation's own panel (:data:`PROGRAMS`, :data:`STATE_PROGRAMS`,
+        housekeeping genes). ``"xenium_lung"``, ``"xenium_breast"``: the same programs under the names of genes
+        of 10x Genomics' Xenium Human Lung and Human Breast panels that mark the same lineages (the two share 5 of
+        their 88 genes; :mod:`st2he.datasets._panels` says where the names come from). Only the names change:
+        for the same seed the cells, molecules (positions, counts, quality) and images are the same on every
+        panel, and the transcripts' ``gene`` categories, the table's ``var_names`` (with ``var["program"]``) and
+        the control probes follow the panel. For measuring how a model trained on one panel reads another.
 
     Returns
     -------
@@ -361,6 +370,7 @@ def synthetic_tissue(
         msg = "artefacts= only applies with appearance='realistic'; pass appearance='realistic' or leave it out."
         raise ValueError(msg)
     rates = _realism.check_artefacts(artefacts)
+    genes, controls = _panels.panel_names(panel)
     if np.isscalar(size_um):
         size_um = (float(size_um), float(size_um))
     width, height = (float(s) for s in size_um)
@@ -388,6 +398,8 @@ def synthetic_tissue(
     polys, areas = _cell_polygons(layout)
     nuclei = _nucleus_outlines(cells)
     counts, tx = _transcripts(rng, layout, areas, nuclei, transcripts_per_um2)
+    if panel != "default":  # only the names change: the codes, and every draw, stay those of the default panel
+        tx["gene"] = tx["gene"].cat.rename_categories(list(genes) + list(controls))
     chromatin, coverage = _render_nuclei(rng, cells, dapi_grid)
     dapi = _render_dapi(rng, chromatin, dapi_grid)
     look = None
@@ -410,10 +422,11 @@ def synthetic_tissue(
         "n_transcripts": int(len(tx)),
         "subtype_names": SUBTYPE_NAMES,
         "appearance": appearance,
+        "panel": panel,
     }
     if look is not None:
         source["look"] = look
-    return _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source)
+    return _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source, genes=genes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1377,7 +1390,7 @@ def _render_he(rng, layout, chromatin, coverage, dapi_grid: Grid, grid: Grid, *,
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source):
+def _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source, *, genes=GENES):
     import anndata as ad
     import dask.dataframe as dd
     import geopandas as gpd
@@ -1440,11 +1453,12 @@ def _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_
         },
         index=pd.Index(cell_ids, name=None),
     )
-    var = pd.DataFrame(index=pd.Index(list(GENES)))
+    var = pd.DataFrame(index=pd.Index(list(genes)))
     program = dict.fromkeys(HOUSEKEEPING, "housekeeping")
-    for name, genes in list(STATE_PROGRAMS.items()) + list(PROGRAMS.items()):
-        for g in genes:
+    for name, members in list(STATE_PROGRAMS.items()) + list(PROGRAMS.items()):
+        for g in members:
             program.setdefault(g, name)
+    # the programs of the default panel's genes, position by position (the panel's genes only rename them)
     var["program"] = pd.Categorical([program[g] for g in GENES])
     adata = ad.AnnData(X=sp.csr_matrix(counts["matrix"]), obs=obs, var=var)
     adata.obsm["spatial"] = np.c_[cells["x"], cells["y"]]

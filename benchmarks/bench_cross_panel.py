@@ -1,0 +1,194 @@
+"""Does a generator read a panel it never saw? Train on one simulated panel, score on another.
+
+:func:`st2he.datasets.synthetic_tissue` draws the same tissue under the gene names of two commercial panels
+(``panel="xenium_lung"``, ``"xenium_breast"``: 5 of 88 genes shared, every program marked on both). For each
+palette (``"lineage"``, ``"coexpression"``) a generator is trained within a time budget on lung-panel samples
+whose input pictures are drawn with that palette (one palette for all: the first training sample's, stored with
+the model, as ``benchmarks/train_small.py`` does), then scored with :func:`st2he.tl.evaluate_he` against the
+simulated H&E of held-out seeds:
+
+- in-panel: held-out lung-panel samples drawn with the model's palette;
+- cross-panel: the same seeds on the breast panel. The model's palette names lung genes, so the picture is drawn
+  for the breast panel: with ``"lineage"``, the lineage palette of the breast sample itself (colours by lineage,
+  whatever the genes); with ``"coexpression"``, the co-expression palette of the breast sample itself. Both are
+  passed with ``palette_mismatch="warn"`` (used as drawn). Row ``default redraw``: ``virtual_he``'s default
+  (``palette_mismatch="redraw"``), which draws the picture again with the model's colours for the genes the model
+  knows (the 5 shared genes) and leaves the others out.
+
+Each row gives PSNR / SSIM of the generator and of the stain baseline (``virtual_he(method="stain")``) on the same
+samples, and the share of the in-panel PSNR gain over the baseline that the cross-panel run keeps.
+
+    python benchmarks/bench_cross_panel.py --minutes 8 --out .devdata/cross_panel
+
+Figures and their caveats: ``docs/models.md`` (measured with ``--minutes 3 --size-um 256``).
+
+``--init shipped`` (default) fine-tunes the shipped ``small`` generator (trained on the default panel's
+co-expression colours), ``--init scratch`` trains the ``small`` architecture from random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBTYPES = ["mixed", "mixed", "gland", "solid"]
+TRAIN_SEEDS = list(range(1, 9))
+TEST_SEEDS = [100, 101]
+PANEL_A, PANEL_B = "xenium_lung", "xenium_breast"
+
+
+def _sample(seed: int, panel: str, palette, size_um: float):
+    import st2he
+
+    sd = st2he.datasets.synthetic_tissue(seed, subtype=SUBTYPES[seed % len(SUBTYPES)], panel=panel, size_um=size_um)
+    st2he.pp.rasterize_transcripts(sd, palette=palette, pixel_size=0.5)
+    return sd
+
+
+def _overall(df) -> dict:
+    row = df[df["tile"] == "overall"].iloc[0] if "tile" in df.columns else df.loc["overall"]
+    return {"psnr": float(row["psnr"]), "ssim": float(row["ssim"])}
+
+
+def _score(sd, key: str) -> dict:
+    import st2he
+
+    res = st2he.tl.evaluate_he(sd, pred_key=key, true_key="he_image", key_added=f"metrics_{key}", overwrite=True)
+    return _overall(res)
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _evaluate(model, samples, *, palette_mismatch: str) -> tuple[dict, dict]:
+    """Mean (model, stain baseline) PSNR / SSIM over ``samples``."""
+    import warnings
+
+    import st2he
+
+    got, base = [], []
+    for sd in samples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            st2he.tl.virtual_he(
+                sd,
+                method="diffusion",
+                model=model,
+                key_added="he_model",
+                progress=False,
+                overwrite=True,
+                palette_mismatch=palette_mismatch,
+            )
+        if "he_stain" not in sd.images:
+            st2he.tl.virtual_he(sd, method="stain", key_added="he_stain")
+        got.append(_score(sd, "he_model"))
+        base.append(_score(sd, "he_stain"))
+    return _mean(got), _mean(base)
+
+
+def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, log) -> list[dict]:
+    import torch
+
+    import st2he
+    from st2he._elements import get_params
+    from st2he.models import load_model
+
+    t0 = time.time()
+    first = _sample(TRAIN_SEEDS[0], PANEL_A, palette, size_um)
+    pal = get_params(first, "st2he_input")["palette"]
+    train = [first] + [_sample(s, PANEL_A, pal, size_um) for s in TRAIN_SEEDS[1:]]
+    log(f"[{palette}] {len(train)} training samples drawn in {time.time() - t0:.0f} s")
+    model = load_model() if init == "shipped" else "small"
+    t1 = time.time()
+    torch.manual_seed(0)
+    net, history = st2he.tl.train_generator(
+        train,
+        model=model,
+        validation=None,
+        tile_size=128,
+        steps=100_000,
+        time_budget=minutes * 60,
+        calibration_steps=5,
+        batch_size=4,
+        lr=2e-4 if init == "shipped" else 4e-4,
+        warmup_steps=20 if init == "shipped" else 100,
+        lr_schedule="cosine",
+        perceptual="ssim",
+        perceptual_weight=0.5,
+        gan_weight=0.0,
+        stochastic_prob=0.2,
+        ckpt_every=0,
+        val_every=100_000,
+        log_every=50,
+        device="cpu",
+        progress=False,
+    )
+    net.metadata["tile_size"] = 256
+    steps = int(net.metadata["training"]["steps"])
+    log(f"[{palette}] trained {steps} steps in {time.time() - t1:.0f} s (init {init})")
+    del train
+
+    rows = []
+    t2 = time.time()
+    in_panel = [_sample(s, PANEL_A, pal, size_um) for s in TEST_SEEDS]
+    m_in, b_in = _evaluate(net, in_panel, palette_mismatch="warn")
+    cross_drawn = [_sample(s, PANEL_B, palette, size_um) for s in TEST_SEEDS]
+    m_x, b_x = _evaluate(net, cross_drawn, palette_mismatch="warn")
+    m_r, b_r = _evaluate(net, cross_drawn, palette_mismatch="redraw")
+    log(f"[{palette}] evaluated in {time.time() - t2:.0f} s")
+    gain_in = m_in["psnr"] - b_in["psnr"]
+    for case, m, b in (("in-panel", m_in, b_in), ("cross-panel", m_x, b_x), ("cross, default redraw", m_r, b_r)):
+        gain = m["psnr"] - b["psnr"]
+        rows.append(
+            {
+                "palette": palette,
+                "case": case,
+                "steps": steps,
+                "psnr": round(m["psnr"], 2),
+                "ssim": round(m["ssim"], 3),
+                "stain_psnr": round(b["psnr"], 2),
+                "stain_ssim": round(b["ssim"], 3),
+                "gain_db": round(gain, 2),
+                "gain_kept_pct": round(100 * gain / gain_in, 1) if gain_in > 0 else float("nan"),
+            }
+        )
+    (out / f"rows_{palette}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget per palette (minutes)")
+    p.add_argument("--init", choices=["shipped", "scratch"], default="shipped")
+    p.add_argument("--palettes", nargs="+", default=["lineage", "coexpression"])
+    p.add_argument("--size-um", type=float, default=384.0, help="edge of every simulated sample (µm)")
+    p.add_argument("--out", type=Path, default=ROOT / ".devdata" / "cross_panel")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("st2he").setLevel(logging.WARNING)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"{time.time() - t0:7.0f} s  {msg}", flush=True)
+
+    import pandas as pd
+
+    rows = []
+    for palette in args.palettes:
+        rows += run(palette, minutes=args.minutes, init=args.init, size_um=args.size_um, out=args.out, log=log)
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False))
+    df.to_csv(args.out / "cross_panel.csv", index=False)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
