@@ -151,3 +151,12 @@ def test_a_lineage_model_takes_a_lineage_picture_of_any_panel_as_it_is(lineage_m
     with pytest.raises(ValueError, match="model was trained with palette='lineage'"):
         st2he.tl.virtual_he(other, model=lineage_model, progress=False, palette_mismatch="error")
     assert "virtual_he" not in other
+
+
+def test_training_pairs_record_the_lineage_palette_method():
+    from st2he.tl._train import prepare_pairs
+
+    lineage = _new_panel_sample("lineage")
+    other = _new_panel_sample("coexpression")
+    assert prepare_pairs([lineage], validation=None, tile_size=64)["palette_method"] == "lineage"
+    assert prepare_pairs([lineage, other], validation=None, tile_size=64)["palette_method"] is None
