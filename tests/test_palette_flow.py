@@ -96,3 +96,67 @@ def test_refusals_lose_nothing(model):
     finally:
         del model.metadata["palette"]
     assert "virtual_he" not in sdata and "virtual_he_input" not in sdata
+
+
+#: A panel that shares no gene with the simulated one (markers of st2he's lineage table, and two unmarked genes).
+_NEW_PANEL = ["KRT19", "CDH1", "CD19", "CD4", "ACTA2", "MYH11", "VIM", "PDGFRB", "ITGAX", "NOTAGENE1", "NOTAGENE2"]
+
+
+def _new_panel_sample(palette):
+    rng = np.random.default_rng(3)
+    he = np.full((96, 96, 3), 235, np.uint8)
+    for cy, cx in rng.integers(8, 88, (25, 2)):
+        yy, xx = np.ogrid[:96, :96]
+        he[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12] = (80, 40, 120)  # dark purple nuclei
+    sdata = st2he.datasets.pairs_from_he(he, genes=_NEW_PANEL, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.pp.rasterize_transcripts(sdata, palette=palette)
+    return sdata
+
+
+@pytest.fixture
+def lineage_model(model):
+    """The model as if trained with palette="lineage" on the simulated panel (its stored map has other genes)."""
+    sim = st2he.datasets._synthetic.GENES
+    model.metadata["palette"] = st2he.pp.make_palette(list(sim), method="lineage")
+    model.metadata["palette_method"] = "lineage"
+    yield model
+    del model.metadata["palette"], model.metadata["palette_method"]
+
+
+def test_a_lineage_model_redraws_a_new_panel_with_that_panels_lineage_palette(lineage_model):
+    sdata = _new_panel_sample("coexpression")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.tl.virtual_he(sdata, model=lineage_model, progress=False)
+        st2he.pp.rasterize_transcripts(sdata, palette="lineage", key_added="direct")
+    redrawn = get_params(sdata, "virtual_he_input")
+    assert redrawn["palette_method"] == "lineage"
+    assert sorted(redrawn["palette"]) == sorted(_NEW_PANEL)  # every gene of the new panel kept
+    assert redrawn["palette"]["CD19"] == st2he.pp._palette.LINEAGE_COLOURS["b_cell"]
+    assert redrawn["palette"]["ACTA2"] == st2he.pp._palette.LINEAGE_COLOURS["smooth_muscle_pericyte"]
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he_input"), _pixels(sdata, "direct"))
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "direct"))
+
+
+def test_a_lineage_model_takes_a_lineage_picture_of_any_panel_as_it_is(lineage_model):
+    sdata = _new_panel_sample("lineage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no palette warning either
+        st2he.tl.virtual_he(sdata, model=lineage_model, progress=False)
+    assert "virtual_he_input" not in sdata
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "st2he_input"))
+    other = _new_panel_sample("hue")
+    with pytest.raises(ValueError, match="model was trained with palette='lineage'"):
+        st2he.tl.virtual_he(other, model=lineage_model, progress=False, palette_mismatch="error")
+    assert "virtual_he" not in other
+
+
+def test_training_pairs_record_the_lineage_palette_method():
+    from st2he.tl._train import prepare_pairs
+
+    lineage = _new_panel_sample("lineage")
+    other = _new_panel_sample("coexpression")
+    assert prepare_pairs([lineage], validation=None, tile_size=64)["palette_method"] == "lineage"
+    assert prepare_pairs([lineage, other], validation=None, tile_size=64)["palette_method"] is None

@@ -1,5 +1,6 @@
 """st2he.datasets: built-in data."""
 
+from ._he_pairs import pairs_from_he
 from ._synthetic import synthetic_tissue
 
-__all__ = ["synthetic_tissue"]
+__all__ = ["pairs_from_he", "synthetic_tissue"]

@@ -87,12 +87,26 @@ def compare_palettes(model_palette: dict, input_palette: dict) -> tuple[list[str
     return common, differ, unknown
 
 
-def redraw_with_model_palette(sdata, input_key: str, model_palette: dict, grid: Grid, *, key: str, overwrite: bool):
+def palette_by_method(model_metadata: dict) -> str | None:
+    """The panel-independent palette method a model was trained with (``"lineage"``), else ``None``.
+
+    A model trained on pictures drawn with ``palette="lineage"`` reads lineage colours, not the gene -> colour
+    map of its training panel: a picture of any panel drawn with the lineage palette of that panel suits it.
+    """
+    method = model_metadata.get("palette_method")
+    return method if method == "lineage" else None
+
+
+def redraw_with_model_palette(
+    sdata, input_key: str, model_palette: dict, grid: Grid, *, key: str, overwrite: bool, method: str | None = None
+):
     """The input picture drawn again with the model's gene colours, or ``None`` when it already is.
 
     The picture is redrawn from the molecules and stain it was made from, with every parameter recorded for it
     (pixel size, region, stain, dot size, filters) and the model's palette for the genes the model knows; genes
-    it never saw are left out (with a warning). Returns ``(element, params)`` for storing under ``key``; nothing
+    it never saw are left out (with a warning). With ``method="lineage"`` (a model trained with the lineage
+    palette) a picture drawn with ``palette="lineage"`` is kept, and any other is redrawn with the lineage palette
+    computed on its own panel, every gene kept. Returns ``(element, params)`` for storing under ``key``; nothing
     is stored here. Raises when the model shares no gene with the picture or the picture cannot be redrawn.
     """
     from spatialdata import SpatialData
@@ -102,9 +116,14 @@ def redraw_with_model_palette(sdata, input_key: str, model_palette: dict, grid: 
 
     made = get_params(sdata, input_key)
     input_palette = made.get("palette")
-    if not model_palette or not input_palette:
-        return None
-    common, differ, unknown = compare_palettes(model_palette, input_palette)
+    if method == "lineage":
+        if made.get("palette_method") == "lineage" or not input_palette:
+            return None
+        common, differ, unknown = sorted(input_palette), list(input_palette), []
+    else:
+        if not model_palette or not input_palette:
+            return None
+        common, differ, unknown = compare_palettes(model_palette, input_palette)
     if not differ and not unknown:
         return None
     if not common:
@@ -138,7 +157,7 @@ def redraw_with_model_palette(sdata, input_key: str, model_palette: dict, grid: 
         kind = element_type(sdata, stain_key)
         parts.setdefault(kind, {})[stain_key] = getattr(sdata, kind)[stain_key]
     sub = SpatialData(**parts)
-    palette = {g: model_palette[g] for g in common}
+    palette = "lineage" if method == "lineage" else {g: model_palette[g] for g in common}
     ps = grid.pixel_size
     rasterize_transcripts(
         sub,
@@ -160,12 +179,21 @@ def redraw_with_model_palette(sdata, input_key: str, model_palette: dict, grid: 
     )
     params = dict(get_params(sub, key))
     params["redrawn_from"] = input_key
-    logger.warning(
-        "%r was drawn with %d gene colours other than the model's: redrawn with the model's palette as %r",
-        input_key,
-        len(differ),
-        key,
-    )
+    if method == "lineage":
+        logger.warning(
+            "%r was drawn with the %r palette and the model reads lineage colours: redrawn with palette='lineage' "
+            "(computed on its own panel) as %r",
+            input_key,
+            made.get("palette_method", "mapping"),
+            key,
+        )
+    else:
+        logger.warning(
+            "%r was drawn with %d gene colours other than the model's: redrawn with the model's palette as %r",
+            input_key,
+            len(differ),
+            key,
+        )
     return sub.images[key], params
 
 
@@ -255,10 +283,21 @@ def generate_he(
     params_in = get_params(sdata, input_key)
     redrawn = None
     redrawn_key = f"{key_added}_input"
+    by_method = palette_by_method(meta)
     if palette_mismatch == "redraw":
         redrawn = redraw_with_model_palette(
-            sdata, input_key, meta.get("palette"), grid, key=redrawn_key, overwrite=overwrite
+            sdata, input_key, meta.get("palette"), grid, key=redrawn_key, overwrite=overwrite, method=by_method
         )
+    elif by_method is not None and params_in.get("palette"):
+        if params_in.get("palette_method") != by_method:
+            msg = (
+                f"{input_key!r} was drawn with the {params_in.get('palette_method', 'mapping')!r} palette, but the "
+                f"model was trained with palette={by_method!r}. Rasterise with palette={by_method!r} or pass "
+                "palette_mismatch='redraw'."
+            )
+            if palette_mismatch == "error":
+                raise ValueError(msg)
+            warnings.warn(msg, UserWarning, stacklevel=3)
     elif palette_mismatch == "error" and meta.get("palette") and params_in.get("palette"):
         _, differ, unknown = compare_palettes(meta["palette"], params_in["palette"])
         if differ or unknown:

@@ -97,7 +97,8 @@ def prepare_pairs(
     ``validation`` a fraction: in each object, the right-most band of that fraction of the width is held out (a gap
     of half a tile keeps training crops off its tiles); a list of SpatialData objects: those are held out whole;
     ``None``: no validation. Both images are placed in ``coordinate_system``. Returns a dict with ``train_inputs`` / ``train_targets`` (lists of ``(3, H, W)``
-    uint8), ``val_inputs`` / ``val_targets`` (``(n, 3, S, S)`` uint8 tiles), ``pixel_size`` and ``palette``.
+    uint8), ``val_inputs`` / ``val_targets`` (``(n, 3, S, S)`` uint8 tiles), ``pixel_size``, ``palette`` and
+    ``palette_method`` (``"lineage"`` when every picture was drawn with the lineage palette, else ``None``).
     """
     objs = [sdatas] if not isinstance(sdatas, list | tuple) else list(sdatas)
     if not objs:
@@ -115,11 +116,13 @@ def prepare_pairs(
             msg = f"validation must be a fraction in [0, 1), a list of SpatialData objects or None, got {validation}."
             raise ValueError(msg)
     train_x, train_y, val_x, val_y = [], [], [], []
-    pixel_sizes, palette = [], None
+    pixel_sizes, palette, methods = [], None, set()
     for sd in objs:
         x, y, grid = aligned_pair(sd, input_key=input_key, target_key=target_key, coordinate_system=coordinate_system)
         pixel_sizes.append(grid.pixel_size)
-        palette = palette or get_params(sd, input_key).get("palette")
+        made = get_params(sd, input_key)
+        palette = palette or made.get("palette")
+        methods.add(made.get("palette_method"))
         if frac > 0:
             W = x.shape[2]
             cut = int(round(W * (1 - frac)))
@@ -161,6 +164,8 @@ def prepare_pairs(
         "val_targets": vy,
         "pixel_size": float(np.median(pixel_sizes)),
         "palette": palette,
+        # "lineage" when every picture was drawn with the panel-independent lineage palette
+        "palette_method": "lineage" if methods == {"lineage"} else None,
     }
 
 
@@ -284,6 +289,10 @@ def train_generator(
     net.metadata.update(
         {"palette": data["palette"], "pixel_size": data["pixel_size"], "tile_size": tile_size, "input_key": input_key}
     )
+    if data["palette_method"]:
+        net.metadata["palette_method"] = data["palette_method"]
+    else:
+        net.metadata.pop("palette_method", None)
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
