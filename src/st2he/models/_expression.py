@@ -633,30 +633,13 @@ def _jsonable(value):
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    from ._io import CONFIG_NAME, WEIGHTS_NAME, _read_json
+    from ._io import read_model_config
 
-    if not folder.is_dir():
-        msg = (
-            f"Expression model {folder} not found: give the folder that save_expression_model or "
-            f"st2he.tl.train_expression wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME})."
-        )
-        raise FileNotFoundError(msg)
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        msg = f"{path} is missing: an st2he expression model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}."
-        raise FileNotFoundError(msg)
-    config = _read_json(path)
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        msg = f"{path} is not an st2he expression model config (format {found!r}, expected {FORMAT!r})."
-        raise ValueError(msg)
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        msg = (
-            f"{path} has format_version {version!r}; this st2he reads expression models of format version "
-            f"{FORMAT_VERSION} and older. Upgrade st2he (pip install -U st2he) or re-save the model."
-        )
-        raise ValueError(msg)
+    config = read_model_config(
+        folder, fmt=FORMAT, max_version=FORMAT_VERSION, kind="expression model",
+        writers="save_expression_model or st2he.tl.train_expression",
+    )
+    path = folder / "config.json"
     if not isinstance(config.get("architecture"), dict) or not isinstance(config["architecture"].get("genes"), list):
         msg = f"{path} has no architecture with genes; the file is damaged, re-save the model."
         raise ValueError(msg)
@@ -675,23 +658,11 @@ def load_expression_model(
     (shapes and dtypes, no data read), so a config that does not fit its weights fails at once; a missing or foreign
     file fails naming what is missing. Nothing is downloaded and no code is executed from the files.
     """
-    from ._io import _check_against_header, _own_memory, _read_weights, _weights_file, _weights_header
+    from ._io import load_checked
 
     folder = Path(os.fspath(path)).expanduser()
     config = _read_config(folder)
-    weights = _weights_file(folder)
-    header = _weights_header(weights)
-    try:
-        with torch.device("meta"):
-            skeleton = ExpressionModel(config["architecture"], load_weights=False, clip=clip)
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        msg = f"The architecture in {folder / 'config.json'} cannot be built ({type(err).__name__}: {err})."
-        raise ValueError(msg) from err
-    own = skeleton.state_dict()
-    _check_against_header(own, header, weights, prefix="model.")
-    state = _read_weights(weights)
-    skeleton.load_state_dict({k: _own_memory(state[f"model.{k}"], own[k].dtype) for k in own}, assign=True)
-    model = skeleton
+    model, state = load_checked(folder, lambda: ExpressionModel(config["architecture"], load_weights=False, clip=clip))
     baselines: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state.items():
         if key.startswith("baseline."):

@@ -538,6 +538,54 @@ def _read_st2he(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, _read_weights(_weights_file(folder))
 
 
+def read_model_config(folder: Path, *, fmt: str, max_version: int, kind: str, writers: str) -> dict[str, Any]:
+    """``config.json`` of a model folder of format ``fmt``, checked: folder and file there, valid JSON, format, version.
+
+    ``kind`` names the model in messages (``"expression model"``); ``writers`` names what writes such folders.
+    """
+    if not folder.is_dir():
+        msg = (
+            f"{kind.capitalize()} {folder} not found: give the folder that {writers} wrote (it holds {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME})."
+        )
+        raise FileNotFoundError(msg)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        msg = f"{path} is missing: an st2he {kind} folder holds {CONFIG_NAME} and {WEIGHTS_NAME}."
+        raise FileNotFoundError(msg)
+    config = _read_json(path)
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        msg = f"{path} is not an st2he {kind} config (format {found!r}, expected {fmt!r})."
+        raise ValueError(msg)
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= max_version:
+        msg = (
+            f"{path} has format_version {version!r}; this st2he reads {kind}s of format version {max_version} and "
+            "older. Upgrade st2he (pip install -U st2he) or re-save the model."
+        )
+        raise ValueError(msg)
+    return config
+
+
+def load_checked(folder: Path, build) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Build a model on the meta device with ``build()``, check it against the header of ``folder``'s weights tensor
+    by tensor (no data read), then load its ``model.*`` tensors. Returns the model and every tensor of the file."""
+    weights = _weights_file(folder)
+    header = _weights_header(weights)
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        msg = f"The architecture in {folder / CONFIG_NAME} cannot be built ({type(err).__name__}: {err})."
+        raise ValueError(msg) from err
+    own = skeleton.state_dict()
+    _check_against_header(own, header, weights, prefix="model.")
+    state = _read_weights(weights)
+    skeleton.load_state_dict({k: _own_memory(state[f"model.{k}"], own[k].dtype) for k in own}, assign=True)
+    return skeleton, state
+
+
 _INT_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64")
 
 

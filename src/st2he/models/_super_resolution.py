@@ -498,42 +498,14 @@ def load_super_resolution_model(
     A missing folder or file fails at once naming it; the architecture is checked tensor by tensor against the
     safetensors header before any weight is read. Nothing is downloaded.
     """
-    from ._io import CONFIG_NAME, WEIGHTS_NAME, _check_against_header, _own_memory, _read_json, _read_weights
-    from ._io import _weights_file, _weights_header
+    from ._io import load_checked, read_model_config
 
     folder = Path(os.fspath(path)).expanduser()
-    if not folder.is_dir():
-        msg = (
-            f"Super-resolution model {folder} not found: give the folder that save_super_resolution_model or "
-            f"st2he.tl.train_super_resolution wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME})."
-        )
-        raise FileNotFoundError(msg)
-    cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
-        msg = f"{cfg_path} is missing: an st2he super-resolution model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}."
-        raise FileNotFoundError(msg)
-    config = _read_json(cfg_path)
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        msg = f"{cfg_path} is not an st2he super-resolution model config (format {found!r}, expected {FORMAT!r})."
-        raise ValueError(msg)
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        msg = f"{cfg_path} has format_version {version!r}; this st2he reads versions up to {FORMAT_VERSION}."
-        raise ValueError(msg)
-    weights = _weights_file(folder)
-    header = _weights_header(weights)
-    try:
-        with torch.device("meta"):
-            skeleton = SuperResolutionModel(config["architecture"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        msg = f"The architecture in {cfg_path} cannot be built ({type(err).__name__}: {err})."
-        raise ValueError(msg) from err
-    own = skeleton.state_dict()
-    _check_against_header(own, header, weights, prefix="model.")
-    state = _read_weights(weights)
-    skeleton.load_state_dict({k: _own_memory(state[f"model.{k}"], own[k].dtype) for k in own}, assign=True)
-    model = skeleton
+    config = read_model_config(
+        folder, fmt=FORMAT, max_version=FORMAT_VERSION, kind="super-resolution model",
+        writers="save_super_resolution_model or st2he.tl.train_super_resolution",
+    )
+    model, _ = load_checked(folder, lambda: SuperResolutionModel(config["architecture"]))
     model.metadata = dict(config.get("metadata") or {})
     model.metadata.setdefault("checkpoint", str(folder))
     model.eval()
