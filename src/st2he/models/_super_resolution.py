@@ -513,14 +513,3 @@ def load_super_resolution_model(
         model.to(device)
     return model
 
-
-def is_super_resolution_model(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder with an st2he super-resolution model ``config.json``."""
-    try:
-        return json.loads((Path(os.fspath(path)) / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def as_numpy_scales(model: SuperResolutionModel) -> np.ndarray:
-    return np.asarray(model.config["scales"], dtype=np.float64)

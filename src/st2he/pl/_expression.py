@@ -217,7 +217,7 @@ def expression(
     """
     import matplotlib.pyplot as plt
 
-    from st2he.tl._evaluate_expression import _evaluate, get_table
+    from st2he.tl._evaluate_expression import _evaluate, get_table, shared_genes
 
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
     if not genes:
@@ -278,21 +278,22 @@ def expression(
     pred_units = _in_region(pred_units, region)
     true_units = _in_region(true_units, region) if true_units is not None else None
     low_units = _in_region(low_units, region) if low_units is not None else None
-    predicted = _dense(pred.X[pred_units.rows][:, pcols])
+    # counts: totals over the genes both tables hold, as evaluate_expression(prediction="counts") normalises
+    common = None
     if prediction == "counts":
-        # totals over the genes both tables hold, as evaluate_expression(prediction="counts") normalises
-        keep = [i for i, g in enumerate(map(str, pred.var_names)) if true is None or g in set(map(str, true.var_names))]
-        totals = _dense(pred.X[pred_units.rows][:, keep]).sum(axis=1)
+        common = shared_genes(pred, true) if true is not None else [str(g) for g in pred.var_names]
+        totals = _dense(pred.X[pred_units.rows][:, gene_columns(pred, common)]).sum(axis=1)
         predicted = lognormalise(pred.X[pred_units.rows][:, pcols], totals)
+    else:
+        predicted = _dense(pred.X[pred_units.rows][:, pcols])
     low_values = None
     if low is not None:
         low_values = lognormalise(low.X[low_units.rows][:, lcols], total_counts(low)[low_units.rows])
     measured = None
     if true is not None:
         totals = total_counts(true)[true_units.rows]
-        if prediction == "counts":  # over the genes both tables hold, as the predicted counts
-            shared = gene_columns(true, [g for g in map(str, pred.var_names) if g in set(map(str, true.var_names))])
-            totals = np.asarray(true.X[true_units.rows][:, shared].sum(axis=1)).ravel()
+        if common is not None:  # over the genes both tables hold, as the predicted counts
+            totals = np.asarray(true.X[true_units.rows][:, gene_columns(true, common)].sum(axis=1)).ravel()
         measured = lognormalise(true.X[true_units.rows][:, tcols], totals)
     if len(pred_units.rows) == 0 and (true_units is None or len(true_units.rows) == 0):
         msg = f"No unit of {[k for k in (pred_key, true_key) if k]} lies in region {tuple(region)}."

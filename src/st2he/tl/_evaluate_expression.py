@@ -210,7 +210,7 @@ def _evaluate(
     if prediction == "counts":
         # both tables hold counts: normalised the same way over the same genes
         # totals over every gene both tables hold (not only the scored ones), the same genes in both tables
-        common = [str(g) for g in pred.var_names if str(g) in set(map(str, true.var_names))]
+        common = shared_genes(pred, true)
         measured_all = _dense(true.X[itrue][:, gene_columns(true, common, name=true_key)])
         predicted_all = _dense(pred.X[ipred][:, gene_columns(pred, common, name=pred_key)])
         pick = pd.Index(common).get_indexer(genes)
@@ -423,10 +423,15 @@ def _normalise_counts(counts, normalisation: str) -> np.ndarray:
     return lognormalise(x, x.sum(axis=1))
 
 
+def shared_genes(pred, true) -> list[str]:
+    """Genes of the predicted table that the measured table also holds, in the predicted table's order."""
+    measured = set(map(str, true.var_names))
+    return [str(g) for g in pred.var_names if str(g) in measured]
+
+
 def _genes(pred, true, genes, pred_key: str, true_key: str) -> list[str]:
     if genes is None:
-        measured = set(map(str, true.var_names))
-        genes = [str(g) for g in pred.var_names if str(g) in measured]
+        genes = shared_genes(pred, true)
         if not genes:
             msg = (
                 f"The tables {pred_key!r} and {true_key!r} have no gene in common (e.g. {list(pred.var_names[:5])} and "

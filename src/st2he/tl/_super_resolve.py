@@ -186,7 +186,8 @@ def super_resolve(
     regions, region_key, instance_key = table_keys(table, name=table_key)
     if method == "diffusion":
         default = model.genes
-        missing = [g for g in model.genes if g not in set(map(str, table.var_names))]
+        in_table = set(map(str, table.var_names))
+        missing = [g for g in model.genes if g not in in_table]
         if missing:
             msg = (
                 f"{len(missing)} genes of the super-resolution model are not in table {table_key!r} (e.g. "

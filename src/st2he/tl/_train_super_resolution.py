@@ -369,7 +369,8 @@ def _target_counts(pair, genes) -> np.ndarray:
     from st2he.tl._super_resolve import counts_of
 
     target = pair["target"]
-    have = [g for g in genes if g in set(map(str, target.var_names))]
+    measured = set(map(str, target.var_names))
+    have = [g for g in genes if g in measured]
     X = np.zeros((len(pair["bins"].ids), len(genes)))
     pos = np.asarray(target.obs_names.astype(str).get_indexer(pair["bins"].ids.astype(str)))
     if have:
