@@ -76,3 +76,32 @@ def test_merscope_polyt_only_draws_no_stain_silently():
     st2he.pp.rasterize_transcripts(sdata, pixel_size=2.0)
     info = sdata.attrs["st2he"]["st2he_input"]
     assert info["stain_key"] != "polyt"
+
+
+def test_a_stain_bright_almost_everywhere_warns_and_a_nuclear_one_does_not():
+    import warnings
+
+    import st2he
+
+    sdata = _sample()
+    values = _stain_values(sdata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", st2he.pp.StainWarning)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0, stain_key="morphology_focus")  # nuclei: no warning
+    inverted = np.iinfo(values.dtype).max - values  # dark nuclei on a bright field
+    _add_image(sdata, "dapi_inverted", inverted, "DAPI")
+    with pytest.warns(st2he.pp.StainWarning, match=r"shows no separate nuclei: 9\d% of its pixels"):
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0, stain_key="dapi_inverted", key_added="picture2")
+
+
+@pytest.mark.skipif(not MERSCOPE.exists(), reason="real data crops not present")
+def test_the_real_merscope_crops_blurred_dapi_warns():
+    import warnings
+
+    import st2he
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the crop's resampled-mosaic note
+        sdata = st2he.io.read_merscope(MERSCOPE)
+    with pytest.warns(st2he.pp.StainWarning, match=r"image 'dapi'.* shows no separate nuclei: 94% of its pixels"):
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=2.0)
