@@ -96,7 +96,9 @@ def _write_export(
     labels=True,
     skip_files=(),
     labels_dtype=np.uint16,
+    turn=(False, False),
 ) -> Path:
+    """A small export; ``turn`` = (rows, columns) of every picture file reversed against CosMx's convention."""
     import tifffile
     from PIL import Image
 
@@ -128,18 +130,21 @@ def _write_export(
     for kind, wanted in (("Morphology2D", morphology), ("CellComposite", composite), ("CellLabels", labels)):
         if wanted:
             (folder / kind).mkdir()
+    rows = slice(None, None, -1 if turn[0] else 1)
+    cols = slice(None, None, -1 if turn[1] else 1)
     for fov in CELLS:
         if morphology and ("Morphology2D", fov) not in skip_files:
             file = folder / "Morphology2D" / f"20230101_000000_S1_C902_P99_N99_F{fov:03d}.TIF"
-            tifffile.imwrite(file, _morphology(fov), description=_description(), metadata=None)
+            picture = np.ascontiguousarray(_morphology(fov)[:, rows, cols])
+            tifffile.imwrite(file, picture, description=_description(), metadata=None)
         if composite and ("CellComposite", fov) not in skip_files:
             rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
             rgb[..., 2] = (_morphology(fov)[4] > 1000) * 255
             file = folder / "CellComposite" / f"CellComposite_F{fov:03d}.jpg"
-            Image.fromarray(rgb).save(file, quality=95, subsampling=0)
+            Image.fromarray(np.ascontiguousarray(rgb[rows, cols])).save(file, quality=95, subsampling=0)
         if labels and ("CellLabels", fov) not in skip_files:
             file = folder / "CellLabels" / f"CellLabels_F{fov:03d}.tif"
-            tifffile.imwrite(file, _labels(fov).astype(labels_dtype))
+            tifffile.imwrite(file, np.ascontiguousarray(_labels(fov)[rows, cols]).astype(labels_dtype))
     return folder
 
 
@@ -407,3 +412,57 @@ def test_files_report(export, read, tmp_path):
     overlay = [f"CellOverlay/CellOverlay_F{fov:03d}.jpg" for fov in range(1, 21)]
     assert files["ignored"] == sorted([*overlay, "RunSummary/", "notes.txt"])
     assert files["unlisted"] == {"used": {}, "ignored": {"CellOverlay": 5}}
+
+
+# ------------------------------------------------------------------------------------ how the files lie
+
+
+def _dapi_blobs_in_place(sdata) -> list[bool]:
+    """For each FOV, whether the brightest DAPI pixel near its blob's true place is that place."""
+    image = sdata["morphology"]
+    grid = Grid.from_element(image)
+    dapi = np.asarray(_scale0(image).data)[4]
+    found = []
+    for fov, (x, y) in DAPI_BLOBS.items():
+        row, col = grid.to_pixel((POSITIONS[fov][0] + x + 0.5) * PX, (POSITIONS[fov][1] + y + 0.5) * PX)
+        found.append(int(dapi[row, col]) == 5000)
+    return found
+
+
+def test_the_orientation_of_the_files_is_checked_by_the_cell_labels(read):
+    sdata, _ = read
+    orientation = sdata.attrs["st2he"]["source"]["fovs"]["orientation"]
+    assert orientation["checked"] is True and orientation["cells_checked"] == 9
+    assert orientation["cells_on_their_label"] == 1.0
+    assert orientation["files_store"].endswith("(CosMx's convention)")
+
+
+@pytest.mark.parametrize(
+    ("turn", "says"),
+    [((True, True), "turned by 180 degrees"), ((True, False), "local y from the top row down, local x from left")],
+)
+def test_pictures_stored_another_way_are_found_and_placed_right(tmp_path, turn, says):
+    """Some AtoMx exports (1.3.2 and later) store the pictures turned by 180 degrees against their molecules."""
+    folder = _write_export(tmp_path / "turned", turn=turn)
+    sdata, caught = _read(folder)
+    assert [m for m in caught if says in m and "on their own cell" in m]
+    orientation = sdata.attrs["st2he"]["source"]["fovs"]["orientation"]
+    assert orientation["cells_on_their_label"] == 1.0 and says in orientation["files_store"]
+    # every molecule of a cell lies on its label, and every DAPI blob at its place, as in the convention's export
+    labels = sdata["cell_labels"]
+    molecules = sdata["transcripts"].compute()
+    inside = molecules[molecules["cell_ID"] > 0]
+    found = _value_at(labels, inside["x"].to_numpy(), inside["y"].to_numpy())
+    np.testing.assert_array_equal(found, inside["fov"].to_numpy() * 100_000 + inside["cell_ID"].to_numpy())
+    assert _dapi_blobs_in_place(sdata) == [True, True, True]
+    composite = np.asarray(_scale0(sdata["cell_composite"]).data)
+    reference, _ = _read(_write_export(tmp_path / "convention"))
+    np.testing.assert_array_equal(composite, np.asarray(_scale0(reference["cell_composite"]).data))
+
+
+def test_without_cell_labels_the_convention_is_assumed_and_said(tmp_path):
+    sdata, _ = _read(_write_export(tmp_path / "nolabels", labels=False))
+    orientation = sdata.attrs["st2he"]["source"]["fovs"]["orientation"]
+    assert orientation["checked"] is False
+    assert any("not checked (no CellLabels)" in a for a in sdata.attrs["st2he"]["source"]["assumptions"])
+    assert _dapi_blobs_in_place(sdata) == [True, True, True]

@@ -86,10 +86,14 @@ def read_cosmx(
     (``x_global_px``/``y_global_px``, or ``X_mm``/``Y_mm`` in mm): its local pixel ``(x_local_px, y_local_px)``
     lies at global pixel ``(x + x_local_px, y + y_local_px)``, and the picture files store local y from the
     bottom up (file row ``r`` holds ``y_local_px`` in ``[H - 1 - r, H - r)`` for a FOV of ``H`` rows), as
-    :func:`spatialdata_io.cosmx` reads them too. Where the export's cell metadata (or molecules) give local and
-    global pixels, they are checked against the positions file; a FOV they place elsewhere (a shifted
-    positions file, local y counted the other way) is placed as they say, with a warning. Without a positions
-    file the FOVs are placed by those columns alone. Where FOVs overlap, the higher FOV number's pixels are
+    :func:`spatialdata_io.cosmx` reads them too. That convention is checked, not assumed: the CellLabels of the
+    FOVs with the most cells are read and the cell centres of the metadata must fall on their own cell; if they do
+    when the files are read another way (some AtoMx exports, 1.3.2 and later, store the pictures turned by 180
+    degrees against the molecules), every picture is read that way, with a warning, and the finding is recorded in
+    ``sdata.attrs["st2he"]["source"]["fovs"]["orientation"]``. Where the export's cell metadata (or molecules)
+    give local and global pixels, they are checked against the positions file; a FOV they place elsewhere (a
+    shifted positions file, local y counted the other way) is placed as they say, with a warning. Without a
+    positions file the FOVs are placed by those columns alone. Where FOVs overlap, the higher FOV number's pixels are
     kept. Each piece that is missing (a folder, a FOV's file, the positions) is reported in
     ``sdata.attrs["st2he"]["source"]["assumptions"]`` and leaves out only what needs it. Nothing is filtered:
     ``NegPrb*``, ``FalseCode*`` and ``SystemControl*`` are marked in ``is_control``.
@@ -426,6 +430,7 @@ def _read_pictures(folder: Path, files, transcripts, pixel_size: float, assumpti
     if not placements:
         return out
 
+    bottom_up, reversed_x, out.fovs["orientation"] = _file_orientation(found, layouts, files, placements, assumptions)
     tiles: dict[str, list[tuple]] = {}
     for kind, per_kind in layouts.items():
         tiles[kind] = []
@@ -433,8 +438,9 @@ def _read_pictures(folder: Path, files, transcripts, pixel_size: float, assumpti
             if fov not in placements:
                 continue
             x, y, sign = placements[fov]
-            top = y if sign > 0 else y - layout.height  # local y runs up the file's rows, or down them
-            tiles[kind].append((fov, str(found[kind][fov]), top, x, layout, sign > 0))
+            top = y if sign > 0 else y - layout.height  # local y runs with global y, or against it
+            flip_rows = (sign > 0) == bottom_up  # the file's rows run against the placed rows
+            tiles[kind].append((fov, str(found[kind][fov]), top, x, layout, flip_rows, reversed_x))
     corners = [(t[3], t[2]) for per_kind in tiles.values() for t in per_kind]
     if not corners:
         return out
@@ -534,6 +540,83 @@ def _same_channels(tiles: list[tuple], name: str, assumptions: list[str]) -> lis
 
 
 # placement
+
+
+#: How the FOV files may store local pixels: (rows bottom-up, columns right to left) -> description. The first is
+#: CosMx's convention (as spatialdata-io reads the files); the last, a rotation by 180 degrees, is how the pictures
+#: of some AtoMx exports (1.3.2 and later) lie against their molecules.
+_ORIENTATIONS = {
+    (True, False): "local y from the bottom row up, local x from left to right (CosMx's convention)",
+    (False, False): "local y from the top row down, local x from left to right",
+    (True, True): "local y from the bottom row up, local x from right to left",
+    (False, True): "local y from the top row down, local x from right to left (turned by 180 degrees)",
+}
+#: FOVs whose CellLabels are read whole to check how the files store local pixels (those with the most cells).
+_ORIENTATION_FOVS = 3
+#: Share of cell centres that must lie on their own label for an orientation to be trusted.
+_ORIENTATION_AGREEMENT = 0.5
+
+
+def _file_orientation(found, layouts, files, placements, assumptions: list[str]) -> tuple[bool, bool, dict]:
+    """``(rows bottom-up, columns right to left, report)``: how the FOV files store local pixels.
+
+    Read from the data, not assumed: the CellLabels of the FOVs with the most cells are read whole and each of the
+    four orientations is scored by the share of the metadata's cell centres (``CenterX_local_px``,
+    ``CenterY_local_px``) that fall on their own ``cell_ID``. The convention holds unless another orientation puts
+    clearly more cells on their labels. Without CellLabels or cell metadata the convention is assumed, and said.
+    """
+    default = (True, False)
+
+    def report(orientation, **extra) -> tuple[bool, bool, dict]:
+        return (*orientation, {"files_store": _ORIENTATIONS[orientation], **extra})
+
+    centres = ("fov", "cell_ID", "CenterX_local_px", "CenterY_local_px")
+    frame = _columns(files["metadata"], centres) if files["metadata"] is not None else None
+    labelled = [f for f in layouts.get("labels", {}) if f in placements]
+    if frame is None or not labelled:
+        why = "no CellLabels" if not labelled else "no cell metadata with local centres"
+        _note(assumptions, f"FOV pictures taken to store {_ORIENTATIONS[default]}: not checked ({why})")
+        return report(default, checked=False)
+    frame = frame.set_axis(["fov", "cell", "x", "y"], axis=1).apply(pd.to_numeric, errors="coerce").dropna()
+    frame = frame[frame["fov"].isin(labelled) & (frame["cell"] > 0)]
+    chosen = frame["fov"].value_counts().index[:_ORIENTATION_FOVS].astype(int).tolist()
+    hits = dict.fromkeys(_ORIENTATIONS, 0)
+    n = 0
+    for fov in chosen:
+        layout = layouts["labels"][fov]
+        h, w = layout.height, layout.width
+        cells = frame[frame["fov"] == fov]
+        label = _read_window(str(found["labels"][fov]), layout, (0, h), (0, w))[0]
+        col = np.floor(cells["x"].to_numpy()).astype(np.int64).clip(0, w - 1)
+        row = np.floor(cells["y"].to_numpy()).astype(np.int64).clip(0, h - 1)
+        want = cells["cell"].to_numpy().astype(np.int64)
+        for bottom_up, reversed_x in hits:
+            r = h - 1 - row if bottom_up else row
+            c = w - 1 - col if reversed_x else col
+            hits[bottom_up, reversed_x] += int((label[r, c].astype(np.int64) == want).sum())
+        n += len(cells)
+    if n == 0:
+        _note(assumptions, f"FOV pictures taken to store {_ORIENTATIONS[default]}: no cell to check them by")
+        return report(default, checked=False)
+    share = {k: v / n for k, v in hits.items()}
+    best = max(share, key=lambda k: (share[k], k == default))
+    checked = {"checked": True, "cells_checked": n, "fovs_checked": chosen}
+    if share[best] < _ORIENTATION_AGREEMENT or share[best] <= share[default] + 0.25:
+        if share[default] < _ORIENTATION_AGREEMENT:
+            _note(
+                assumptions,
+                f"CellLabels put at most {share[best]:.0%} of {n} cell centres on their own cell in any orientation: "
+                f"FOV pictures taken to store {_ORIENTATIONS[default]}",
+            )
+        return report(default, cells_on_their_label=share[default], **checked)
+    msg = (
+        f"The FOV pictures of this export store {_ORIENTATIONS[best]}: so read, CellLabels put {share[best]:.0%} of "
+        f"{n} cell centres (FOVs {_listing(chosen)}) on their own cell, against {share[default]:.0%} read by "
+        f"CosMx's convention ({_ORIENTATIONS[default]}). All pictures are placed accordingly."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=4)
+    _note(assumptions, msg)
+    return report(best, cells_on_their_label=share[best], **checked)
 
 
 def _fov_placements(files, transcripts, pixel_size: float, fovs: list[int], assumptions: list[str], used: list[Path]):
@@ -814,9 +897,9 @@ def _stitch(tiles: list[tuple], ox: float, oy: float, pixel_size: float, *, chan
     from st2he._grid import Grid
 
     placed = []
-    for fov, file, top, left, layout, flip in tiles:
+    for fov, file, top, left, layout, flip, flip_cols in tiles:
         row0, col0 = int(round(top - oy)), int(round(left - ox))
-        placed.append((int(fov), file, row0, col0, layout, bool(flip)))
+        placed.append((int(fov), file, row0, col0, layout, bool(flip), bool(flip_cols)))
     height = max(t[2] + t[4].height for t in placed)
     width = max(t[3] + t[4].width for t in placed)
     if label_factor is None:
@@ -847,16 +930,19 @@ class _FovBlocks:
         location = block_info[None]["array-location"]
         (r0, r1), (q0, q1) = location[-2], location[-1]
         out = np.zeros(tuple(b - a for a, b in location), dtype=self.dtype)
-        for fov, file, top, left, layout, flip in self.tiles:  # ascending FOV: the higher one wins overlaps
+        for fov, file, top, left, layout, flip, flip_cols in self.tiles:  # ascending FOV: the higher one wins
             a, b = max(r0, top), min(r1, top + layout.height)
             c, d = max(q0, left), min(q1, left + layout.width)
             if a >= b or c >= d:
                 continue
             lo, hi = a - top, b - top  # rows of the placed FOV
             rows = (layout.height - hi, layout.height - lo) if flip else (lo, hi)
-            window = _read_window(file, layout, rows, (c - left, d - left))
+            cols = (layout.width - (d - left), layout.width - (c - left)) if flip_cols else (c - left, d - left)
+            window = _read_window(file, layout, rows, cols)
             if flip:
                 window = window[:, ::-1, :]
+            if flip_cols:
+                window = window[:, :, ::-1]
             if self.label_factor is None:
                 out[..., a - r0 : b - r0, c - q0 : d - q0] = window.astype(self.dtype, copy=False)
             else:
