@@ -216,7 +216,9 @@ def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr
             f"{name}: held-out half x >= {split:g} µm: {n} pseudo-spots ({dropped} crossing the split left out) -> "
             f"{n_bins} scored 8 µm bins, {len(genes)} genes; Wilcoxon: paired over genes vs bicubic, two-sided"
         )
-        print(H.crop_table(scores, speed, n_bins).round(4).to_string())
+        table = H.crop_table(scores, speed, n_bins)
+        table["wilcoxon_p"] = table["wilcoxon_p"].map(lambda p: "" if np.isnan(p) else f"{p:.2g}")
+        print(table.round(4).to_string())
 
 
 def main() -> None:
