@@ -1,4 +1,4 @@
-"""Scoring and the held-out protocol of ``bench_super_resolution.py`` (also read by ``tests/test_super_resolve_real.py``).
+"""Scoring and the held-out protocol of ``bench_super_resolution.py`` (also read by ``tests/test_super_resolve_real``).
 
 Real crops: a crop is split at ``x = split`` (the median x of its molecules, floored to a multiple of the 8 µm bin:
 the bins never straddle it). Models are trained on the molecules (and the guidance images) with ``x < split`` only;

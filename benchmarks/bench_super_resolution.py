@@ -20,7 +20,8 @@ left half for each guidance: the nuclear stain (read by the models as a grey RGB
 (shipped generator, drawn from all the crop's molecules); every method is scored on the right half only (its
 pseudo-spots whose disk lies wholly right of the split -> its 8 µm bins holding a molecule), with paired two-sided
 Wilcoxon tests over genes against bicubic. CosMx has no image, and its mouse panel shares no gene with the shipped
-generator's palette (no virtual H&E), and 748 genes over ~2,000 molecules per half: flat and bicubic only. Few spots per half: read the figures as a check, not a ranking.
+generator's palette (no virtual H&E), and 748 genes over ~2,000 molecules per half: flat and bicubic only. Few
+spots per half: read the figures as a check, not a ranking.
 Seconds per mm² of each method (the super_resolve call alone, 2 CPU cores shared).
 
     python benchmarks/bench_super_resolution.py
@@ -47,7 +48,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-
 import _sr_holdout as H
 
 TEST_SEEDS = (101, 102, 103)
@@ -158,12 +158,13 @@ def simulated(
     ]
     for d in ("diffusion", "diffusion_1step", f"diffusion_1step_mean{n_samples}"):
         pairs += [(d, b) for b in ("flat", "bicubic", "guided_he", "guided_dapi", "regression")]
-    pairs += [(f"diffusion_1step_mean{n_samples}", "diffusion_1step"), ("regression", f"diffusion_1step_mean{n_samples}")]
+    mean = f"diffusion_1step_mean{n_samples}"
+    pairs += [(mean, "diffusion_1step"), ("regression", mean)]
     for metric in ("pearson", "ssim"):
         _wilcoxon(all_scores, pairs, metric)
 
 
-def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr_budget: float = 60.0) -> None:
+def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr_budget: float = 80.0) -> None:
     """Every method on the held-out half of each real crop (protocol: ``_sr_holdout``), models trained on the other."""
     import st2he
 
@@ -235,7 +236,7 @@ def main() -> None:
     parser.add_argument("--guides", nargs="+", default=["stain", "vhe"], help="real: guidance images to use")
     parser.add_argument("--expr-steps", type=int, default=150, help="real: steps of each tiny expression model")
     parser.add_argument(
-        "--sr-budget", type=float, default=60.0, help="real: seconds of each tiny super-resolution model (0: none)"
+        "--sr-budget", type=float, default=80.0, help="real: seconds of each tiny super-resolution model (0: none)"
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
