@@ -215,8 +215,13 @@ def heldout_units(sdata, split: float, *, spots: str = "spots", truth: str = "tr
     return int((~keep).sum())
 
 
-def train_models(train, genes, image_key: str, *, expr_steps: int, sr_budget: float, seed: int = 0, log=print):
-    """A ``tiny`` expression model (16 µm bins of the training half) and a ``tiny`` super-resolution model on it."""
+def train_models(
+    train, genes, image_key: str, *, expr_steps: int, sr_budget: float, val_fraction: float = 0.2, seed: int = 0, log=print
+):
+    """A ``tiny`` expression model (16 µm bins of the training half) and a ``tiny`` super-resolution model on it.
+
+    ``val_fraction``: the expression model's validation band (right of the training half; 0: none).
+    """
     import torch
 
     import st2he
@@ -226,7 +231,8 @@ def train_models(train, genes, image_key: str, *, expr_steps: int, sr_budget: fl
     t = time.perf_counter()
     expr = st2he.tl.train_expression(
         train, image_key=image_key, table_key="bins16", genes=genes, model="tiny", um_per_px=1.0, chip_um=64.0,
-        steps=expr_steps, batch_size=4, lr=3e-3, val_every=max(expr_steps // 2, 1), ckpt_every=0, seed=seed,
+        steps=expr_steps, batch_size=4, lr=3e-3, val_fraction=val_fraction, val_every=max(expr_steps // 2, 1),
+        ckpt_every=0, seed=seed,
         progress=False,
     )
     te = time.perf_counter() - t

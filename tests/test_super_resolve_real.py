@@ -31,7 +31,7 @@ def protocol(shared_data, one_torch_thread):
     test = H.crop_x(full, split, np.inf, images=[rgb])
     dropped = H.heldout_units(test, split)
     genes = [str(g) for g in test.tables["spots"].var_names]
-    expr, _ = H.train_models(train, genes, rgb, expr_steps=2, sr_budget=0, log=lambda _: None)
+    expr, _ = H.train_models(train, genes, rgb, expr_steps=2, sr_budget=0, val_fraction=0, log=lambda _: None)
     scores, _ = H.run(
         test,
         {
