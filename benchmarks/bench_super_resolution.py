@@ -13,18 +13,31 @@ SSIM (fixed data range: the measured map's max - min). Reported over the top-50 
 section (``evaluate_expression``'s ``highly_variable``); paired one-sided Wilcoxon tests over (section, gene) pairs.
 
 Then the real crops in ``/work/shared/data`` (Xenium cell-line crop via ``st2he.io.read_xenium(...,
-image_pixel_size=400 / 237, image_origin=(1000, 1000))``, the MERSCOPE brain crop), guided by their nuclear stain:
-pseudo-spots -> 8 µm bins against their own molecules (few spots: read the figures as a check, not a ranking).
+image_pixel_size=400 / 237, image_origin=(1000, 1000))``, the MERSCOPE brain crop, the CosMx brain crop), held out by
+region (``_sr_holdout``): split at x = the median of the molecules (floored to 8 µm); a ``tiny`` expression model
+(``--expr-steps``) and a ``tiny`` super-resolution model (``--sr-budget`` seconds) are trained on the molecules of the
+left half for each guidance: the nuclear stain (read by the models as a grey RGB image) and the crop's virtual H&E
+(shipped generator, drawn from all the crop's molecules); every method is scored on the right half only (its
+pseudo-spots whose disk lies wholly right of the split -> its 8 µm bins holding a molecule), with paired two-sided
+Wilcoxon tests over genes against bicubic. CosMx has no image, and its mouse panel shares no gene with the shipped
+generator's palette (no virtual H&E), and 748 genes over ~2,000 molecules per half: flat and bicubic only. Few
+spots per half: read the figures as a check, not a ranking.
 Seconds per mm² of each method (the super_resolve call alone, 2 CPU cores shared).
 
     python benchmarks/bench_super_resolution.py
     python benchmarks/bench_super_resolution.py --model PATH   # regression with a saved expression model
     python benchmarks/bench_super_resolution.py --model src/st2he/models/weights/expression \
         --diffusion src/st2he/models/weights/super_resolution --no-real   # + the diffusion model
+    python benchmarks/bench_super_resolution.py --model src/st2he/models/weights/expression \
+        --diffusion src/st2he/models/weights/super_resolution --no-real --n-samples 4 \
+        --methods regression diffusion_1step diffusion_1step_mean4   # the mean of 4 one-step samples
+    python benchmarks/bench_super_resolution.py --real-only [--crops xenium] [--guides stain vhe]
 
 With ``--diffusion`` (a super-resolution model, e.g. the shipped one) every method resolves the model's genes only
 (its 50 most variable genes of the training seeds), so the comparison is paired gene by gene; rows ``diffusion``
-(10 DDIM steps) and ``diffusion_1step`` (the one-step mode) are added.
+(10 DDIM steps) and ``diffusion_1step`` (the one-step mode) are added; with ``--n-samples n`` also
+``diffusion_1step_mean{n}``: ``super_resolve(n_samples=n)``, whose table is the mean of the n conserved samples
+(sample 0 is the ``diffusion_1step`` sample: the same noise).
 """
 
 from __future__ import annotations
@@ -32,66 +45,15 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import _sr_holdout as H
 
 TEST_SEEDS = (101, 102, 103)
 TRAIN_SEEDS = (0, 1)
 SIZE_UM = 512.0
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def _log_table(sdata, key: str, truth: str, out: str, *, flat: bool = False) -> None:
-    """A copy of super-resolved table ``key``, log-normalised, annotating the truth's bins (same ids by design)."""
-    import anndata as ad
-    from spatialdata.models import TableModel
-
-    from st2he._units import lognormalise
-
-    t = sdata.tables[key]
-    X = np.asarray(t.X, dtype=np.float64)
-    if flat:
-        X = pd.DataFrame(X).groupby(t.obs["source_unit"].astype(str).to_numpy()).transform("mean").to_numpy()
-    region = sdata.tables[truth].uns["spatialdata_attrs"]["region"]
-    tab = ad.AnnData(X=lognormalise(X), obs=t.obs[["instance_id", "array_row", "array_col"]].copy(), var=t.var.copy())
-    tab.obs["region"] = pd.Categorical([region] * tab.n_obs)
-    sdata.tables[out] = TableModel.parse(tab, region=region, region_key="region", instance_key="instance_id")
-
-
-def _score(sdata, key: str, truth: str, *, flat: bool = False) -> pd.DataFrame:
-    import st2he
-
-    _log_table(sdata, key, truth, "_scored", flat=flat)
-    df = st2he.tl.evaluate_expression(sdata, pred_key="_scored", true_key=truth, overwrite=True)
-    del sdata.tables["_scored"]
-    return df
-
-
-def _area_mm2(sdata, spots: str) -> float:
-    """Area of the spots' bounding box in mm²."""
-    g = sdata.shapes[spots]
-    x0, y0, x1, y1 = g.geometry.total_bounds
-    r = float(g["radius"].iloc[0])
-    return (x1 - x0 + 2 * r) * (y1 - y0 + 2 * r) / 1e6
-
-
-def _run(sdata, methods: dict, *, truth: str = "truth", spots: str = "spots") -> tuple[dict, dict]:
-    """Per-method per-gene frames and seconds per mm²."""
-    import st2he
-
-    scores, speed = {}, {}
-    area = _area_mm2(sdata, sdata.tables[spots].uns["spatialdata_attrs"]["region"])
-    for name, kwargs in methods.items():
-        t = time.perf_counter()
-        st2he.tl.super_resolve(sdata, table_key=spots, key_added="sr", overwrite=True, progress=False, **kwargs)
-        speed[name] = (time.perf_counter() - t) / area
-        scores[name] = _score(sdata, "sr", truth)
-        if name == "bicubic":
-            scores["flat"] = _score(sdata, "sr", truth, flat=True)
-            speed["flat"] = float("nan")
-    return scores, speed
+REAL_CROPS = ("xenium", "merscope", "cosmx")
 
 
 def _tiny_model(genes):
@@ -140,7 +102,13 @@ def _wilcoxon(all_scores, pairs, metric: str) -> None:
         )
 
 
-def simulated(model_path: str | None, diffusion: str | None = None) -> None:
+def simulated(
+    model_path: str | None, diffusion: str | None = None, *, n_samples: int = 1, only: list[str] | None = None
+) -> None:
+    """Every method on the held-out seeds; ``n_samples > 1`` adds ``diffusion_1step_mean{n}`` (the mean of n samples).
+
+    ``only``: run just these methods (``bicubic`` always runs: ``flat`` is scored from it).
+    """
     import st2he
 
     all_scores: dict[str, list[pd.DataFrame]] = {}
@@ -168,9 +136,13 @@ def simulated(model_path: str | None, diffusion: str | None = None) -> None:
         if sr is not None:
             methods["diffusion"] = {"method": "diffusion", "image_key": "he_image", "model": sr, "steps": 10}
             methods["diffusion_1step"] = {"method": "diffusion", "image_key": "he_image", "model": sr, "steps": 1}
+            if n_samples > 1:  # super_resolve's table holds the mean of the n conserved samples
+                methods[f"diffusion_1step_mean{n_samples}"] = {**methods["diffusion_1step"], "n_samples": n_samples}
             for kw in methods.values():
                 kw["genes"] = genes
-        scores, speed = _run(sdata, methods)
+        if only:
+            methods = {k: v for k, v in methods.items() if k == "bicubic" or k in only}
+        scores, speed = H.run(sdata, methods)
         for k, v in scores.items():
             all_scores.setdefault(k, []).append(v)
             speeds.setdefault(k, []).append(speed[k])
@@ -184,60 +156,97 @@ def simulated(model_path: str | None, diffusion: str | None = None) -> None:
         ("guided_he", "flat"), ("guided_dapi", "flat"), ("bicubic", "flat"), ("guided_he", "bicubic"),
         ("guided_dapi", "bicubic"), ("regression", "flat"), ("regression", "guided_he"), ("guided_he", "regression"),
     ]
-    for d in ("diffusion", "diffusion_1step"):
+    for d in ("diffusion", "diffusion_1step", f"diffusion_1step_mean{n_samples}"):
         pairs += [(d, b) for b in ("flat", "bicubic", "guided_he", "guided_dapi", "regression")]
+    mean = f"diffusion_1step_mean{n_samples}"
+    pairs += [(mean, "diffusion_1step"), ("regression", mean)]
     for metric in ("pearson", "ssim"):
         _wilcoxon(all_scores, pairs, metric)
 
 
-def real() -> None:
+def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr_budget: float = 80.0) -> None:
+    """Every method on the held-out half of each real crop (protocol: ``_sr_holdout``), models trained on the other."""
     import st2he
 
-    crops = {}
-    xen = DATA / "xenium_cellline_crop"
-    if xen.exists():
-        crops["xenium"] = (
-            st2he.io.read_xenium(xen, image_pixel_size=400 / 237, image_origin=(1000, 1000)), "morphology_focus"
+    for name in crops:
+        try:
+            full, stain = H.read_crop(name)
+        except FileNotFoundError as e:
+            print(f"\n{name}: skipped ({e})")
+            continue
+        split = H.split_x(full)
+        guide = {}
+        if stain is not None and "stain" in guides:
+            guide["stain"] = stain
+            stain_rgb = H.add_stain_rgb(full, stain)
+        if "vhe" in guides:
+            t = time.perf_counter()
+            try:
+                guide["vhe"] = H.add_virtual_he(full)
+                print(f"\n{name}: virtual H&E of the whole crop in {time.perf_counter() - t:.0f} s")
+            except ValueError as e:  # CosMx mouse panel: no gene of the shipped generator's palette
+                print(f"\n{name}: no virtual H&E ({e})")
+        images = list(full.images)
+        test = H.crop_x(full, split, np.inf, images=images)
+        dropped = H.heldout_units(test, split)
+        genes = [str(g) for g in test.tables["spots"].var_names]
+        trainable = stain is not None  # CosMx: 748 genes over ~2,000 training molecules and no stain; see the docs
+        models = {}
+        if trainable:
+            train = H.crop_x(full, -np.inf, split, images=images)
+            train_genes = set(map(str, train.points["transcripts"]["gene"].compute().unique()))
+            genes = [g for g in genes if g in train_genes]
+            print(f"  training half x < {split:g} µm ({len(train.points['transcripts'])} molecules):")
+            for g, key in guide.items():
+                read = stain_rgb if g == "stain" else key
+                models[g] = (read, *H.train_models(train, genes, read, expr_steps=expr_steps, sr_budget=sr_budget))
+        methods = {"bicubic": {"method": "bicubic"}}
+        for g, key in guide.items():
+            methods[f"guided_{g}"] = {"method": "guided", "image_key": key}
+        for g, (read, expr, sr) in models.items():
+            methods[f"regression_{g}"] = {"method": "regression", "image_key": read, "model": expr}
+            if sr is not None:
+                methods[f"diffusion_{g}"] = {"method": "diffusion", "image_key": read, "model": sr, "steps": 10}
+                methods[f"diffusion_1step_{g}"] = {"method": "diffusion", "image_key": read, "model": sr, "steps": 1}
+        for kw in methods.values():
+            kw["genes"] = genes
+        scores, speed = H.run(test, methods)
+        n_bins = int(len(set(test.tables["sr"].obs_names) & set(test.tables["truth"].obs_names)))
+        n = test.tables["spots"].n_obs
+        print(
+            f"{name}: held-out half x >= {split:g} µm: {n} pseudo-spots ({dropped} crossing the split left out) -> "
+            f"{n_bins} scored 8 µm bins, {len(genes)} genes; Wilcoxon: paired over genes vs bicubic, two-sided"
         )
-    mer = DATA / "merscope_brain_cancer_crop"
-    if mer.exists():
-        crops["merscope"] = (st2he.io.read_merscope(mer), "dapi")
-    for name, (sdata, stain) in crops.items():
-        st2he.pp.aggregate_transcripts(sdata, by="spots", key_added="spots", shapes_added="spots_55um")
-        st2he.pp.aggregate_transcripts(sdata, by="bins", bin_size=8.0, key_added="truth")
-        methods = {"bicubic": {"method": "bicubic"}, "guided_stain": {"method": "guided", "image_key": stain}}
-        scores, speed = _run(sdata, methods)
-        table = pd.DataFrame(
-            {
-                k: {
-                    "pearson_all": v["pearson"].mean(),
-                    "pearson_hvg": v[v["highly_variable"]]["pearson"].mean(),
-                    "ssim_all": v["ssim"].mean(),
-                    "n_genes_scored": int(v["pearson"].notna().sum()),
-                    "s_per_mm2": speed[k],
-                }
-                for k, v in scores.items()
-            }
-        ).T
-        n = sdata.tables["spots"].n_obs
-        print(f"\n{name} crop ({n} pseudo-spots -> {sdata.tables['sr'].n_obs} bins, guided by {stain!r}):")
+        table = H.crop_table(scores, speed, n_bins)
+        table["wilcoxon_p"] = table["wilcoxon_p"].map(lambda p: "" if np.isnan(p) else f"{p:.2g}")
         print(table.round(4).to_string())
-        _wilcoxon({k: [v] for k, v in scores.items()}, [("guided_stain", "flat"), ("bicubic", "flat")], "pearson")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="saved expression model for method='regression'")
     parser.add_argument("--no-real", action="store_true", help="skip the real crops")
+    parser.add_argument("--real-only", action="store_true", help="only the real crops")
     parser.add_argument("--diffusion", default=None, help="saved super-resolution model for method='diffusion'")
+    parser.add_argument(
+        "--n-samples", type=int, default=1, help="with --diffusion, also the mean of this many one-step samples"
+    )
+    parser.add_argument("--methods", nargs="+", default=None, help="simulated: run only these methods (+ bicubic)")
+    parser.add_argument("--crops", nargs="+", default=list(REAL_CROPS), help="real crops to run")
+    parser.add_argument("--guides", nargs="+", default=["stain", "vhe"], help="real: guidance images to use")
+    parser.add_argument("--expr-steps", type=int, default=150, help="real: steps of each tiny expression model")
+    parser.add_argument(
+        "--sr-budget", type=float, default=80.0, help="real: seconds of each tiny super-resolution model (0: none)"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import logging
 
     logging.getLogger("st2he").setLevel(logging.ERROR)
-    simulated(args.model, args.diffusion)
+    if not args.real_only:
+        simulated(args.model, args.diffusion, n_samples=args.n_samples, only=args.methods)
     if not args.no_real:
-        real()
+        real(args.crops, guides=args.guides, expr_steps=args.expr_steps, sr_budget=args.sr_budget)
 
 
 if __name__ == "__main__":
