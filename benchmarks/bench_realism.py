@@ -190,7 +190,8 @@ def simulated_tiles(
     """Tiles over tissue of ``synthetic_tissue(seed, appearance=...)`` for each seed; mean seconds per sample.
 
     With ``morphology`` (a dict), its lists ``"segmented"`` and ``"truth"`` receive each sample's nuclei
-    (:func:`st2he.datasets._he_pairs.nuclear_morphology` of its H&E, :func:`polygon_morphology` of its ``nucleus_boundaries``).
+    (:func:`st2he.datasets._he_pairs.nuclear_morphology` of its H&E, :func:`polygon_morphology` of its
+    ``nucleus_boundaries``).
     """
     from st2he._elements import get_image
     from st2he.datasets import synthetic_tissue

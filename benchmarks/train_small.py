@@ -282,7 +282,7 @@ def main() -> None:
         "--appearance",
         choices=["clean", "realistic"],
         default="clean",
-        help="H&E of the held-out samples: synthetic_tissue's clean drawing (the training data's) or its realistic look",
+        help="H&E of the held-out samples: synthetic_tissue's clean drawing (the training data's) or realistic look",
     )
     a = sub.add_parser("all")
     a.add_argument("--out", type=Path, default=ROOT / ".devdata" / "small_all")
