@@ -12,6 +12,14 @@ always can. With ``--cnn`` a small CNN (three conv layers, a few epochs on CPU) 
 features AUC is that of the pooled out-of-fold predictions (the figure of the issue); the mean AUC within folds is
 printed too, and is the one given for the CNN, whose calibration differs too much from fold to fold to pool.
 
+Nuclear morphology: nuclei are segmented the same way in the real H&E (the whole CMU-1 region, each TCGA and Kather
+tile) and in each simulated sample's whole H&E, with the segmentation of :func:`st2he.datasets.pairs_from_he`
+(haematoxylin by colour deconvolution, Otsu threshold over the tissue, distance-transform watershed; nuclei touching
+the image's border left out), and described by area (µm²), eccentricity and solidity. The table gives the median
+and interquartile range of each, the spread of areas (IQR / median) and the two-sample Kolmogorov-Smirnov statistic
+of each feature against the real nuclei; the rows ``truth`` describe the simulation's own nucleus polygons
+(``nucleus_boundaries``), what the segmentation is trying to see.
+
     python benchmarks/bench_realism.py [--seeds 6] [--size 384] [--cnn] [--out DIR]
 """
 
@@ -101,8 +109,90 @@ def real_tiles(max_cmu: int = 150, seed: int = 0) -> tuple[list[np.ndarray], lis
     return tiles, groups
 
 
-def simulated_tiles(seeds, appearance: str, size: float) -> tuple[list[np.ndarray], list[str], float]:
-    """Tiles over tissue of ``synthetic_tissue(seed, appearance=...)`` for each seed; mean seconds per sample."""
+def polygon_morphology(polygons):
+    """The description of :func:`st2he.datasets._he_pairs.nuclear_morphology` of polygons (the simulation's
+    ``nucleus_boundaries``), from their exact moments."""
+    import pandas as pd
+    import shapely
+
+    xy, owner = shapely.get_coordinates(polygons, return_index=True)
+    same = np.r_[owner[1:] == owner[:-1], False]  # edge k -> k + 1 within one ring
+    x0, y0, x1, y1 = xy[:-1, 0], xy[:-1, 1], xy[1:, 0], xy[1:, 1]
+    cross = np.where(same[:-1], x0 * y1 - x1 * y0, 0.0)
+    n = len(polygons)
+
+    def total(values):
+        return np.bincount(owner[:-1], weights=values, minlength=n)
+
+    a = total(cross) / 2
+    cx = total(cross * (x0 + x1)) / (6 * a)
+    cy = total(cross * (y0 + y1)) / (6 * a)
+    sxx = total(cross * (x0 * x0 + x0 * x1 + x1 * x1)) / (12 * a) - cx * cx
+    syy = total(cross * (y0 * y0 + y0 * y1 + y1 * y1)) / (12 * a) - cy * cy
+    sxy = total(cross * (x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0)) / (24 * a) - cx * cy
+    half = np.sqrt(((sxx - syy) / 2) ** 2 + sxy**2)
+    lam1, lam2 = (sxx + syy) / 2 + half, np.maximum((sxx + syy) / 2 - half, 1e-12)
+    area = np.abs(a)
+    return pd.DataFrame(
+        {
+            "area_um2": area,
+            "diameter_um": np.sqrt(4 * area / np.pi),
+            "eccentricity": np.sqrt(1 - lam2 / lam1),
+            "axis_ratio": np.sqrt(lam1 / lam2),
+            "solidity": area / shapely.area(shapely.convex_hull(polygons)),
+        }
+    )
+
+
+def real_morphology() -> dict:
+    """Nuclei segmented in the real H&E of ``../shared/data``, per source (``cmu1``, ``tcga``, ``kather``)."""
+    import pandas as pd
+    import tifffile
+    from PIL import Image
+
+    from st2he.datasets._he_pairs import nuclear_morphology
+
+    out = {"cmu1": nuclear_morphology(tifffile.imread(os.path.join(DATA, "he_cmu1_small_region.svs")), 0.499)}
+    for name, pattern in (("tcga", ("he_tcga_tiles", "TCGA-*", "*.jpg")), ("kather", ("he_kather_crc_32", "*.png"))):
+        files = sorted(glob.glob(os.path.join(DATA, *pattern)))
+        out[name] = pd.concat([nuclear_morphology(np.asarray(Image.open(f).convert("RGB")), 0.5) for f in files])
+    return out
+
+
+MORPHOLOGY = ("area_um2", "eccentricity", "solidity")
+
+
+def morphology_table(rows: dict, reference: str = "real"):
+    """Median [IQR] of area, eccentricity and solidity, area IQR / median, KS statistic against ``reference``."""
+    import pandas as pd
+    from scipy.stats import ks_2samp
+
+    ref = rows[reference]
+    table = []
+    for name, df in rows.items():
+        row = {"nuclei": name, "n": len(df)}
+        for col in MORPHOLOGY:
+            q1, q2, q3 = np.percentile(df[col], [25, 50, 75])
+            digits = 1 if col == "area_um2" else 3
+            row[col] = f"{q2:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
+            if col == "area_um2":
+                row["area IQR/median"] = round((q3 - q1) / q2, 2)
+        for col in MORPHOLOGY:
+            ks = "" if name == reference else round(float(ks_2samp(df[col], ref[col]).statistic), 3)
+            row[f"KS {col.split('_')[0]}"] = ks
+        table.append(row)
+    return pd.DataFrame(table)
+
+
+def simulated_tiles(
+    seeds, appearance: str, size: float, morphology: dict | None = None
+) -> tuple[list[np.ndarray], list[str], float]:
+    """Tiles over tissue of ``synthetic_tissue(seed, appearance=...)`` for each seed; mean seconds per sample.
+
+    With ``morphology`` (a dict), its lists ``"segmented"`` and ``"truth"`` receive each sample's nuclei
+    (:func:`st2he.datasets._he_pairs.nuclear_morphology` of its H&E, :func:`polygon_morphology` of its
+    ``nucleus_boundaries``).
+    """
     from st2he._elements import get_image
     from st2he.datasets import synthetic_tissue
 
@@ -113,6 +203,13 @@ def simulated_tiles(seeds, appearance: str, size: float) -> tuple[list[np.ndarra
         sdata = synthetic_tissue(int(seed), size_um=size, subtype=subtype, appearance=appearance)
         seconds.append(time.perf_counter() - t0)
         img = np.asarray(get_image(sdata, "he_image")[0].values).transpose(1, 2, 0)
+        if morphology is not None:
+            from st2he.datasets._he_pairs import nuclear_morphology
+
+            he_pixel = float(sdata.attrs["st2he"]["source"]["he_pixel_size"])
+            morphology.setdefault("segmented", []).append(nuclear_morphology(img, he_pixel))
+            polygons = sdata.shapes["nucleus_boundaries"].geometry.to_numpy()
+            morphology.setdefault("truth", []).append(polygon_morphology(polygons))
         for t in _tiles(img):
             if _tissue_share(t) > 0.5:
                 tiles.append(t)
@@ -247,13 +344,21 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for a montage PNG of real and simulated tiles")
     args = p.parse_args()
 
+    import pandas as pd
+
     rt, rg = real_tiles()
     Xr = np.stack([features(t) for t in rt])
     print(f"real tiles: {len(rt)} from {len(set(rg))} slides")
+    real_nuclei = real_morphology()
+    nuclei = {"real": pd.concat(list(real_nuclei.values()))}
+    nuclei.update({f"real: {k}": v for k, v in real_nuclei.items()})
     results = {}
     sims = {}
     for appearance in ("clean", "realistic"):
-        st, sg, sec = simulated_tiles(range(100, 100 + args.seeds), appearance, args.size)
+        morph: dict = {}
+        st, sg, sec = simulated_tiles(range(100, 100 + args.seeds), appearance, args.size, morphology=morph)
+        nuclei[f"{appearance}"] = pd.concat(morph["segmented"])
+        nuclei[f"{appearance} truth"] = pd.concat(morph["truth"])
         sims[appearance] = st
         Xs = np.stack([features(t) for t in st])
         X = np.r_[Xr, Xs]
@@ -273,6 +378,9 @@ def main() -> None:
         ratio = f"{(c - 0.5) / (r - 0.5):.1f}x smaller" if r - 0.5 > 0.02 else "at chance"
         excess = f"excess over chance {c - 0.5:.3f} -> {r - 0.5:.3f}"
         print(f"{kind}: AUC clean {c:.3f} -> realistic {r:.3f}; {excess} ({ratio})")
+    print("\nnuclear morphology (segmented like pairs_from_he; 'truth': the simulation's nucleus_boundaries):")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(morphology_table(nuclei).to_string(index=False))
     if args.out:
         from PIL import Image
 

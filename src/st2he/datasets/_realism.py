@@ -32,7 +32,17 @@ DEFAULT_ARTEFACTS: dict[str, float] = {"fold": 2.0, "tear": 3.0, "thickness": 0.
 _H_CENTRE, _H_SPREAD = np.array([0.55, 0.72, 0.42]), np.array([0.06, 0.04, 0.04])
 _E_CENTRE, _E_SPREAD = np.array([0.24, 0.86, 0.45]), np.array([0.05, 0.03, 0.06])
 
-_STREAM = {"stain": 1, "texture": 2, "fold": 3, "tear": 4, "thickness": 5, "scanner": 6, "noise": 7}
+_STREAM = {
+    "stain": 1,
+    "texture": 2,
+    "fold": 3,
+    "tear": 4,
+    "thickness": 5,
+    "scanner": 6,
+    "noise": 7,
+    "nuclei": 8,
+    "nuclear_molecules": 9,
+}
 
 
 def check_artefacts(artefacts) -> dict[str, float]:

@@ -235,6 +235,23 @@ _STATES: dict[str, dict[str, float]] = {
 }
 _STATE_NAMES = ("none", "mucinous", "keratinizing", "proliferating")
 
+#: Nuclei of the realistic look (``appearance="realistic"``), drawn anew from the clean look's: ``size``, the standard
+#: deviation of a nucleus's log linear size (its area's is twice that); ``giant``, the share of nuclei twice as large in
+#: area (pleomorphic tumour nuclei); ``elongation``, the standard deviation of the log change of its axis ratio;
+#: ``irregular``, the amplitude of its outline's harmonics k = 2..7 (wavy and lobed outlines); ``notched``, the share
+#: of nuclei with a notch (kidney-shaped, cleaved and indented nuclei: solidity well below 1). Measured against
+#: nuclei segmented in real H&E (``benchmarks/bench_realism.py``).
+_PLEOMORPHISM: dict[str, dict[str, float]] = {
+    "tumour_gland": {"size": 0.28, "giant": 0.08, "elongation": 0.3, "irregular": 0.2, "notched": 0.4},
+    "tumour_solid": {"size": 0.28, "giant": 0.08, "elongation": 0.3, "irregular": 0.2, "notched": 0.4},
+    "fibroblast": {"size": 0.18, "giant": 0.0, "elongation": 0.15, "irregular": 0.14, "notched": 0.15},
+    "lymphocyte": {"size": 0.14, "giant": 0.0, "elongation": 0.3, "irregular": 0.1, "notched": 0.15},
+    "macrophage": {"size": 0.18, "giant": 0.0, "elongation": 0.3, "irregular": 0.2, "notched": 0.6},
+    "endothelial": {"size": 0.16, "giant": 0.0, "elongation": 0.15, "irregular": 0.1, "notched": 0.1},
+    "erythrocyte": {"size": 0.0, "giant": 0.0, "elongation": 0.0, "irregular": 0.0, "notched": 0.0},
+}
+_N_HARMONICS_REALISTIC = 6  # harmonics k = 2..7
+
 # obstacle kinds: parts of the tissue no cell covers
 _GLAND_LUMEN, _VESSEL_LUMEN, _PEARL_CORE = 0, 1, 2
 _N_HARMONICS = 3  # harmonics k = 2, 3, 4 of the nuclear outline
@@ -328,10 +345,16 @@ def synthetic_tissue(
         ``"realistic"``: like a real slide, with stain absorbance vectors, stain intensities, white level and
         tint, blur and JPEG compression drawn per sample within the ranges of real scans, grainy chromatin and
         cytoplasm, wavy collagen fibres with clefts in stroma, nuclei that take up stain unevenly (some with a
-        perinuclear halo), and section artefacts (uneven thickness, folds, tears; see ``artefacts``). All of it
-        is drawn from ``seed`` (the same seed gives the same image) and rendered as optical densities through the
-        same Beer-Lambert model. Only the H&E changes: the layout, the molecules and the DAPI image are the same
-        in both appearances. The default will switch to ``"realistic"`` once the shipped models are retrained.
+        perinuclear halo), and section artefacts (uneven thickness, folds, tears; see ``artefacts``). Its nuclei
+        vary in size and shape as in real H&E: sizes spread per cell type (tumour nuclei most, a few of them twice as
+        large), axis ratios spread, outlines wavy, lobed or notched (solidity below 1). All of it is drawn from
+        ``seed`` (the same seed gives the same image) and rendered as optical densities through the same
+        Beer-Lambert model. The cells (positions, types, states, ``cell_boundaries``, regions), the molecules' genes,
+        cells and quality, and so the ``table``, are the same in both appearances; since the nuclei are part of the
+        section, ``nucleus_boundaries``, the DAPI image (the same nuclei), ``table.obs["nucleus_area"]`` and the
+        positions of the molecules within their cells (nuclear ones in the new nuclei) and their
+        ``overlaps_nucleus`` differ. Every molecule stays in its cell, every nucleus in its cell. The default will
+        switch to ``"realistic"`` once the shipped models are retrained.
     artefacts
         With ``appearance="realistic"``: rates of section artefacts, merged with the defaults
         ``{"fold": 2.0, "tear": 3.0, "thickness": 0.15}``: ``fold`` and ``tear``, the expected number of folds
@@ -397,7 +420,13 @@ def synthetic_tissue(
     cells = layout["cells"]
     polys, areas = _cell_polygons(layout)
     nuclei = _nucleus_outlines(cells)
-    counts, tx = _transcripts(rng, layout, areas, nuclei, transcripts_per_um2)
+    redraw = None
+    if appearance == "realistic":  # nuclei of realistic size and shape spread, from their own generator
+        drawn = _pleomorphic_nuclei(seed, cells, layout["obstacles"], layout["tissue"])
+        redraw = (drawn, _nucleus_outlines(drawn), _realism._rng(seed, "nuclear_molecules"))
+    counts, tx = _transcripts(rng, layout, areas, nuclei, transcripts_per_um2, redraw=redraw)
+    if redraw is not None:
+        cells, nuclei = redraw[0], redraw[1]
     if panel != "default":  # only the names change: the codes, and every draw, stay those of the default panel
         tx["gene"] = tx["gene"].cat.rename_categories(list(genes) + list(controls))
     chromatin, coverage = _render_nuclei(rng, cells, dapi_grid)
@@ -843,20 +872,68 @@ def _cell_shapes(rng, x, y, ctype, state, angle, obstacles, tissue):
         "harm_phase": harm_phase,
         "nucleated": nucleated,
     }
-    # shrink nuclei until their outline lies inside their cell (Voronoi territory, radius, obstacles, tissue)
-    idx = np.flatnonzero(nucleated)
-    for _ in range(8):
+    _fit_nuclei(cells, obstacles, tissue)
+    return cells
+
+
+def _fit_nuclei(cells, obstacles, tissue, *, margin=1.15, step=0.85, rounds=8) -> None:
+    """Shrink nuclei (in place) until their outline lies inside their cell (territory, radius, obstacles, tissue).
+
+    The outline grown by ``margin`` must fit; nuclei that do not are shrunk by ``step``, at most ``rounds`` times.
+    """
+    idx = np.flatnonzero(cells["nucleated"])
+    for _ in range(rounds):
         if len(idx) == 0:
             break
-        bx, by = _nucleus_boundary(cells, idx, scale=1.15)
+        bx, by = _nucleus_boundary(cells, idx, scale=margin)
         inside = _in_cell(cells, obstacles, tissue, bx.ravel(), by.ravel(), np.repeat(idx, bx.shape[1]))
         bad = ~inside.reshape(bx.shape).all(axis=1)
         if not bad.any():
             break
-        cells["a"][idx[bad]] *= 0.85
-        cells["b"][idx[bad]] *= 0.85
+        cells["a"][idx[bad]] *= step
+        cells["b"][idx[bad]] *= step
         idx = idx[bad]
-    return cells
+
+
+def _pleomorphic_nuclei(seed: int, cells: dict, obstacles, tissue) -> dict:
+    """The cells with their nuclei drawn anew for the realistic look (sizes, shapes and outlines as in real H&E).
+
+    Starts from the clean look's nuclei (same centres, orientations and mean sizes per type) and varies them per
+    :data:`_PLEOMORPHISM`, from the sample's own generator of nuclei (the clean look's draws are untouched); then
+    shrinks, as the clean look does, those that do not fit in their cell. Returns a new dict; ``cells`` is left as
+    it is.
+    """
+    rng = _realism._rng(seed, "nuclei")
+    n = len(cells["x"])
+    ctype = cells["ctype"]
+
+    def param(key):
+        return np.array([_PLEOMORPHISM[t][key] for t in CELL_TYPES])[ctype]
+
+    scale = np.exp(rng.normal(0.0, 1.0, n) * param("size"))
+    scale *= np.where(rng.random(n) < param("giant"), np.sqrt(2.0), 1.0)
+    stretch = np.exp(0.5 * rng.normal(0.0, 1.0, n) * param("elongation"))
+    k = np.arange(2, 2 + _N_HARMONICS_REALISTIC)
+    irregular = param("irregular") * rng.lognormal(0.0, 0.5, n)  # some nuclei smooth, some notched or lobed
+    amp = rng.normal(0.0, 1.0, (n, len(k))) * irregular[:, None] / (k - 1) ** 0.7
+    coef = amp * np.exp(1j * rng.uniform(0, 2 * np.pi, (n, len(k))))
+    # a notch of depth d and angular width w at theta0: r -= d exp(-(theta - theta0)^2 / 2w^2), harmonics k >= 2
+    notched = rng.random(n) < param("notched")
+    depth, width = rng.uniform(0.3, 0.6, n), rng.uniform(0.25, 0.45, n)
+    theta0 = rng.uniform(0, 2 * np.pi, n)
+    notch = -(depth * width * np.sqrt(2 / np.pi))[:, None] * np.exp(-0.5 * (k[None, :] * width[:, None]) ** 2)
+    coef += np.where(notched[:, None], notch * np.exp(-1j * k[None, :] * theta0[:, None]), 0.0)
+    # the outline stays within 45 % of the ellipse (nuclei are looked for up to 60 % beyond it)
+    coef *= np.minimum(1.0, 0.45 / np.maximum(np.abs(coef).sum(axis=1), 1e-12))[:, None]
+    out = {key: value for key, value in cells.items() if key != "harm_coef"}
+    out["a"] = cells["a"] * scale * stretch
+    out["b"] = cells["b"] * scale / stretch
+    out["harm_amp"] = np.abs(coef)
+    out["harm_phase"] = np.angle(coef)
+    out["reach"] = 1.0 + np.abs(coef).sum(axis=1) + 0.02  # how far the outline reaches, relative to the ellipse
+    # nuclei may come closer to the cell's edge than in the clean look, shrunk in finer steps
+    _fit_nuclei(out, obstacles, tissue, margin=1.05, step=0.93, rounds=20)
+    return out
 
 
 def _nucleus_radius(cells, idx, z):
@@ -871,7 +948,7 @@ def _nucleus_radius(cells, idx, z):
         coef = coef[:, None, :]
     zk = z * z  # k = 2
     out = 1 + (coef[..., 0] * zk).real
-    for k in range(1, _N_HARMONICS):
+    for k in range(1, coef.shape[-1]):
         zk = zk * z
         out += (coef[..., k] * zk).real
     return out
@@ -1013,8 +1090,49 @@ def _expression_means(cells):
     return profile
 
 
-def _transcripts(rng, layout, areas, nuclei, density):
-    """Molecules of every cell, a few unassigned ones and control probes; the cells x genes count matrix."""
+def _place_molecules(rng, cells, obstacles, tissue, owner, want_nuc):
+    """Positions of molecules in their cell ``owner``, in its nucleus where ``want_nuc`` (rejection sampling).
+
+    Returns ``x``, ``y`` and whether each molecule found a place (those that did not: cells whose territory is tiny).
+    ``want_nuc`` is changed: nuclear molecules that did not hit their nucleus in 10 tries go to the cytoplasm.
+    """
+    px = np.empty(len(owner))
+    py = np.empty(len(owner))
+    placed = np.zeros(len(owner), dtype=bool)
+    for attempt in range(30):
+        todo = np.flatnonzero(~placed)
+        if len(todo) == 0:
+            break
+        o = owner[todo]
+        nuc = want_nuc[todo]
+        # candidates: inside the nucleus's bounding ellipse, or anywhere in the cell's disc
+        r = np.sqrt(rng.random(len(todo)))
+        t = rng.uniform(0, 2 * np.pi, len(todo))
+        reach = cells["reach"][o] if "reach" in cells else 1.3  # of the outline, relative to the ellipse
+        a = np.where(nuc, cells["a"][o] * reach, cells["R"][o])
+        b = np.where(nuc, cells["b"][o] * reach, cells["R"][o])
+        u, v = a * r * np.cos(t), b * r * np.sin(t)
+        ca, sa = np.cos(cells["angle"][o]), np.sin(cells["angle"][o])
+        cx = cells["x"][o] + u * ca - v * sa
+        cy = cells["y"][o] + u * sa + v * ca
+        in_nucleus = np.where(cells["nucleated"][o], _nucleus_rho(cells, o, cx, cy) <= 1.0, False)
+        ok = np.where(nuc, in_nucleus, ~in_nucleus)
+        ok[ok] = _in_cell(cells, obstacles, tissue, cx[ok], cy[ok], o[ok])
+        px[todo[ok]] = cx[ok]
+        py[todo[ok]] = cy[ok]
+        placed[todo[ok]] = True
+        if attempt == 9:  # nuclear molecules of cells whose nucleus is too small to hit go to the cytoplasm
+            want_nuc[:] = np.where(placed, want_nuc, False)
+    return px, py, placed
+
+
+def _transcripts(rng, layout, areas, nuclei, density, *, redraw=None):
+    """Molecules of every cell, a few unassigned ones and control probes; the cells x genes count matrix.
+
+    ``redraw``: ``(cells, nuclei, rng)`` of nuclei drawn anew (the realistic look): the molecules drawn with
+    ``nuclei`` (their genes, cells, quality, and every draw of ``rng``) stay, and the molecules of cells are placed
+    again in their cell with the new nuclei, from the generator given there.
+    """
     import shapely
 
     cells = layout["cells"]
@@ -1038,33 +1156,8 @@ def _transcripts(rng, layout, areas, nuclei, density):
     for g in NUCLEAR_GENES:
         factor[GENES.index(g)] = 3.0
     want_nuc = rng.random(len(owner)) < np.clip(p_nuc[owner] * factor[gene], 0, 0.97)
-    px = np.empty(len(owner))
-    py = np.empty(len(owner))
-    placed = np.zeros(len(owner), dtype=bool)
     obstacles, tissue = layout["obstacles"], layout["tissue"]
-    for attempt in range(30):
-        todo = np.flatnonzero(~placed)
-        if len(todo) == 0:
-            break
-        o = owner[todo]
-        nuc = want_nuc[todo]
-        # candidates: inside the nucleus's bounding ellipse, or anywhere in the cell's disc
-        r = np.sqrt(rng.random(len(todo)))
-        t = rng.uniform(0, 2 * np.pi, len(todo))
-        a = np.where(nuc, cells["a"][o] * 1.3, cells["R"][o])
-        b = np.where(nuc, cells["b"][o] * 1.3, cells["R"][o])
-        u, v = a * r * np.cos(t), b * r * np.sin(t)
-        ca, sa = np.cos(cells["angle"][o]), np.sin(cells["angle"][o])
-        cx = cells["x"][o] + u * ca - v * sa
-        cy = cells["y"][o] + u * sa + v * ca
-        in_nucleus = np.where(cells["nucleated"][o], _nucleus_rho(cells, o, cx, cy) <= 1.0, False)
-        ok = np.where(nuc, in_nucleus, ~in_nucleus)
-        ok[ok] = _in_cell(cells, obstacles, tissue, cx[ok], cy[ok], o[ok])
-        px[todo[ok]] = cx[ok]
-        py[todo[ok]] = cy[ok]
-        placed[todo[ok]] = True
-        if attempt == 9:  # nuclear molecules of cells whose nucleus is too small to hit go to the cytoplasm
-            want_nuc[:] = np.where(placed, want_nuc, False)
+    px, py, placed = _place_molecules(rng, cells, obstacles, tissue, owner, want_nuc)
     if not placed.all():
         # leftover molecules (cells whose territory is tiny) sit on the cell centre
         left = ~placed
@@ -1072,6 +1165,18 @@ def _transcripts(rng, layout, areas, nuclei, density):
         py[left] = cells["y"][owner[left]]
         counts = np.zeros_like(counts)
         np.add.at(counts, (owner, gene), 1)
+    if redraw is not None:
+        # the same molecules (genes, cells, quality: the draws above), placed anew with the nuclei drawn anew
+        cells, nuclei, place_rng = redraw
+        nuc_area = np.zeros(n_cells)
+        nuc_area[nuclei["index"]] = shapely.area(nuclei["polygons"])
+        p_nuc = np.clip(
+            nuc_area / np.maximum(areas, 1e-6) * _type_value(cells["ctype"], cells["state"], "nuclear_share"), 0, 0.95
+        )
+        want_nuc = place_rng.random(len(owner)) < np.clip(p_nuc[owner] * factor[gene], 0, 0.97)
+        px, py, placed = _place_molecules(place_rng, cells, obstacles, tissue, owner, want_nuc)
+        px[~placed] = cells["x"][owner[~placed]]
+        py[~placed] = cells["y"][owner[~placed]]
     overlaps = np.zeros(len(owner), dtype=bool)
     nucleated = cells["nucleated"][owner]
     overlaps[nucleated] = _nucleus_rho(cells, owner[nucleated], px[nucleated], py[nucleated]) <= 1.0
@@ -1163,8 +1268,9 @@ def _render_nuclei(rng, cells, grid: Grid, batch: int = 2_000_000):
     texture = _type_value(ctype, state, "texture")
     rim = _type_value(ctype, state, "rim")
     # bounding box of each (rotated, irregular) ellipse, with room for the outline's harmonics and soft edge
-    a_ = cells["a"][idx_all] * 1.35 + 0.5
-    b_ = cells["b"][idx_all] * 1.35 + 0.5
+    reach = cells["reach"][idx_all] + 0.05 if "reach" in cells else 1.35
+    a_ = cells["a"][idx_all] * reach + 0.5
+    b_ = cells["b"][idx_all] * reach + 0.5
     ang = cells["angle"][idx_all]
     half_x = np.ceil(np.hypot(a_ * np.cos(ang), b_ * np.sin(ang)) / ps).astype(np.int64) + 1
     half_y = np.ceil(np.hypot(a_ * np.sin(ang), b_ * np.cos(ang)) / ps).astype(np.int64) + 1
