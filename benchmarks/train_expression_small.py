@@ -69,6 +69,9 @@ def main(argv=None) -> None:
     parser.add_argument("--appearance", default="clean", choices=["clean", "realistic", "mixed"])
     parser.add_argument("--init", type=Path, default=None, help="continue from this saved expression model")
     parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --work from its latest checkpoint (same options)"
+    )
+    parser.add_argument(
         "--units", nargs="+", default=["cells", "spots", "bins16"], help="units to train on (each section once per kind)"
     )
     args = parser.parse_args(argv)
@@ -116,7 +119,8 @@ def main(argv=None) -> None:
         seed=0,
         device=args.device,
         output_dir=args.work,
-        overwrite=True,
+        overwrite=not args.resume,
+        resume="latest" if args.resume else False,
     )
     seconds = time.time() - t0
     history = model.metadata.get("history") or []
