@@ -33,7 +33,7 @@ Rows ``(niche genes)``: the same, over the 8 genes ``NICHE_EFFECTS`` modulates o
     python benchmarks/bench_ceiling.py --niche         # niche=True sections (appearance does not matter)
     python benchmarks/bench_ceiling.py --skip-sr       # without the 8 µm bins of super-resolution
 
-About 3 minutes of one core (most of it simulating the sections).
+About 6 minutes of one free core (most of it simulating the 768 µm sections); 15 on a shared one.
 """
 
 from __future__ import annotations
