@@ -9,7 +9,13 @@ Held-out figures: ``benchmarks/bench_expression.py`` (seeds never trained on).
 
     python benchmarks/train_expression_small.py --steps 1800 --out src/st2he/models/weights/expression
 
-About 15 minutes on 2 idle CPU cores.
+About 15 minutes on 2 idle CPU cores. The defaults reproduce the shipped model. Options for other simulations:
+``--niche`` trains on ``synthetic_tissue(..., niche=True)`` (niche-dependent expression), ``--appearance``
+``clean`` (default), ``realistic`` or ``mixed`` (every training seed in both looks: the same molecules under two
+H&E), ``--init PATH`` continues from a saved model (its genes and sizes) instead of a new one:
+
+    python benchmarks/train_expression_small.py --niche --appearance mixed --init src/st2he/models/weights/expression \
+        --steps 700 --out bench_output/expression_niche
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--work", type=Path, default=Path("bench_output/expression_training"))
     parser.add_argument("--out", type=Path, default=None, help="copy the trained model here (the shipped folder)")
+    parser.add_argument("--niche", action="store_true", help="simulate with niche-dependent expression")
+    parser.add_argument("--appearance", default="clean", choices=["clean", "realistic", "mixed"])
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved expression model")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --work from its latest checkpoint (same options)"
+    )
     parser.add_argument(
         "--units", nargs="+", default=["cells", "spots", "bins16"], help="units to train on (each section once per kind)"
     )
@@ -72,8 +84,16 @@ def main(argv=None) -> None:
     warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
     torch.manual_seed(0)
     t0 = time.time()
-    simulated = [st2he.datasets.synthetic_tissue(s, size_um=SIZE_UM) for s in (*TRAIN_SEEDS, VAL_SEED)]
-    print(f"simulated {len(simulated)} sections of {SIZE_UM:g} µm in {time.time() - t0:.0f} s")
+    looks = ("clean", "realistic") if args.appearance == "mixed" else (args.appearance,)
+    # (the defaults call synthetic_tissue exactly as before)
+    niche = {"niche": True} if args.niche else {}
+    options = [({} if look == "clean" else {"appearance": look}) | niche for look in looks]
+    simulated = [
+        st2he.datasets.synthetic_tissue(s, size_um=SIZE_UM, **kwargs)
+        for kwargs in options
+        for s in (*TRAIN_SEEDS, VAL_SEED)
+    ]
+    print(f"simulated {len(simulated)} sections of {SIZE_UM:g} µm ({', '.join(looks)}) in {time.time() - t0:.0f} s")
     # the model pools its dense prediction into any unit: it learns that from cells, pseudo-spots and 16 µm bins of
     # the same sections (each kind of unit is one "section" for training; the validation section is seed 4)
     sections = []
@@ -81,9 +101,10 @@ def main(argv=None) -> None:
         for sdata in simulated:
             sections.append(_with_units(sdata, unit))
     t0 = time.time()
+    init = st2he.models.load_expression_model(args.init) if args.init is not None else args.size
     model = st2he.tl.train_expression(
         sections,
-        model=args.size,
+        model=init,
         genes=list(GENES),
         tumour_key="tissue",
         tumour_values=TUMOUR,
@@ -98,7 +119,8 @@ def main(argv=None) -> None:
         seed=0,
         device=args.device,
         output_dir=args.work,
-        overwrite=True,
+        overwrite=not args.resume,
+        resume="latest" if args.resume else False,
     )
     seconds = time.time() - t0
     history = model.metadata.get("history") or []

@@ -295,6 +295,7 @@ def synthetic_tissue(
     appearance: str = "clean",
     artefacts: dict[str, float] | None = None,
     panel: str = "default",
+    niche: bool = False,
 ):
     """Simulate a high-resolution spatial transcriptomics sample with its paired ground-truth H&E.
 
@@ -370,6 +371,22 @@ def synthetic_tissue(
         for the same seed the cells, molecules (positions, counts, quality) and images are the same on every
         panel, and the transcripts' ``gene`` categories, the table's ``var_names`` (with ``var["program"]``) and
         the control probes follow the panel. For measuring how a model trained on one panel reads another.
+    niche
+        ``False`` (the default): a cell's expected expression depends on its type and state only, so nothing
+        about its neighbourhood adds to knowing what cell it is. ``True``: five programs also depend on where the
+        cell sits, as in carcinomas (:data:`NICHE_EFFECTS`; each a factor ``1 + (F - 1) w`` on the expected
+        expression of its genes in its cell type, ``w`` in [0, 1] smooth in µm): cancer-associated fibroblasts
+        (``FAP``, ``POSTN`` x3 in fibroblasts at the tumour border, ``w = exp(-d / 15)`` with ``d`` the distance
+        out of the tumour, 1 inside it), cytotoxic lymphocytes in the tumour (``CD8A``, ``CCL5`` x3,
+        ``w = 1 / (1 + exp(s / 10))`` with ``s`` the signed distance to the tumour border, negative inside),
+        tumour-associated macrophages (``CD163``, ``APOE`` x3, ``w = exp(-d / 20)``), tumour endothelium
+        (``PLVAP`` x2.5 in endothelial cells, ``w = exp(-d / 20)``) and hypoxic tumour cores (``PGK1`` x4 in
+        tumour cells, ``w = 1 / (1 + exp(-(v - 80) / 15))`` with ``v`` the distance to the nearest vessel lumen).
+        Only the genes of each cell's molecules change (drawn again, with their own random stream, from the
+        modulated program; ``MALAT1`` and ``NEAT1`` keep their share): the layout, the molecules' positions,
+        quality and cells, both images and every other output are those of ``niche=False`` for the same seed.
+        The cell table gains ``obs["tumour_distance"]`` (``s``, µm) and ``obs["vessel_distance"]`` (``v``, µm;
+        infinite without vessels). No new genes: the panel and every palette stay the same.
 
     Returns
     -------
@@ -389,6 +406,9 @@ def synthetic_tissue(
     if appearance not in ("clean", "realistic"):
         msg = f"appearance must be 'clean' or 'realistic', got {appearance!r}."
         raise ValueError(msg)
+    if not isinstance(niche, (bool, np.bool_)):
+        msg = f"niche must be True or False, got {niche!r}."
+        raise TypeError(msg)
     if artefacts is not None and appearance != "realistic":
         msg = "artefacts= only applies with appearance='realistic'; pass appearance='realistic' or leave it out."
         raise ValueError(msg)
@@ -424,7 +444,10 @@ def synthetic_tissue(
     if appearance == "realistic":  # nuclei of realistic size and shape spread, from their own generator
         drawn = _pleomorphic_nuclei(seed, cells, layout["obstacles"], layout["tissue"])
         redraw = (drawn, _nucleus_outlines(drawn), _realism._rng(seed, "nuclear_molecules"))
-    counts, tx = _transcripts(rng, layout, areas, nuclei, transcripts_per_um2, redraw=redraw)
+    niche_info = _niche_distances(layout) if niche else None
+    counts, tx = _transcripts(
+        rng, layout, areas, nuclei, transcripts_per_um2, redraw=redraw, niche=niche_info, seed=seed
+    )
     if redraw is not None:
         cells, nuclei = redraw[0], redraw[1]
     if panel != "default":  # only the names change: the codes, and every draw, stay those of the default panel
@@ -455,7 +478,14 @@ def synthetic_tissue(
     }
     if look is not None:
         source["look"] = look
-    return _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source, genes=genes)
+    if niche:
+        source["niche"] = True
+    sdata = _assemble(layout, polys, areas, nuclei, counts, tx, dapi, he, dapi_grid, he_grid, source, genes=genes)
+    if niche_info is not None:
+        obs = sdata["table"].obs
+        obs["tumour_distance"] = niche_info["tumour_distance"]
+        obs["vessel_distance"] = niche_info["vessel_distance"]
+    return sdata
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1067,6 +1097,76 @@ def _nucleus_outlines(cells):
 # Transcripts
 # --------------------------------------------------------------------------------------------------------------
 
+#: Niche-dependent programs of ``synthetic_tissue(..., niche=True)``: (name, cell types, genes, factor F at full
+#: strength, weight kind, length scale µm, centre µm). A cell's expected expression of the genes is multiplied by
+#: ``1 + (F - 1) w`` with ``w`` given by :func:`_niche_weight` from its distances to the tumour border and to vessels.
+NICHE_EFFECTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], float, str, float, float], ...] = (
+    ("cancer-associated fibroblasts", ("fibroblast",), ("FAP", "POSTN"), 3.0, "near_tumour", 15.0, 0.0),
+    ("cytotoxic lymphocytes in tumour", ("lymphocyte",), ("CD8A", "CCL5"), 3.0, "in_tumour", 10.0, 0.0),
+    ("tumour-associated macrophages", ("macrophage",), ("CD163", "APOE"), 3.0, "near_tumour", 20.0, 0.0),
+    ("tumour endothelium", ("endothelial",), ("PLVAP",), 2.5, "near_tumour", 20.0, 0.0),
+    ("hypoxic tumour cores", ("tumour_gland", "tumour_solid"), ("PGK1",), 4.0, "far_from_vessels", 15.0, 80.0),
+)
+
+
+def _niche_weight(kind, scale, centre, tumour_distance, vessel_distance):
+    """Strength in [0, 1] of a niche effect for cells at signed ``tumour_distance`` (negative inside) and
+    ``vessel_distance`` (µm)."""
+    s = np.asarray(tumour_distance, dtype=np.float64)
+    v = np.asarray(vessel_distance, dtype=np.float64)
+    if kind == "near_tumour":  # 1 inside the tumour, decaying outside
+        return np.exp(-np.clip(s, 0, None) / scale)
+    if kind == "in_tumour":
+        return 0.5 * (1 - np.tanh(s / (2 * scale)))  # logistic 1 / (1 + exp(s / scale)), without overflow
+    if kind == "far_from_vessels":
+        return 0.5 * (1 + np.tanh(np.where(np.isfinite(v), v - centre, 1e6) / (2 * scale)))
+    msg = f"unknown niche weight {kind!r}"
+    raise ValueError(msg)
+
+
+def niche_factors(cell_type, tumour_distance, vessel_distance) -> np.ndarray:
+    """Factors ``(cells, genes of GENES)`` of ``niche=True`` on each cell's expected expression.
+
+    ``cell_type``: codes into :data:`CELL_TYPES` or names; distances as in the table's ``obs["tumour_distance"]``
+    and ``obs["vessel_distance"]``.
+    """
+    ct = np.asarray(cell_type)
+    if ct.dtype.kind in "OUS":
+        ct = np.array([CELL_TYPES.index(str(t)) for t in ct], dtype=np.int64)
+    ct = ct.astype(np.int64)
+    factors = np.ones((len(ct), len(GENES)))
+    for _, types, genes, strength, kind, scale, centre in NICHE_EFFECTS:
+        w = _niche_weight(kind, scale, centre, tumour_distance, vessel_distance)
+        sel = np.isin(ct, [CELL_TYPES.index(t) for t in types])
+        for g in genes:
+            factors[sel, GENES.index(g)] *= 1 + (strength - 1) * w[sel]
+    return factors
+
+
+def _niche_distances(layout) -> dict[str, np.ndarray]:
+    """Signed distance of each cell centre to the tumour border (negative inside) and distance to a vessel lumen."""
+    import shapely
+
+    cells = layout["cells"]
+    pts = shapely.points(cells["x"], cells["y"])
+    regions = layout["regions"]
+    tumour = [r["geometry"] for r in regions[:-1]]
+    if tumour:
+        border = shapely.union_all([g.boundary for g in tumour])
+        s = shapely.distance(border, pts)
+        s = np.where(cells["region"] < len(regions) - 1, -s, s)
+    else:
+        s = np.full(len(pts), np.inf)
+    obstacles = layout["obstacles"]
+    vessels = obstacles[obstacles[:, 3] == _VESSEL_LUMEN] if len(obstacles) else obstacles
+    if len(vessels):
+        d, i = cKDTree(vessels[:, :2]).query(np.c_[cells["x"], cells["y"]])
+        v = np.clip(d - vessels[i, 2], 0, None)
+    else:
+        v = np.full(len(pts), np.inf)
+    return {"tumour_distance": s.astype(np.float64), "vessel_distance": v.astype(np.float64), "ctype": cells["ctype"]}
+
+
 
 def _expression_means(cells):
     """Mean expression profile (cells x genes, rows sum to 1) from type and state programs."""
@@ -1126,12 +1226,16 @@ def _place_molecules(rng, cells, obstacles, tissue, owner, want_nuc):
     return px, py, placed
 
 
-def _transcripts(rng, layout, areas, nuclei, density, *, redraw=None):
+def _transcripts(rng, layout, areas, nuclei, density, *, redraw=None, niche=None, seed=0):
     """Molecules of every cell, a few unassigned ones and control probes; the cells x genes count matrix.
 
     ``redraw``: ``(cells, nuclei, rng)`` of nuclei drawn anew (the realistic look): the molecules drawn with
     ``nuclei`` (their genes, cells, quality, and every draw of ``rng``) stay, and the molecules of cells are placed
     again in their cell with the new nuclei, from the generator given there.
+
+    With ``niche`` (:func:`_niche_distances`), the genes of the cells' molecules (but those of the nuclear genes) are
+    drawn again, from a random stream of their own, from each cell's program times :func:`niche_factors`: every
+    draw of ``rng`` stays that of ``niche=None``, so positions, quality and all images stay the same.
     """
     import shapely
 
@@ -1180,6 +1284,8 @@ def _transcripts(rng, layout, areas, nuclei, density, *, redraw=None):
     overlaps = np.zeros(len(owner), dtype=bool)
     nucleated = cells["nucleated"][owner]
     overlaps[nucleated] = _nucleus_rho(cells, owner[nucleated], px[nucleated], py[nucleated]) <= 1.0
+    if niche is not None:
+        gene = _niche_genes(np.random.default_rng([seed, 0x61C4E]), profile, niche, owner, gene)
 
     # unassigned molecules in the tissue outside cells, and control probes anywhere in the tissue
     tissue_area = tissue.area
@@ -1246,6 +1352,25 @@ def _transcripts(rng, layout, areas, nuclei, density, *, redraw=None):
     mat = np.zeros((n_cells, n_genes), dtype=np.int32)
     np.add.at(mat, (all_owner[good], all_gene[good]), 1)
     return {"matrix": mat, "cell_ids": cell_ids[:-1]}, tx
+
+
+def _niche_genes(rng, profile, niche, owner, gene):
+    """Genes of the cells' molecules drawn again from ``profile`` times the niche factors (nuclear genes kept)."""
+    n_genes = len(GENES)
+    nuclear = np.isin(np.arange(n_genes), [GENES.index(g) for g in NUCLEAR_GENES])
+    p = profile * niche_factors(niche["ctype"], niche["tumour_distance"], niche["vessel_distance"])
+    p[:, nuclear] = 0.0
+    p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+    # inverse CDF per molecule on the concatenated rows (row k's CDF shifted by k keeps the whole array sorted)
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = 1.0
+    cdf += np.arange(len(p))[:, None]
+    redraw = np.flatnonzero(~nuclear[gene])
+    u = owner[redraw] + rng.random(len(redraw))
+    new = np.searchsorted(cdf.ravel(), u, side="right") - owner[redraw] * n_genes
+    gene = gene.copy()
+    gene[redraw] = np.clip(new, 0, n_genes - 1)
+    return gene
 
 
 # --------------------------------------------------------------------------------------------------------------
