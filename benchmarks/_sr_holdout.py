@@ -19,14 +19,20 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 BIN_SIZE = 8.0
 SPOT_DIAMETER = 55.0
 SPOT_SPACING = 100.0
+#: How bins are normalised before scoring (both sides alike); the benchmarks' ``--normalisation`` sets it.
+NORMALISATION = "log1p_cp10k"
 
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-def log_table(sdata, key: str, truth: str, out: str, *, flat: bool = False) -> None:
+def log_table(
+    sdata, key: str, truth: str, out: str, *, flat: bool = False, normalisation: str = "log1p_cp10k"
+) -> None:
     """A copy of super-resolved table ``key``, log-normalised, annotating the truth's bins (same ids by design).
 
-    ``flat``: each bin gets its spot's mean (the floor any method must clear).
+    ``flat``: each bin gets its spot's mean (the floor any method must clear). ``normalisation``: ``"log1p_cp10k"``
+    (log1p of counts per 10k of the bin: its composition) or ``"log1p"`` (the counts are kept, and scored as
+    log1p of counts: also how many molecules the bin holds).
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -38,17 +44,21 @@ def log_table(sdata, key: str, truth: str, out: str, *, flat: bool = False) -> N
     if flat:
         X = pd.DataFrame(X).groupby(t.obs["source_unit"].astype(str).to_numpy()).transform("mean").to_numpy()
     region = sdata.tables[truth].uns["spatialdata_attrs"]["region"]
-    tab = ad.AnnData(X=lognormalise(X), obs=t.obs[["instance_id", "array_row", "array_col"]].copy(), var=t.var.copy())
+    values = lognormalise(X) if normalisation == "log1p_cp10k" else X  # counts: evaluate_expression takes log1p
+    tab = ad.AnnData(X=values, obs=t.obs[["instance_id", "array_row", "array_col"]].copy(), var=t.var.copy())
     tab.obs["region"] = pd.Categorical([region] * tab.n_obs)
     sdata.tables[out] = TableModel.parse(tab, region=region, region_key="region", instance_key="instance_id")
 
 
-def score(sdata, key: str, truth: str, *, flat: bool = False) -> pd.DataFrame:
+def score(sdata, key: str, truth: str, *, flat: bool = False, normalisation: str | None = None) -> pd.DataFrame:
     """Per-gene frame of ``st2he.tl.evaluate_expression`` (signed Pearson, SSIM with the measured data range)."""
     import st2he
 
-    log_table(sdata, key, truth, "_scored", flat=flat)
-    df = st2he.tl.evaluate_expression(sdata, pred_key="_scored", true_key=truth, overwrite=True)
+    normalisation = normalisation or NORMALISATION
+    log_table(sdata, key, truth, "_scored", flat=flat, normalisation=normalisation)
+    # log1p: both tables' counts as log1p(counts), by evaluate_expression itself
+    kwargs = {"prediction": "counts", "normalisation": "log1p"} if normalisation == "log1p" else {}
+    df = st2he.tl.evaluate_expression(sdata, pred_key="_scored", true_key=truth, overwrite=True, **kwargs)
     del sdata.tables["_scored"]
     return df
 

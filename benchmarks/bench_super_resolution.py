@@ -11,6 +11,9 @@ Scoring: the super-resolved counts are log-normalised per bin (log1p CP10k over 
 panel) and scored with ``st2he.tl.evaluate_expression`` over the bins both tables hold: signed per-gene Pearson and
 SSIM (fixed data range: the measured map's max - min). Reported over the top-50 highly variable genes of each
 section (``evaluate_expression``'s ``highly_variable``); paired one-sided Wilcoxon tests over (section, gene) pairs.
+``--normalisation log1p`` scores the gene maps as log1p of the counts instead (both sides; the normalisation
+``evaluate_expression`` gives bins of equal area): then how many molecules a bin holds counts too, not only its
+composition.
 
 Then the real crops in ``/work/shared/data`` (Xenium cell-line crop via ``st2he.io.read_xenium(...,
 image_pixel_size=400 / 237, image_origin=(1000, 1000))``, the MERSCOPE brain crop, the CosMx brain crop), held out by
@@ -226,6 +229,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="saved expression model for method='regression'")
     parser.add_argument("--no-real", action="store_true", help="skip the real crops")
+    parser.add_argument(
+        "--normalisation", choices=["log1p_cp10k", "log1p"], default="log1p_cp10k",
+        help="bins scored as log1p CP10k (their composition; default) or log1p counts (also their molecule density)",
+    )
     parser.add_argument("--real-only", action="store_true", help="only the real crops")
     parser.add_argument("--diffusion", default=None, help="saved super-resolution model for method='diffusion'")
     parser.add_argument(
@@ -239,6 +246,7 @@ def main() -> None:
         "--sr-budget", type=float, default=80.0, help="real: seconds of each tiny super-resolution model (0: none)"
     )
     args = parser.parse_args()
+    H.NORMALISATION = args.normalisation
     warnings.simplefilter("ignore")
     import logging
 

@@ -26,6 +26,7 @@ SIZE_UM = 512.0
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(TRAIN_SEEDS), help="simulated training sections")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--time-budget", type=float, default=600.0, help="seconds of optimisation at most")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "large"])
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("st2he").setLevel(logging.ERROR)
     t = time.perf_counter()
-    sections = [st2he.datasets.synthetic_tissue(s, size_um=SIZE_UM) for s in TRAIN_SEEDS]
+    sections = [st2he.datasets.synthetic_tissue(s, size_um=SIZE_UM) for s in args.seeds]
     model = st2he.tl.train_super_resolution(
         sections, size=args.size, n_genes=50, expression_model="shipped", steps=args.steps,
         batch_size=args.batch_size, window=args.window, lr=args.lr, seed=0, out=args.work,
