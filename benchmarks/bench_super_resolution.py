@@ -160,7 +160,7 @@ def simulated(
         ("guided_dapi", "bicubic"), ("regression", "flat"), ("regression", "guided_he"), ("guided_he", "regression"),
     ]
     for d in ("diffusion", "diffusion_1step", f"diffusion_1step_mean{n_samples}"):
-        pairs += [(d, b) for b in ("flat", "bicubic", "guided_he", "guided_dapi", "regression")]
+        pairs += [(d, b) for b in ("flat", "bicubic", "guided_he", "guided_dapi", "regression", "regression_density")]
     mean = f"diffusion_1step_mean{n_samples}"
     pairs += [(mean, "diffusion_1step"), ("regression", mean)]
     for metric in ("pearson", "ssim"):
@@ -230,6 +230,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="saved expression model for method='regression'")
     parser.add_argument("--no-real", action="store_true", help="skip the real crops")
     parser.add_argument(
+        "--density-baseline", action="store_true",
+        help="also score regression re-weighted by each bin's nuclear density (a benchmark-only baseline)",
+    )
+    parser.add_argument(
         "--normalisation", choices=["log1p_cp10k", "log1p"], default="log1p_cp10k",
         help="bins scored as log1p CP10k (their composition; default) or log1p counts (also their molecule density)",
     )
@@ -247,6 +251,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     H.NORMALISATION = args.normalisation
+    H.DENSITY_BASELINE = args.density_baseline
     warnings.simplefilter("ignore")
     import logging
 
