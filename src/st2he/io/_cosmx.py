@@ -425,12 +425,13 @@ def _read_pictures(folder: Path, files, transcripts, pixel_size: float, assumpti
             except Exception as err:  # one damaged FOV file costs that FOV, not the run
                 _note(assumptions, f"{file.parent.name}/{file.name} could not be read ({err}); FOV {fov} left out")
     fovs = sorted({fov for per_kind in layouts.values() for fov in per_kind})
-    placements, how, listed = _fov_placements(files, transcripts, pixel_size, fovs, assumptions, used)
+    cells = _cell_centres(files)
+    placements, how, listed = _fov_placements(files, cells, transcripts, pixel_size, fovs, assumptions, used)
     out.fovs = how
     if not placements:
         return out
 
-    bottom_up, reversed_x, out.fovs["orientation"] = _file_orientation(found, layouts, files, placements, assumptions)
+    bottom_up, reversed_x, out.fovs["orientation"] = _file_orientation(found, layouts, cells, placements, assumptions)
     tiles: dict[str, list[tuple]] = {}
     for kind, per_kind in layouts.items():
         tiles[kind] = []
@@ -557,7 +558,7 @@ _ORIENTATION_FOVS = 3
 _ORIENTATION_AGREEMENT = 0.5
 
 
-def _file_orientation(found, layouts, files, placements, assumptions: list[str]) -> tuple[bool, bool, dict]:
+def _file_orientation(found, layouts, cells, placements, assumptions: list[str]) -> tuple[bool, bool, dict]:
     """``(rows bottom-up, columns right to left, report)``: how the FOV files store local pixels.
 
     Read from the data, not assumed: the CellLabels of the FOVs with the most cells are read whole and each of the
@@ -570,8 +571,8 @@ def _file_orientation(found, layouts, files, placements, assumptions: list[str])
     def report(orientation, **extra) -> tuple[bool, bool, dict]:
         return (*orientation, {"files_store": _ORIENTATIONS[orientation], **extra})
 
-    centres = ("fov", "cell_ID", "CenterX_local_px", "CenterY_local_px")
-    frame = _columns(files["metadata"], centres) if files["metadata"] is not None else None
+    centres = ["fov", "cell_ID", "CenterX_local_px", "CenterY_local_px"]
+    frame = cells[centres] if cells is not None and set(centres) <= set(cells.columns) else None
     labelled = [f for f in layouts.get("labels", {}) if f in placements]
     if frame is None or not labelled:
         why = "no CellLabels" if not labelled else "no cell metadata with local centres"
@@ -619,7 +620,27 @@ def _file_orientation(found, layouts, files, placements, assumptions: list[str])
     return report(best, cells_on_their_label=share[best], **checked)
 
 
-def _fov_placements(files, transcripts, pixel_size: float, fovs: list[int], assumptions: list[str], used: list[Path]):
+_CENTRES = ("CenterX_local_px", "CenterY_local_px", "CenterX_global_px", "CenterY_global_px")
+
+
+def _cell_centres(files) -> pd.DataFrame | None:
+    """The cell metadata's FOV, ``cell_ID`` and centre columns, read once for placing and orienting the pictures.
+
+    The first of these column sets the file has: all of them; FOV and the local and global centres (to place FOVs);
+    FOV, ``cell_ID`` and the local centres (to check how the files lie). None without metadata or such columns.
+    """
+    if files["metadata"] is None:
+        return None
+    for names in (("fov", "cell_ID", *_CENTRES), ("fov", *_CENTRES), ("fov", "cell_ID", *_CENTRES[:2])):
+        frame = _columns(files["metadata"], names)
+        if frame is not None:
+            return frame
+    return None
+
+
+def _fov_placements(
+    files, cells, transcripts, pixel_size: float, fovs: list[int], assumptions: list[str], used: list[Path]
+):
     """Each FOV's ``(x, y, sign)``: the global px of its local pixel (0, 0), and whether local y runs with global y.
 
     From the positions file, checked against the cell metadata's (else the molecules') local and global
@@ -629,7 +650,7 @@ def _fov_placements(files, transcripts, pixel_size: float, fovs: list[int], assu
     if files["fov_positions"] is not None:
         listed = _read_fov_positions(files["fov_positions"], pixel_size)
         used.append(files["fov_positions"])
-    measured, measured_from = _local_to_global(files, transcripts)
+    measured, measured_from = _local_to_global(files, cells, transcripts)
     placements: dict[int, tuple[float, float, int]] = {}
     moved, by_cells, unplaced = [], [], []
     for fov in fovs:
@@ -703,13 +724,13 @@ def _read_fov_positions(file: Path, pixel_size: float) -> dict[int, tuple[float,
     raise ValueError(msg)
 
 
-def _local_to_global(files, transcripts) -> tuple[dict[int, tuple[float, float, int]] | None, str | None]:
+def _local_to_global(files, cells, transcripts) -> tuple[dict[int, tuple[float, float, int]] | None, str | None]:
     """Per FOV, ``(x, y, sign)`` with global px = ``(x + local x, y + sign * local y)``, from the cells' (else the
     first molecules') local and global pixel columns; None where they give none."""
     frame, source = None, None
     columns = ("CenterX_local_px", "CenterY_local_px", "CenterX_global_px", "CenterY_global_px")
-    if files["metadata"] is not None:
-        frame = _columns(files["metadata"], ("fov", *columns))
+    if cells is not None and {"fov", *columns} <= set(cells.columns):
+        frame = cells[["fov", *columns]]
         source = files["metadata"].name
     if frame is None:
         columns = ("x_local_px", "y_local_px", "x_global_px", "y_global_px")
