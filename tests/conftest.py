@@ -33,3 +33,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _fingerprint(values, k: int = 4) -> tuple:
+    """Size, mean and ``k`` fixed random projections of the centred values (float64).
+
+    For "unchanged" checks of floating-point outputs: a byte hash also changes with the last bits that numpy's SIMD
+    kernels (which differ between CPUs) give to float32 trigonometry, while a moved molecule or outline moves a
+    projection by about its displacement. Compare with ``atol`` of a few thousandths of the values' unit.
+    """
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64).ravel()
+    w = np.random.default_rng(0).standard_normal((k, a.size))
+    return (a.size, float(a.mean()), *(float(v) for v in w @ (a - a.mean())))
+
+
+@pytest.fixture(scope="session")
+def fingerprint():
+    """:func:`_fingerprint`: size, mean and projections of float values, robust to last-bit differences."""
+    return _fingerprint

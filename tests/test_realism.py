@@ -40,23 +40,30 @@ def test_clean_is_byte_identical_to_before(pair):
     assert clean.attrs["st2he"]["source"]["appearance"] == "clean"
 
 
-def test_clean_nuclei_molecules_and_table_are_byte_identical_to_before(pair):
-    # checksums taken before the realistic look drew its own nuclei (the clean look must not move)
+def test_clean_nuclei_molecules_and_table_are_byte_identical_to_before(pair, fingerprint):
+    # checksums taken before the realistic look drew its own nuclei (the clean look must not move). Outlines,
+    # positions and areas are compared by fingerprint (recorded on 8b85265, where their byte hashes still matched):
+    # their last bits move with the CPU's SIMD kernels for float32 trigonometry
     clean, _ = pair
     nuclei = clean.shapes["nucleus_boundaries"]
-    assert _digest(shapely.get_coordinates(nuclei.geometry.to_numpy())) == (
-        "85ccb707526f994d633dbf3b680c13d06d730e107d5dc28737f0c15a16dac722"
+    close = {"rel": 0, "abs": 2e-3}
+    assert fingerprint(shapely.get_coordinates(nuclei.geometry.to_numpy())) == pytest.approx(
+        (5166, 1062.2226062032, -12570.978443840955, 28448.427242066122, -3365.724500342269, -11304.952951538999),
+        **close,
     )
     tx = clean.points["transcripts"].compute()
-    assert _digest(tx[["x", "y"]].to_numpy()) == "17328671ff573bc40de3900c79ae694e6eca5d34e64f039954519f4f0d0a4127"
+    assert fingerprint(tx[["x", "y"]].to_numpy()) == pytest.approx(
+        (13694, 1062.3421225621314, 5192.134142141499, 12933.126569714352, 24517.92943713872, 57988.51666410647),
+        **close,
+    )
     assert _digest(tx["overlaps_nucleus"].to_numpy()) == (
         "fe31dfb95364d6cc949a60f908ecd55dd14d2d5c130aef4a0db9e3bc7d0f54fc"
     )
     assert _digest(tx["qv"].to_numpy()) == "f0b8144bfa6114ca14ed7598b2fbea96ab68710bfebbada987fd62f4f8123038"
     table = clean.tables["table"]
     assert _digest(table.X.toarray()) == "a810b6d3a5345eedd79472e63599be01a04f33c9047cd4b4c2bf68f176cf6492"
-    assert _digest(table.obs["nucleus_area"].to_numpy()) == (
-        "3a651a81190e3a240fff5ac99882d2ab39f640377c39d010217c761d4aa874a7"
+    assert fingerprint(table.obs["nucleus_area"].to_numpy()) == pytest.approx(
+        (63, 21.541487996367387, -80.1399990507315, 45.544011858922055, 18.7834909855468, 65.4661249295089), **close
     )
 
 
