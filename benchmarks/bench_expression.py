@@ -16,6 +16,7 @@ the slide.
     python benchmarks/bench_expression.py --model PATH    # another one
     python benchmarks/bench_expression.py --appearance realistic --skip-memory   # the realistic-looking H&E
     python benchmarks/bench_expression.py --niche --skip-memory   # niche-dependent expression (synthetic_tissue)
+    python benchmarks/bench_expression.py --pooling counts --units cells bins16 bins32 spots --skip-memory
 
 With ``--niche`` the sections are simulated with ``synthetic_tissue(..., niche=True)`` (five programs that depend on
 the distance to the tumour border or to vessels) and each kind of unit also gets a line over the 8 genes those
@@ -43,22 +44,34 @@ TUMOUR = ("gland_tumour", "solid_tumour")
 METHODS = ("mean", "knn", "ridge", "multiscale")
 
 
-def _units(sdata):
-    """The three kinds of unit of a simulated section, each with its measured table and tumour labels."""
+UNITS = ("cells", "spots", "bins16", "bins32")
+
+
+def _units(sdata, kinds=UNITS[:3]):
+    """The kinds of unit of a simulated section asked for, each with its measured table and tumour labels."""
     import st2he
 
-    st2he.pp.aggregate_transcripts(
-        sdata, by="spots", spot_diameter=55.0, spot_spacing=100.0, labels_key="regions", labels_column="tissue"
-    )
-    st2he.pp.aggregate_transcripts(sdata, by="bins", bin_size=16.0, labels_key="regions", labels_column="tissue")
-    return {
-        "cells": ("cell_boundaries", "table"),
-        "spots": ("spots_55um", "spots_55um_table"),
-        "bins16": ("bins_16um", "bins_16um_table"),
-    }
+    out = {}
+    for kind in kinds:
+        if kind == "cells":
+            out[kind] = ("cell_boundaries", "table")
+        elif kind == "spots":
+            st2he.pp.aggregate_transcripts(
+                sdata, by="spots", spot_diameter=55.0, spot_spacing=100.0, labels_key="regions", labels_column="tissue"
+            )
+            out[kind] = ("spots_55um", "spots_55um_table")
+        else:
+            size = int(kind[4:])
+            st2he.pp.aggregate_transcripts(
+                sdata, by="bins", bin_size=float(size), labels_key="regions", labels_column="tissue"
+            )
+            out[kind] = (f"bins_{size}um", f"bins_{size}um_table")
+    return out
 
 
-def score(model, seeds=TEST_SEEDS, size_um=SIZE_UM, appearance="clean", niche=False) -> pd.DataFrame:
+def score(
+    model, seeds=TEST_SEEDS, size_um=SIZE_UM, appearance="clean", niche=False, units=UNITS[:3], pooling="auto"
+) -> pd.DataFrame:
     import st2he
 
     rows = []
@@ -66,13 +79,15 @@ def score(model, seeds=TEST_SEEDS, size_um=SIZE_UM, appearance="clean", niche=Fa
         t0 = time.time()
         extra = {"niche": True} if niche else {}
         sdata = st2he.datasets.synthetic_tissue(seed, size_um=size_um, appearance=appearance, **extra)
-        units = _units(sdata)
+        kinds = _units(sdata, units)
         print(f"section {seed}: simulated in {time.time() - t0:.0f} s")
-        for unit, (shapes, true_key) in units.items():
+        for unit, (shapes, true_key) in kinds.items():
             for method in METHODS:
                 key = f"pred_{unit}_{method}"
                 t0 = time.time()
-                st2he.tl.predict_expression(sdata, model=model, method=method, units=shapes, key_added=key, progress=False)
+                st2he.tl.predict_expression(
+                    sdata, model=model, method=method, units=shapes, pooling=pooling, key_added=key, progress=False
+                )
                 took = time.time() - t0
                 df = st2he.tl.evaluate_expression(
                     sdata, pred_key=key, true_key=true_key, tumour_key="tissue", tumour_values=TUMOUR
@@ -215,6 +230,13 @@ def main(argv=None) -> None:
     parser.add_argument("--niche", action="store_true", help="sections with niche-dependent expression")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="held-out seeds")
     parser.add_argument("--size", type=float, default=SIZE_UM, help="side of the held-out sections (µm)")
+    parser.add_argument(
+        "--units", nargs="+", choices=UNITS, default=list(UNITS[:3]), help="kinds of unit scored (bins32: 32 µm bins)"
+    )
+    parser.add_argument(
+        "--pooling", choices=["auto", "log", "counts"], default="auto",
+        help="how the model's dense prediction is pooled into units (predict_expression's pooling=)",
+    )
     args = parser.parse_args(argv)
 
     import st2he
@@ -225,10 +247,17 @@ def main(argv=None) -> None:
     model = st2he.models.load_expression_model(model_path)
     print(f"model {model_path}: {len(model.genes)} genes, encoder {model.config.get('encoder') if hasattr(model, 'config') else ''}")
     print(
-        f"held-out sections: seeds {args.seeds}, {args.size:g} µm, appearance={args.appearance!r}, niche={args.niche}"
+        f"held-out sections: seeds {args.seeds}, {args.size:g} µm, appearance={args.appearance!r}, niche={args.niche}, "
+        f"pooling={args.pooling!r}"
     )
-    frame = score(model, seeds=args.seeds, size_um=args.size, appearance=args.appearance, niche=args.niche)
-    figures = {"appearance": args.appearance, "niche": args.niche, "accuracy": report(frame, niche=args.niche)}
+    frame = score(
+        model, seeds=args.seeds, size_um=args.size, appearance=args.appearance, niche=args.niche, units=args.units,
+        pooling=args.pooling,
+    )
+    figures = {
+        "appearance": args.appearance, "niche": args.niche, "pooling": args.pooling,
+        "accuracy": report(frame, niche=args.niche),
+    }
     if not args.skip_memory:
         print()
         figures["memory"] = memory(model_path)

@@ -178,6 +178,61 @@ def test_bins_and_spots_lattices_and_the_gene_image(local_model, test_sample):
     np.testing.assert_allclose(sd["spots_spots"].loc[spots.obs_names, "radius"], 27.5)
 
 
+def test_pooling_in_count_space_is_the_tissue_weighted_mean_of_the_pixels_counts(local_model, test_sample):
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    sd = test_sample
+    # one shapes element holding 32 µm squares and the 8 µm squares inside them (the model's output pixels are 8 µm):
+    # one call, one chip layout, so each small square is one output pixel of the pixels pooled into its big one
+    x0, y0 = st2he._raster.Raster(sd["he_image"]).bounds[:2]
+    boxes, names = [], []
+    for size in (32, 8):
+        for i in range(0, 256, size):
+            for j in range(0, 256, size):
+                x, y = x0 + 64 + j, y0 + 64 + i
+                boxes.append(shapely.box(x, y, x + size, y + size))
+                names.append(f"s{size}_{i // 32}_{j // 32}_{i}_{j}")
+    gdf = gpd.GeoDataFrame(geometry=boxes, index=pd.Index(names))
+    sd["squares"] = ShapesModel.parse(gdf, transformations={"global": Identity()})
+    kw = {"model": local_model, "units": "squares", "chip_um": 512, "margin_um": 192, "progress": False}
+    counts = st2he.tl.predict_expression(sd, pooling="counts", key_added="sq_counts", **kw)
+    logs = st2he.tl.predict_expression(sd, pooling="log", key_added="sq_log", **kw)
+    auto = st2he.tl.predict_expression(sd, key_added="sq_auto", **kw)  # median area 64 µm²: log
+    params = sd.attrs["st2he"]
+    assert params["sq_counts"]["pooling"] == "counts" and params["sq_log"]["pooling"] == "log"
+    assert params["sq_auto"]["pooling"] == "log"
+    np.testing.assert_allclose(auto.X, logs.X)
+    small = [n.startswith("s8_") for n in counts.obs_names]
+    big = ~np.array(small)
+    assert (counts.obs["n_pixels"][small] == 1).all() and (counts.obs["n_pixels"][big] == 16).all()
+    x8 = np.asarray(logs.X[small], np.float64)
+    np.testing.assert_allclose(counts.X[small], np.clip(x8, 0, None), atol=2e-5)  # one pixel: its own value
+    parent = pd.Index(["_".join(n.split("_")[1:3]) for n in logs.obs_names[small]])
+    w = logs.obs["tissue_fraction"].to_numpy()[small] + 1e-6
+    sums = pd.DataFrame(np.expm1(np.clip(x8, 0, np.log1p(1e4))) * w[:, None], index=parent).groupby(level=0).sum()
+    weights = pd.Series(w, index=parent).groupby(level=0).sum()
+    order = pd.Index(["_".join(n.split("_")[1:3]) for n in counts.obs_names[big]])
+    want = np.log1p(sums.loc[order].to_numpy() / weights.loc[order].to_numpy()[:, None])
+    np.testing.assert_allclose(counts.X[big], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logs.X[big], pd.DataFrame(x8, index=parent).groupby(level=0).mean().loc[order], atol=1e-6)
+    # a square that mixes tissue with background: the log mean dilutes it, the count mean follows the tissue
+    frac = logs.obs["tissue_fraction"].to_numpy()[big]
+    mixed = (frac > 0.1) & (frac < 0.9)
+    assert mixed.any() and not np.allclose(counts.X[big][mixed], logs.X[big][mixed], atol=1e-3)
+    # spots (2376 µm²) pool in count space by default, cells in log space
+    spots = st2he.tl.predict_expression(sd, model=local_model, units="spots", key_added="sp_auto", progress=False)
+    cells = st2he.tl.predict_expression(sd, model=local_model, key_added="cells_auto", progress=False)
+    assert params["sp_auto"]["pooling"] == "counts" and params["cells_auto"]["pooling"] == "log"
+    with pytest.raises(ValueError, match="pooling must be 'auto', 'log' or 'counts', got 'sum'"):
+        st2he.tl.predict_expression(sd, model=local_model, pooling="sum", key_added="bad", progress=False)
+    assert "bad" not in sd.tables and cells.n_obs == sd["table"].n_obs and spots.n_obs > 0
+    for key in ("sq_counts", "sq_log", "sq_auto", "sp_auto", "sp_auto_spots", "cells_auto", "squares"):
+        del sd[key]
+
+
 def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, test_sample, tmp_path):
     import copy
 

@@ -244,11 +244,35 @@ def _amp(device):
     return contextlib.nullcontext()
 
 
-class UnitAccumulator:
-    """Per-unit sums of the model's maps over output pixels, accumulated chip by chip (exact across chips)."""
+#: Pixels predicted above this log1p CP10k (10^4 counts per 10k: every molecule one gene) are clipped when pooled in
+#: count space.
+_MAX_LOG1P_CP10K = float(np.log1p(1e4))
+#: Weight of a pixel without tissue when pooling in count space, so that a unit with no tissue at all still gets
+#: the plain mean of its pixels.
+_NO_TISSUE_WEIGHT = 1e-6
 
-    def __init__(self, n_units: int, n_genes: int, *, features: int = 0, tumour: bool = True) -> None:
+
+POOLINGS = ("log", "counts")
+
+
+class UnitAccumulator:
+    """Per-unit sums of the model's maps over output pixels, accumulated chip by chip (exact across chips).
+
+    ``pooling="log"``: a unit's genes are the mean of its pixels' log1p CP10k (what the model is trained on).
+    ``pooling="counts"``: ``log1p`` of the mean of its pixels' counts per 10k (``expm1`` of the prediction), each
+    pixel weighted by its tissue fraction: the composition of the molecules a unit pools, the right mean for units
+    that hold several cells (a cell of high expression outweighs a neighbour of none).
+    """
+
+    def __init__(
+        self, n_units: int, n_genes: int, *, features: int = 0, tumour: bool = True, pooling: str = "log"
+    ) -> None:
+        if pooling not in POOLINGS:
+            msg = f"pooling must be one of {POOLINGS}, got {pooling!r}."
+            raise ValueError(msg)
+        self.pooling = pooling
         self.genes = np.zeros((n_units, n_genes), np.float64)
+        self.weights = np.zeros(n_units, np.float64) if pooling == "counts" else None
         self.tumour = np.zeros(n_units, np.float64) if tumour else None
         self.features = np.zeros((n_units, features), np.float64) if features else None
         self.tissue = np.zeros(n_units, np.float64)
@@ -256,7 +280,13 @@ class UnitAccumulator:
 
     def add(self, out: dict[str, np.ndarray], tissue: np.ndarray, rows, cols, units) -> None:
         np.add.at(self.counts, units, 1.0)
-        np.add.at(self.genes, units, out["genes"][:, rows, cols].T.astype(np.float64))
+        g = out["genes"][:, rows, cols].T.astype(np.float64)
+        if self.pooling == "counts":
+            w = tissue[rows, cols].astype(np.float64) + _NO_TISSUE_WEIGHT
+            np.add.at(self.weights, units, w)
+            np.add.at(self.genes, units, np.expm1(np.clip(g, 0.0, _MAX_LOG1P_CP10K)) * w[:, None])
+        else:
+            np.add.at(self.genes, units, g)
         if self.tumour is not None and "tumour" in out:
             np.add.at(self.tumour, units, out["tumour"][0, rows, cols].astype(np.float64))
         if self.features is not None:
@@ -266,8 +296,11 @@ class UnitAccumulator:
     def means(self) -> dict[str, np.ndarray]:
         n = self.counts
         with np.errstate(invalid="ignore", divide="ignore"):
+            genes = (
+                np.log1p(self.genes / self.weights[:, None]) if self.pooling == "counts" else self.genes / n[:, None]
+            )
             res = {
-                "genes": self.genes / n[:, None],
+                "genes": genes,
                 "tissue": self.tissue / n,
                 "counts": n,
             }

@@ -677,8 +677,8 @@ def _regression_shares(
         shapes={shapes_key: _bin_shapes(bins, bin_size, coordinate_system)},
     )
     pred = predict_expression(
-        scratch, image_key=image_key, model=model, units=shapes_key, genes=genes, key_added="prediction",
-        progress=progress, coordinate_system=coordinate_system,
+        scratch, image_key=image_key, model=model, units=shapes_key, genes=genes, pooling="log",
+        key_added="prediction", progress=progress, coordinate_system=coordinate_system,
     )
     pos = pd.Index(pred.obs_names.astype(str)).get_indexer(bins.ids.astype(str))
     X = np.asarray(pred.X, dtype=np.float64)[pos]
