@@ -571,7 +571,9 @@ def _map_metrics(measured, predicted, grid, data_range) -> dict[str, np.ndarray]
         if np.ptp(a) > 0 and np.ptp(b) > 0:
             r = pearsonr(a.ravel(), b.ravel()).statistic
             out["pearson_hist_convention"][j] = r
-            # Diff-ST: |r|; each map min-max normalised on its own; RMSE of those / the measured one's range (1)
+            # Diff-ST (XiaofeiWang2018/Diffusion-ST @ 1206110, super_res_sample.py lines 97-110, Xenium): |r| of the
+            # maps; each map min-max normalised on its own; RMSE of those / the measured one's range (1); SSIM of
+            # uint8(x * 225) by guided_diffusion/script_util.py get_ssim (line 32); summary: lines 147-149
             out["pearson_diffst_convention"][j] = abs(r)
             na = (a - a.min()) / np.ptp(a)
             nb = (b - b.min()) / np.ptp(b)
