@@ -19,10 +19,13 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 BIN_SIZE = 8.0
 SPOT_DIAMETER = 55.0
 SPOT_SPACING = 100.0
-#: How bins are normalised before scoring (both sides alike); the benchmarks' ``--normalisation`` sets it.
-NORMALISATION = "log1p_cp10k"
-#: Also score ``regression`` re-weighted by each bin's nuclear density (``--density-baseline``).
-DENSITY_BASELINE = False
+#: Diff-ST's conventions (``evaluate_expression``'s ``*_diffst_convention``), averaged as Diff-ST does: the entries
+#: that are not zero. Not comparable with the signed Pearson and the fixed-range SSIM; only beside Diff-ST's figures.
+DIFFST_COLUMNS = {"pearson_diffst": "pearson_diffst_convention", "ssim_diffst": "ssim_diffst_convention"}
+DIFFST_NOTE = (
+    "pearson_diffst, ssim_diffst: Diff-ST convention, not comparable (|Pearson| over the whole grid; SSIM of each "
+    "map min-max normalised on its own, as uint8(x * 225); averaged over the values that are not zero)"
+)
 
 # ----------------------------------------------------------------------------------------------- scoring
 
@@ -52,11 +55,13 @@ def log_table(
     sdata.tables[out] = TableModel.parse(tab, region=region, region_key="region", instance_key="instance_id")
 
 
-def score(sdata, key: str, truth: str, *, flat: bool = False, normalisation: str | None = None) -> pd.DataFrame:
-    """Per-gene frame of ``st2he.tl.evaluate_expression`` (signed Pearson, SSIM with the measured data range)."""
+def score(sdata, key: str, truth: str, *, flat: bool = False, normalisation: str = "log1p_cp10k") -> pd.DataFrame:
+    """Per-gene frame of ``st2he.tl.evaluate_expression`` (signed Pearson, SSIM with the measured data range).
+
+    ``normalisation``: how bins are normalised before scoring, both sides alike (the benchmarks' ``--normalisation``).
+    """
     import st2he
 
-    normalisation = normalisation or NORMALISATION
     log_table(sdata, key, truth, "_scored", flat=flat, normalisation=normalisation)
     # log1p: both tables' counts as log1p(counts), by evaluate_expression itself
     kwargs = {"prediction": "counts", "normalisation": "log1p"} if normalisation == "log1p" else {}
@@ -102,8 +107,20 @@ def area_mm2(sdata, spots: str) -> float:
     return (x1 - x0 + 2 * r) * (y1 - y0 + 2 * r) / 1e6
 
 
-def run(sdata, methods: dict, *, truth: str = "truth", spots: str = "spots") -> tuple[dict, dict]:
-    """Per-method per-gene frames and seconds per mm² (``flat`` scored from the ``bicubic`` run)."""
+def run(
+    sdata,
+    methods: dict,
+    *,
+    truth: str = "truth",
+    spots: str = "spots",
+    normalisation: str = "log1p_cp10k",
+    density_baseline: bool = False,
+) -> tuple[dict, dict]:
+    """Per-method per-gene frames and seconds per mm² (``flat`` scored from the ``bicubic`` run).
+
+    ``normalisation``: passed to :func:`score`. ``density_baseline``: also score each ``regression*`` method
+    re-weighted by each bin's nuclear density (:func:`density_weighted`; the benchmarks' ``--density-baseline``).
+    """
     import st2he
 
     scores, speed = {}, {}
@@ -112,14 +129,14 @@ def run(sdata, methods: dict, *, truth: str = "truth", spots: str = "spots") -> 
         t = time.perf_counter()
         st2he.tl.super_resolve(sdata, table_key=spots, key_added="sr", overwrite=True, progress=False, **kwargs)
         speed[name] = (time.perf_counter() - t) / area
-        scores[name] = score(sdata, "sr", truth)
-        if name.startswith("regression") and DENSITY_BASELINE:
+        scores[name] = score(sdata, "sr", truth, normalisation=normalisation)
+        if name.startswith("regression") and density_baseline:
             density_weighted(sdata, "sr", kwargs.get("image_key", "he_image"), out="sr_density")
-            scores[f"{name}_density"] = score(sdata, "sr_density", truth)
+            scores[f"{name}_density"] = score(sdata, "sr_density", truth, normalisation=normalisation)
             del sdata.tables["sr_density"]
             speed[f"{name}_density"] = speed[name]
         if name == "bicubic":
-            scores["flat"] = score(sdata, "sr", truth, flat=True)
+            scores["flat"] = score(sdata, "sr", truth, flat=True, normalisation=normalisation)
             speed["flat"] = float("nan")
     return scores, speed
 
@@ -134,8 +151,18 @@ def paired(x: pd.Series, y: pd.Series, alternative: str = "two-sided") -> dict:
     return {"mean_diff": float(d.mean()) if len(d) else float("nan"), "wins": int((d > 0).sum()), "n": len(d), "p": p}
 
 
+def mean_nonzero(values) -> float:
+    """Diff-ST's average: the mean of the values that are not zero (NaN left out too)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & (values != 0)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def crop_table(scores: dict[str, pd.DataFrame], speed: dict[str, float], n_bins: int, ref: str = "bicubic"):
-    """One row per method: mean signed Pearson (all genes scored, top HVG), SSIM, genes, bins, s/mm², vs ``ref``."""
+    """One row per method: mean signed Pearson (all genes scored, top HVG), SSIM, genes, bins, s/mm², vs ``ref``.
+
+    Also Diff-ST's conventions over all genes (``DIFFST_COLUMNS``, ``DIFFST_NOTE``): not comparable with the rest.
+    """
     rows = {}
     for k, v in scores.items():
         test = paired(v["pearson"], scores[ref]["pearson"]) if k != ref else {}
@@ -143,6 +170,7 @@ def crop_table(scores: dict[str, pd.DataFrame], speed: dict[str, float], n_bins:
             "pearson_all": v["pearson"].mean(),
             "pearson_hvg": v[v["highly_variable"]]["pearson"].mean(),
             "ssim_all": v["ssim"].mean(),
+            **{name: mean_nonzero(v[column]) for name, column in DIFFST_COLUMNS.items()},
             "n_genes": int(v["pearson"].notna().sum()),
             "n_hvg": int(v["highly_variable"].sum()),
             "n_bins": n_bins,

@@ -27,6 +27,11 @@ generator's palette (no virtual H&E), and 748 genes over ~2,000 molecules per ha
 spots per half: read the figures as a check, not a ranking.
 Seconds per mm² of each method (the super_resolve call alone, 2 CPU cores shared).
 
+Beside st2he's figures, labelled and not comparable with them: Diff-ST's conventions (``pearson_diffst``,
+``ssim_diffst``: ``evaluate_expression``'s ``*_diffst_convention``, |Pearson| over the whole grid and SSIM of each map
+min-max normalised on its own as ``uint8(x * 225)``, averaged as Diff-ST does over the values that are not zero), only
+to set st2he's numbers beside published Diff-ST figures. ``--json PATH`` also writes the tables.
+
     python benchmarks/bench_super_resolution.py
     python benchmarks/bench_super_resolution.py --model PATH   # regression with a saved expression model
     python benchmarks/bench_super_resolution.py --model src/st2he/models/weights/expression \
@@ -35,6 +40,9 @@ Seconds per mm² of each method (the super_resolve call alone, 2 CPU cores share
         --diffusion src/st2he/models/weights/super_resolution --no-real --n-samples 4 \
         --methods regression diffusion_1step diffusion_1step_mean4   # the mean of 4 one-step samples
     python benchmarks/bench_super_resolution.py --real-only [--crops xenium] [--guides stain vhe]
+    python benchmarks/bench_super_resolution.py --model src/st2he/models/weights/expression \
+        --diffusion src/st2he/models/weights/super_resolution --no-real --seeds 101 \
+        --methods diffusion_1step   # the quickest scoring run: one held-out seed, bicubic, flat, one-step diffusion
 
 With ``--diffusion`` (a super-resolution model, e.g. the shipped one) every method resolves the model's genes only
 (its 50 most variable genes of the training seeds), so the comparison is paired gene by gene; rows ``diffusion``
@@ -46,8 +54,10 @@ With ``--diffusion`` (a super-resolution model, e.g. the shipped one) every meth
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,6 +86,7 @@ def _tiny_model(genes):
 
 
 def _summary(all_scores: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
+    """Per method, over the (section, gene) pairs of each section's top-50 HVG; Diff-ST's conventions labelled."""
     rows = {}
     for name, frames in all_scores.items():
         hv = pd.concat([f[f["highly_variable"]] for f in frames])
@@ -84,6 +95,8 @@ def _summary(all_scores: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
             "ssim_hvg": hv["ssim"].mean(),
             "pearson_all": pd.concat(frames)["pearson"].mean(),
             "n_gene_sections": len(hv),
+            # Diff-ST's conventions, averaged as Diff-ST does (values that are not zero): not comparable
+            **{f"{k}_hvg": H.mean_nonzero(hv[column]) for k, column in H.DIFFST_COLUMNS.items()},
         }
     return pd.DataFrame(rows).T
 
@@ -106,18 +119,27 @@ def _wilcoxon(all_scores, pairs, metric: str) -> None:
 
 
 def simulated(
-    model_path: str | None, diffusion: str | None = None, *, n_samples: int = 1, only: list[str] | None = None
-) -> None:
+    model_path: str | None,
+    diffusion: str | None = None,
+    *,
+    n_samples: int = 1,
+    only: list[str] | None = None,
+    seeds=TEST_SEEDS,
+    normalisation: str = "log1p_cp10k",
+    density_baseline: bool = False,
+) -> pd.DataFrame:
     """Every method on the held-out seeds; ``n_samples > 1`` adds ``diffusion_1step_mean{n}`` (the mean of n samples).
 
-    ``only``: run just these methods (``bicubic`` always runs: ``flat`` is scored from it).
+    ``only``: run just these methods (``bicubic`` always runs: ``flat`` is scored from it). ``normalisation``,
+    ``density_baseline``: as ``_sr_holdout.run``. Returns the summary table printed.
     """
     import st2he
 
     all_scores: dict[str, list[pd.DataFrame]] = {}
     speeds: dict[str, list[float]] = {}
     model = model_path
-    for seed in TEST_SEEDS:
+    seeds = tuple(seeds)
+    for seed in seeds:
         sdata = st2he.datasets.synthetic_tissue(seed, size_um=SIZE_UM)
         st2he.pp.aggregate_transcripts(sdata, by="spots", key_added="spots", shapes_added="spots_55um")
         st2he.pp.aggregate_transcripts(sdata, by="bins", bin_size=8.0, key_added="truth")
@@ -145,7 +167,7 @@ def simulated(
                 kw["genes"] = genes
         if only:
             methods = {k: v for k, v in methods.items() if k == "bicubic" or k in only}
-        scores, speed = H.run(sdata, methods)
+        scores, speed = H.run(sdata, methods, normalisation=normalisation, density_baseline=density_baseline)
         for k, v in scores.items():
             all_scores.setdefault(k, []).append(v)
             speeds.setdefault(k, []).append(speed[k])
@@ -153,8 +175,9 @@ def simulated(
         print(f"seed {seed}: {sdata.tables['spots'].n_obs} spots -> {n_bins} bins of 8 µm, {len(genes)} genes")
     table = _summary(all_scores)
     table["s_per_mm2"] = {k: float(np.nanmean(v)) for k, v in speeds.items()}
-    print(f"\nSimulated, held-out seeds {TEST_SEEDS} ({SIZE_UM:g} µm), 55 µm spots -> 8 µm bins, top-50 HVG each:")
+    print(f"\nSimulated, held-out seeds {seeds} ({SIZE_UM:g} µm), 55 µm spots -> 8 µm bins, top-50 HVG each:")
     print(table.round(4).to_string())
+    print(H.DIFFST_NOTE)
     pairs = [
         ("guided_he", "flat"), ("guided_dapi", "flat"), ("bicubic", "flat"), ("guided_he", "bicubic"),
         ("guided_dapi", "bicubic"), ("regression", "flat"), ("regression", "guided_he"), ("guided_he", "regression"),
@@ -165,12 +188,25 @@ def simulated(
     pairs += [(mean, "diffusion_1step"), ("regression", mean)]
     for metric in ("pearson", "ssim"):
         _wilcoxon(all_scores, pairs, metric)
+    return table
 
 
-def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr_budget: float = 80.0) -> None:
-    """Every method on the held-out half of each real crop (protocol: ``_sr_holdout``), models trained on the other."""
+def real(
+    crops=REAL_CROPS,
+    *,
+    guides=("stain", "vhe"),
+    expr_steps: int = 150,
+    sr_budget: float = 80.0,
+    normalisation: str = "log1p_cp10k",
+    density_baseline: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """Every method on the held-out half of each real crop (protocol: ``_sr_holdout``), models trained on the other.
+
+    Returns each crop's table, as printed.
+    """
     import st2he
 
+    tables = {}
     for name in crops:
         try:
             full, stain = H.read_crop(name)
@@ -213,7 +249,7 @@ def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr
                 methods[f"diffusion_1step_{g}"] = {"method": "diffusion", "image_key": read, "model": sr, "steps": 1}
         for kw in methods.values():
             kw["genes"] = genes
-        scores, speed = H.run(test, methods)
+        scores, speed = H.run(test, methods, normalisation=normalisation, density_baseline=density_baseline)
         n_bins = int(len(set(test.tables["sr"].obs_names) & set(test.tables["truth"].obs_names)))
         n = test.tables["spots"].n_obs
         print(
@@ -221,8 +257,11 @@ def real(crops=REAL_CROPS, *, guides=("stain", "vhe"), expr_steps: int = 150, sr
             f"{n_bins} scored 8 µm bins, {len(genes)} genes; Wilcoxon: paired over genes vs bicubic, two-sided"
         )
         table = H.crop_table(scores, speed, n_bins)
+        tables[name] = table.copy()
         table["wilcoxon_p"] = table["wilcoxon_p"].map(lambda p: "" if np.isnan(p) else f"{p:.2g}")
         print(table.round(4).to_string())
+        print(H.DIFFST_NOTE)
+    return tables
 
 
 def main() -> None:
@@ -243,23 +282,34 @@ def main() -> None:
         "--n-samples", type=int, default=1, help="with --diffusion, also the mean of this many one-step samples"
     )
     parser.add_argument("--methods", nargs="+", default=None, help="simulated: run only these methods (+ bicubic)")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=list(TEST_SEEDS), help="simulated: the held-out seeds to score"
+    )
     parser.add_argument("--crops", nargs="+", default=list(REAL_CROPS), help="real crops to run")
     parser.add_argument("--guides", nargs="+", default=["stain", "vhe"], help="real: guidance images to use")
     parser.add_argument("--expr-steps", type=int, default=150, help="real: steps of each tiny expression model")
     parser.add_argument(
         "--sr-budget", type=float, default=80.0, help="real: seconds of each tiny super-resolution model (0: none)"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the tables to this JSON file")
     args = parser.parse_args()
-    H.NORMALISATION = args.normalisation
-    H.DENSITY_BASELINE = args.density_baseline
     warnings.simplefilter("ignore")
     import logging
 
     logging.getLogger("st2he").setLevel(logging.ERROR)
+    scoring = {"normalisation": args.normalisation, "density_baseline": args.density_baseline}
+    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "note": H.DIFFST_NOTE}
     if not args.real_only:
-        simulated(args.model, args.diffusion, n_samples=args.n_samples, only=args.methods)
+        table = simulated(
+            args.model, args.diffusion, n_samples=args.n_samples, only=args.methods, seeds=args.seeds, **scoring
+        )
+        out["simulated"] = table.to_dict(orient="index")
     if not args.no_real:
-        real(args.crops, guides=args.guides, expr_steps=args.expr_steps, sr_budget=args.sr_budget)
+        tables = real(args.crops, guides=args.guides, expr_steps=args.expr_steps, sr_budget=args.sr_budget, **scoring)
+        out["real"] = {name: t.to_dict(orient="index") for name, t in tables.items()}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1, default=float))
 
 
 if __name__ == "__main__":

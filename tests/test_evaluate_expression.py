@@ -272,6 +272,99 @@ def test_hist_convention_on_a_grid_with_holes():
     assert not np.allclose(df["pearson_hist_convention"], df["pearson"])
 
 
+def _diffst_reference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Diff-ST's metrics of measured map ``a`` and predicted map ``b``, step by step as its super_res_sample.py."""
+    r = pearsonr(b.ravel(), a.ravel()).statistic
+    gt = (a - a.min()) / (a.max() - a.min())
+    pr = (b - b.min()) / (b.max() - b.min())
+    rmse = np.sqrt(np.mean((pr - gt) ** 2)) / (gt.max() - gt.min())
+    ssim = structural_similarity(np.uint8(pr * 225), np.uint8(gt * 225), gaussian_weights=True, sigma=1.5)
+    return {"pearson_diffst_convention": abs(r), "rmse_diffst_convention": rmse, "ssim_diffst_convention": ssim}
+
+
+def test_diffst_convention_equals_a_direct_computation():
+    # a full 12 x 16 grid, every unit in tissue; counts designed so that each unit totals 60 over every gene
+    n_rows, n_cols = 12, 16
+    sdata = make_expression_sdata(
+        n_rows=n_rows, n_cols=n_cols, holes=(), measured_only=(), predicted_only=(), out_of_tissue=()
+    )
+    true, pred = sdata.tables["measured"], sdata.tables["predicted"]
+    r, c = true.obs["array_row"].to_numpy(), true.obs["array_col"].to_numpy()
+    assert (pred.obs["array_row"].to_numpy() == r).all() and (pred.obs["array_col"].to_numpy() == c).all()
+    counts = np.zeros((len(r), 5))
+    counts[:, 0] = 1 + c + (r > 5) * 6  # A: a gradient and a step
+    counts[:, 1] = 2 + ((r - 6) ** 2 + (c - 8) ** 2 < 12) * 9  # B: a blob
+    counts[:, 2] = np.where(r % 2 == 0, 5, 1)  # C: row parity only
+    counts[:, 3] = 1 + (r + c) % 5  # D: diagonal stripes
+    counts[:, 4] = 60 - counts[:, :4].sum(axis=1)  # E: the totals are all 60, so C's values depend on rows only
+    assert (counts[:, 4] > 0).all()
+    true.X = sp.csr_matrix(counts.astype(np.float32))
+    lognorm = np.log1p(counts[:, :4] / 60 * 1e4).astype(np.float32)
+    noise = np.random.default_rng(1).normal(0, 0.3, len(r))
+    predicted = np.c_[
+        10 - lognorm[:, 0],  # A: anti-correlated (signed Pearson -1)
+        50 * lognorm[:, 1] + 7,  # B: right pattern, wrong scale and offset: values far above 225 / 255 = 1.13
+        (c % 2).astype(np.float64),  # C: column parity, orthogonal to the measured rows: Pearson exactly 0
+        lognorm[:, 3] + noise,  # D: noisy
+    ]
+    pred.X = predicted.astype(np.float32)
+    df = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured")
+
+    for k, g in enumerate(GENES):
+        a, b = np.zeros((n_rows, n_cols)), np.zeros((n_rows, n_cols))
+        a[r, c] = lognorm[:, k]
+        b[r, c] = np.asarray(pred.X, dtype=np.float64)[:, k]
+        for name, value in _diffst_reference(a, b).items():
+            assert df.loc[g, name] == pytest.approx(value, rel=1e-6, abs=1e-12), (g, name)
+    # anti-correlation: |r| = 1 where the signed Pearson is -1
+    assert df.loc["A", "pearson"] == pytest.approx(-1, abs=1e-6)
+    assert df.loc["A", "pearson_diffst_convention"] == pytest.approx(1, abs=1e-6)
+    assert df.loc["A", "ssim_diffst_convention"] < 0  # the inverted map still looks unlike the truth to SSIM
+    # wrong scale: each map min-max normalised on its own before uint8(x * 225), so nothing saturates and the
+    # error is forgiven (SSIM ~ 1, RMSE ~ 0), where st2he's SSIM with the measured range and its RMSE punish it
+    assert df.loc["B", "ssim_diffst_convention"] > 0.99 and df.loc["B", "rmse_diffst_convention"] < 0.01
+    assert df.loc["B", "ssim"] < 0.05 and df.loc["B", "rmse"] > 100
+    # a gene scored exactly 0: Diff-ST's average skips it, the mean over genes counts it
+    assert df.loc["C", "pearson_diffst_convention"] == 0.0 and df.loc["C", "pearson"] == 0.0
+    summary = df.attrs["summary"]
+    scored = df.loc[["A", "B", "D"], "pearson_diffst_convention"]
+    assert summary["pearson_diffst_convention_mean_nonzero"] == pytest.approx(scored.mean())
+    assert summary["pearson_diffst_convention_mean"] == pytest.approx(scored.sum() / 4)
+    assert summary["pearson_diffst_convention_mean_nonzero_hvg"] == pytest.approx(scored.mean())  # 4 genes: all HVG
+    for name in ("ssim_diffst_convention", "rmse_diffst_convention"):
+        values = df[name].to_numpy()
+        assert np.isfinite(values).all()
+        # a perfect RMSE of 0 is dropped as well (gene B here: its two normalised maps agree to the last bit)
+        assert summary[f"{name}_mean_nonzero"] == pytest.approx(values[values != 0].mean())
+        assert summary[f"{name}_mean"] == pytest.approx(values.mean())
+        assert summary[f"{name}_median"] == pytest.approx(np.median(values))
+    assert df.attrs["params"]["diffst_ssim"] == {"levels": 225, "sigma": 1.5, "window": 11, "data_range": 255}
+
+
+def test_diffst_convention_nan_where_undefined(sdata):
+    # a 9 x 10 grid: under Diff-ST's 11 x 11 Gaussian window, so no SSIM; |r| and the RMSE are still defined
+    df = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured")
+    assert df["ssim_diffst_convention"].isna().all() and np.isnan(df.attrs["summary"]["ssim_diffst_convention_mean"])
+    np.testing.assert_allclose(df["pearson_diffst_convention"], df["pearson_hist_convention"].abs(), rtol=1e-12)
+    assert df["rmse_diffst_convention"].between(0, 1).all()
+    # a measured map with no range (gene C without counts): nothing to min-max normalise, NaN (not 0) and skipped
+    counts = sdata.tables["measured"].X.toarray()
+    counts[:, 2] = 0
+    sdata.tables["measured"].X = sp.csr_matrix(counts)
+    with pytest.warns(UserWarning, match="no variance"):
+        df = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", overwrite=True)
+    assert df.loc["C", ["pearson_diffst_convention", "rmse_diffst_convention"]].isna().all()
+    summary = df.attrs["summary"]
+    want = df.loc[["A", "B", "D"], "pearson_diffst_convention"].mean()
+    assert summary["pearson_diffst_convention_mean_nonzero"] == pytest.approx(want)
+    # cells (no array coordinates): no gene maps, every Diff-ST column NaN
+    cells = make_expression_sdata(gridded=False)
+    df = st2he.tl.evaluate_expression(cells, pred_key="predicted", true_key="measured")
+    cols = ["pearson_diffst_convention", "ssim_diffst_convention", "rmse_diffst_convention"]
+    assert df[cols].isna().all().all()
+    assert np.isnan(df.attrs["summary"]["pearson_diffst_convention_mean_nonzero"])
+
+
 def test_visium_doubled_columns_are_halved(sdata):
     # Visium numbers spots on a hexagonal lattice with doubled columns: 2 c + (r % 2); neighbours stay neighbours
     want = st2he.tl.evaluate_expression(sdata, pred_key="predicted", true_key="measured", key_added="plain")

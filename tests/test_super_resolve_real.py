@@ -131,3 +131,10 @@ def test_every_method_scored_on_the_same_bins_and_genes(protocol):
     assert table.loc["bicubic", "pearson_all"] == pytest.approx(ref["pearson"].mean())
     d = (scores["regression"]["pearson"] - ref["pearson"]).dropna()
     assert table.loc["regression", "dPearson_vs_bicubic"] == pytest.approx(d.mean())
+    # Diff-ST's conventions beside ours: |Pearson| over the whole grid, averaged over the values that are not zero
+    for name, df in scores.items():
+        r = df["pearson_hist_convention"].abs()
+        assert table.loc[name, "pearson_diffst"] == pytest.approx(r[r.notna() & (r != 0)].mean()), name
+        s = df["ssim_diffst_convention"]
+        assert table.loc[name, "ssim_diffst"] == pytest.approx(s[s.notna() & (s != 0)].mean()), name
+        assert np.isfinite(table.loc[name, "ssim_diffst"]), name

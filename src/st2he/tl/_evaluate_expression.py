@@ -18,7 +18,18 @@ from st2he._units import gene_columns, lognormalise, table_keys, total_counts, t
 logger = logging.getLogger("st2he")
 
 #: Per-gene metric columns whose mean and median the summary reports.
-METRICS = ("pearson", "spearman", "rmse", "ssim", "pearson_hist_convention")
+METRICS = (
+    "pearson",
+    "spearman",
+    "rmse",
+    "ssim",
+    "pearson_hist_convention",
+    "pearson_diffst_convention",
+    "ssim_diffst_convention",
+    "rmse_diffst_convention",
+)
+#: Diff-ST's metrics (``super_res_sample.py``), whose summary also has Diff-ST's average that skips zeros.
+DIFFST_METRICS = ("pearson_diffst_convention", "ssim_diffst_convention", "rmse_diffst_convention")
 #: Number of highly variable genes of the second summary (HEST's top-50 HVGs).
 N_HVG = 50
 #: What a predicted table may hold, how counts are normalised, and how units are matched.
@@ -27,6 +38,10 @@ NORMALISATIONS = ("log1p_cp10k", "log1p")
 MATCHES = ("instance", "grid")
 #: SSIM window (skimage's default 7 x 7 uniform window): gene maps smaller than this get NaN.
 SSIM_WIN = 7
+#: Diff-ST's SSIM: each min-max normalised map as ``uint8(x * 225)``, Gaussian window (sigma 1.5: 11 x 11 taps).
+DIFFST_LEVELS = 225
+DIFFST_SIGMA = 1.5
+DIFFST_WIN = 11
 
 
 def evaluate_expression(
@@ -71,13 +86,32 @@ def evaluate_expression(
       over every position of the same gene maps, background (zeros where no unit is) included. The zeros agree in
       both maps, so it usually comes out higher wherever the tissue does not fill its bounding box; use it only to
       set st2he's numbers beside HiST's paper;
+    - ``pearson_diffst_convention``, ``ssim_diffst_convention``, ``rmse_diffst_convention``: Diff-ST's conventions,
+      **not comparable with** ``pearson``, ``ssim`` and ``rmse``: computed as Diff-ST's ``super_res_sample.py`` does
+      on its Xenium test patches, here on the same whole-grid gene maps (of the same normalised values) as
+      ``pearson_hist_convention``. The Pearson is the **absolute value** of ``pearson_hist_convention``, so an
+      anti-correlated prediction scores as well as a correlated one. For SSIM and RMSE each map, measured and
+      predicted alike, is min-max normalised to [0, 1] on its own: any offset or scale error of the prediction is
+      forgiven, and the range is not fixed per gene. SSIM then compares ``uint8(x * 225)`` (truncated to 226 levels;
+      nothing saturates, as x <= 1) with the data range of uint8, 255, and a Gaussian window (sigma 1.5, 11 x 11;
+      :func:`skimage.metrics.structural_similarity` with ``gaussian_weights=True``: what Diff-ST's call computes on
+      scikit-image >= 0.20, which ignores its ``multichannel=True``); RMSE is that of the two normalised maps. NaN
+      where either map is constant (Diff-ST's code divides by zero there), for units without array coordinates
+      (cells), and for SSIM on a grid under 11 x 11. Diff-ST's summary averages the entries that are not zero
+      (``np.mean(x[np.nonzero(x)])``): the genes it skips hold 0 and drop out, and so does any gene scored exactly 0
+      (``*_mean_nonzero`` below; NaN genes are left out too, where Diff-ST's average would turn NaN). Diff-ST scores
+      each test patch and gene, st2he each gene over the whole map (evaluate crop by crop to score patches). Use
+      these only to set st2he's numbers beside Diff-ST's paper and those that report in its style;
     - ``n_units``: units the gene was scored over; ``mean_true``, ``var_true``: mean and variance (``ddof=0``) of
       its measured log-normalised values over them; ``highly_variable``: whether it is one of the top-50 highly
       variable genes.
 
     Summary (``df.attrs["summary"]``, ``uns["summary"]`` of the stored table): for each metric its mean and median
     over all genes (``pearson_mean``, ``pearson_median``, ...) and over the top-50 highly variable genes
-    (``pearson_mean_hvg``, ...), NaN genes left out; ``n_nan_genes`` and ``nan_genes`` (genes with NaN Pearson);
+    (``pearson_mean_hvg``, ...), NaN genes left out; for the Diff-ST convention columns also Diff-ST's average,
+    which leaves out the genes scored exactly 0 as well (``pearson_diffst_convention_mean_nonzero``, its ``_hvg``, and
+    the same for ``ssim_diffst_convention`` and ``rmse_diffst_convention``); ``n_nan_genes`` and ``nan_genes`` (genes
+    with NaN Pearson);
     the top-50 highly variable genes ``hvg``: of the evaluated genes, by :func:`scanpy.pp.highly_variable_genes`
     (``flavor="seurat"``) on their measured log-normalised values over the scored units (all genes when there are
     50 or fewer); ``tumour_auroc`` and ``tumour_auprc``: :func:`sklearn.metrics.roc_auc_score` and
@@ -236,7 +270,7 @@ def _evaluate(
     pearson, spearman = _correlations(measured, predicted)
     rmse = np.sqrt(np.mean((predicted.astype(np.float64) - measured) ** 2, axis=0))
     grid = _grid_positions(true, pred, itrue, ipred)
-    ssim, hist = _map_metrics(measured, predicted, grid, data_range)
+    maps = _map_metrics(measured, predicted, grid, data_range)
     hvg = _top_hvg(measured, genes)
 
     df = pd.DataFrame(
@@ -244,8 +278,7 @@ def _evaluate(
             "pearson": pearson,
             "spearman": spearman,
             "rmse": rmse,
-            "ssim": ssim,
-            "pearson_hist_convention": hist,
+            **maps,
             "n_units": np.full(len(genes), n_units, dtype=np.int64),
             "mean_true": measured.mean(axis=0, dtype=np.float64),
             "var_true": measured.var(axis=0, dtype=np.float64),
@@ -270,6 +303,9 @@ def _evaluate(
         summary[f"{name}_median"] = _nan_stat(np.nanmedian, values)
         summary[f"{name}_mean_hvg"] = _nan_stat(np.nanmean, values[hv])
         summary[f"{name}_median_hvg"] = _nan_stat(np.nanmedian, values[hv])
+        if name in DIFFST_METRICS:  # Diff-ST's average: the entries that are not zero (and here not NaN)
+            summary[f"{name}_mean_nonzero"] = _nan_stat(np.mean, values[values != 0])
+            summary[f"{name}_mean_nonzero_hvg"] = _nan_stat(np.mean, values[hv & (values != 0)])
     summary["n_nan_genes"] = len(nan_genes)
     summary["nan_genes"] = nan_genes
     summary["hvg"] = list(hvg)
@@ -298,6 +334,7 @@ def _evaluate(
         "match": match,
         "in_tissue": "in_tissue" in pred.obs.columns,
         "ssim_window": SSIM_WIN,
+        "diffst_ssim": {"levels": DIFFST_LEVELS, "sigma": DIFFST_SIGMA, "window": DIFFST_WIN, "data_range": 255},
         "n_hvg": N_HVG,
         "hvg_flavor": "seurat",
     }
@@ -511,30 +548,49 @@ def _grid_positions(true, pred, itrue, ipred) -> tuple[np.ndarray, np.ndarray, t
     return None
 
 
-def _map_metrics(measured, predicted, grid, data_range) -> tuple[np.ndarray, np.ndarray]:
-    """SSIM and HiST's whole-grid Pearson per gene, on gene maps with zero-filled background (NaN without a grid)."""
+def _map_metrics(measured, predicted, grid, data_range) -> dict[str, np.ndarray]:
+    """Per gene, on gene maps with zero-filled background: SSIM, HiST's whole-grid Pearson and Diff-ST's metrics.
+
+    NaN for every gene without a grid.
+    """
     from scipy.stats import pearsonr
     from skimage.metrics import structural_similarity
 
     n_genes = measured.shape[1]
-    ssim = np.full(n_genes, np.nan)
-    hist = np.full(n_genes, np.nan)
+    out = {name: np.full(n_genes, np.nan) for name in ("ssim", "pearson_hist_convention", *DIFFST_METRICS)}
     if grid is None:
-        return ssim, hist
+        return out
     rows, cols, shape = grid
     small = min(shape) < SSIM_WIN
+    small_diffst = min(shape) < DIFFST_WIN
     for j in range(n_genes):
         a = np.zeros(shape, dtype=np.float64)
         b = np.zeros(shape, dtype=np.float64)
         a[rows, cols] = measured[:, j]
         b[rows, cols] = predicted[:, j]
         if np.ptp(a) > 0 and np.ptp(b) > 0:
-            hist[j] = pearsonr(a.ravel(), b.ravel()).statistic
+            r = pearsonr(a.ravel(), b.ravel()).statistic
+            out["pearson_hist_convention"][j] = r
+            # Diff-ST (XiaofeiWang2018/Diffusion-ST @ 1206110, super_res_sample.py lines 97-110, Xenium): |r| of the
+            # maps; each map min-max normalised on its own; RMSE of those / the measured one's range (1); SSIM of
+            # uint8(x * 225) by guided_diffusion/script_util.py get_ssim (line 32); summary: lines 147-149
+            out["pearson_diffst_convention"][j] = abs(r)
+            na = (a - a.min()) / np.ptp(a)
+            nb = (b - b.min()) / np.ptp(b)
+            out["rmse_diffst_convention"][j] = np.sqrt(np.mean((nb - na) ** 2))
+            if not small_diffst:
+                out["ssim_diffst_convention"][j] = structural_similarity(
+                    (na * DIFFST_LEVELS).astype(np.uint8),  # truncated, as numpy's uint8() of a float
+                    (nb * DIFFST_LEVELS).astype(np.uint8),
+                    data_range=255,
+                    gaussian_weights=True,
+                    sigma=DIFFST_SIGMA,
+                )
         rng = float(a.max() - a.min()) if data_range == "measured" else float(data_range)
         if small or rng <= 0:
             continue
-        ssim[j] = structural_similarity(a, b, data_range=rng, win_size=SSIM_WIN)
-    return ssim, hist
+        out["ssim"][j] = structural_similarity(a, b, data_range=rng, win_size=SSIM_WIN)
+    return out
 
 
 def _top_hvg(measured: np.ndarray, genes: list[str]) -> list[str]:
