@@ -226,3 +226,15 @@ def test_a_model_without_the_lineage_method_reads_its_stored_palette_only(model)
         assert get_params(own, "virtual_he_input")["palette_method"] == "mapping"
     finally:
         del model.metadata["palette"]
+
+
+def test_warn_uses_a_picture_the_model_shares_no_gene_with_and_says_so(model):
+    sdata = _sample()
+    model.metadata["palette"] = {"NOT_A_GENE": "#ff0000"}
+    try:
+        with pytest.warns(UserWarning, match="share no gene with the palette the model was trained with"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False, palette_mismatch="warn")
+    finally:
+        del model.metadata["palette"]
+    assert "virtual_he_input" not in sdata
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "st2he_input"))
