@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,9 @@ def test_rasterize_palette_of_a_lineage_generator_is_the_lineage_palette_of_the_
     assert _run(capsys, "rasterize", store, "--pixel-size", "2", "--palette", path, "-q")[0] == 0
     drawn = get_params(spatialdata.read_zarr(store), "st2he_input")
     sdata = st2he.datasets.synthetic_tissue(0, size_um=SIZE_UM)
-    st2he.pp.rasterize_transcripts(sdata, pixel_size=2, palette="lineage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=2, palette="lineage")
     assert drawn["palette_method"] == "lineage"
     assert drawn["palette"] == get_params(sdata, "st2he_input")["palette"]
 
