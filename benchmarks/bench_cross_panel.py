@@ -2,25 +2,33 @@
 
 :func:`st2he.datasets.synthetic_tissue` draws the same tissue under the gene names of two commercial panels
 (``panel="xenium_lung"``, ``"xenium_breast"``: 5 of 88 genes shared, every program marked on both). For each
-palette (``"lineage"``, ``"coexpression"``) a generator is trained within a time budget on lung-panel samples
-whose input pictures are drawn with that palette (one palette for all: the first training sample's, stored with
-the model, as ``benchmarks/train_small.py`` does), then scored with :func:`st2he.tl.evaluate_he` against the
-simulated H&E of held-out seeds:
+palette (``"lineage"``, ``"coexpression"``) a generator is trained (within a time budget, or ``--steps``) on lung-panel samples
+whose input pictures are drawn with that palette, then scored with :func:`st2he.tl.evaluate_he` against the
+simulated H&E of held-out seeds. With ``"coexpression"`` one palette is used for all pictures: the first training
+sample's, stored with the model, as ``benchmarks/train_small.py`` does. With ``"lineage"`` every picture is drawn
+with ``palette="lineage"`` (the lineage palette of its own sample), so the model records
+``metadata["palette_method"] == "lineage"`` and ``virtual_he`` treats it as a lineage model.
 
-- in-panel: held-out lung-panel samples drawn with the model's palette;
+- in-panel: held-out lung-panel samples drawn as the training samples were;
 - cross-panel: the same seeds on the breast panel. The model's palette names lung genes, so the picture is drawn
   for the breast panel: with ``"lineage"``, the lineage palette of the breast sample itself (colours by lineage,
   whatever the genes); with ``"coexpression"``, the co-expression palette of the breast sample itself. Both are
-  passed with ``palette_mismatch="warn"`` (used as drawn). Row ``default redraw``: ``virtual_he``'s default
-  (``palette_mismatch="redraw"``), which draws the picture again with the model's colours for the genes the model
-  knows (the 5 shared genes) and leaves the others out.
+  passed with ``palette_mismatch="warn"`` (used as drawn).
+- cross, virtual_he defaults: what a user gets with the defaults: the breast picture drawn with
+  ``rasterize_transcripts``' default palette (``"coexpression"``, the breast sample's own) and passed to
+  ``virtual_he`` with its default ``palette_mismatch="redraw"``. A lineage model's input is drawn again with the
+  lineage palette of the breast sample (every gene kept; the log says whether that picture equals the
+  cross-panel one pixel for pixel); a co-expression model's with the model's colours for the genes the model knows
+  (the 5 shared genes), the others left out.
 
 Each row gives PSNR / SSIM of the generator and of the stain baseline (``virtual_he(method="stain")``) on the same
 samples, and the share of the in-panel PSNR gain over the baseline that the cross-panel run keeps.
 
     python benchmarks/bench_cross_panel.py --minutes 8 --out .devdata/cross_panel
 
-Figures and their caveats: ``docs/models.md`` (measured with ``--minutes 3 --size-um 256``).
+Figures and their caveats: ``docs/models.md`` (measured with ``--steps 20 --size-um 256``). The step count a time
+budget reaches depends on the machine's load; ``--steps N`` trains exactly ``N`` steps (the cosine schedule over
+``N``), for figures that can be compared between runs.
 
 ``--init shipped`` (default) fine-tunes the shipped ``small`` generator (trained on the default panel's
 co-expression colours), ``--init scratch`` trains the ``small`` architecture from random weights.
@@ -51,6 +59,12 @@ def _sample(seed: int, panel: str, palette, size_um: float):
     return sd
 
 
+def _pixels(sd, key: str) -> np.ndarray:
+    from st2he._raster import Raster
+
+    return np.asarray(Raster(sd[key]).level0.values)
+
+
 def _overall(df) -> dict:
     row = df[df["tile"] == "overall"].iloc[0] if "tile" in df.columns else df.loc["overall"]
     return {"psnr": float(row["psnr"]), "ssim": float(row["ssim"])}
@@ -67,13 +81,14 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def _evaluate(model, samples, *, palette_mismatch: str) -> tuple[dict, dict]:
-    """Mean (model, stain baseline) PSNR / SSIM over ``samples``."""
+def _evaluate(model, samples, *, palette_mismatch: str | None) -> tuple[dict, dict]:
+    """Mean (model, stain baseline) PSNR / SSIM over ``samples`` (``palette_mismatch=None``: virtual_he's default)."""
     import warnings
 
     import st2he
 
     got, base = [], []
+    options = {} if palette_mismatch is None else {"palette_mismatch": palette_mismatch}
     for sd in samples:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -84,7 +99,7 @@ def _evaluate(model, samples, *, palette_mismatch: str) -> tuple[dict, dict]:
                 key_added="he_model",
                 progress=False,
                 overwrite=True,
-                palette_mismatch=palette_mismatch,
+                **options,
             )
         if "he_stain" not in sd.images:
             st2he.tl.virtual_he(sd, method="stain", key_added="he_stain")
@@ -93,7 +108,9 @@ def _evaluate(model, samples, *, palette_mismatch: str) -> tuple[dict, dict]:
     return _mean(got), _mean(base)
 
 
-def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, log) -> list[dict]:
+def run(
+    palette: str, *, minutes: float, init: str, size_um: float, out: Path, log, steps: int | None = None
+) -> list[dict]:
     import torch
 
     import st2he
@@ -102,7 +119,8 @@ def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, l
 
     t0 = time.time()
     first = _sample(TRAIN_SEEDS[0], PANEL_A, palette, size_um)
-    pal = get_params(first, "st2he_input")["palette"]
+    # lineage: each picture with the lineage palette of its own sample (recorded as such: a lineage model)
+    pal = palette if palette == "lineage" else get_params(first, "st2he_input")["palette"]
     train = [first] + [_sample(s, PANEL_A, pal, size_um) for s in TRAIN_SEEDS[1:]]
     log(f"[{palette}] {len(train)} training samples drawn in {time.time() - t0:.0f} s")
     model = load_model() if init == "shipped" else "small"
@@ -113,8 +131,8 @@ def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, l
         model=model,
         validation=None,
         tile_size=128,
-        steps=100_000,
-        time_budget=minutes * 60,
+        steps=100_000 if steps is None else steps,
+        time_budget=minutes * 60 if steps is None else None,
         calibration_steps=5,
         batch_size=4,
         lr=2e-4 if init == "shipped" else 4e-4,
@@ -132,7 +150,8 @@ def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, l
     )
     net.metadata["tile_size"] = 256
     steps = int(net.metadata["training"]["steps"])
-    log(f"[{palette}] trained {steps} steps in {time.time() - t1:.0f} s (init {init})")
+    method = net.metadata.get("palette_method")
+    log(f"[{palette}] trained {steps} steps in {time.time() - t1:.0f} s (init {init}; palette_method {method})")
     del train
 
     rows = []
@@ -141,10 +160,22 @@ def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, l
     m_in, b_in = _evaluate(net, in_panel, palette_mismatch="warn")
     cross_drawn = [_sample(s, PANEL_B, palette, size_um) for s in TEST_SEEDS]
     m_x, b_x = _evaluate(net, cross_drawn, palette_mismatch="warn")
-    m_r, b_r = _evaluate(net, cross_drawn, palette_mismatch="redraw")
+    # the defaults: rasterize_transcripts' palette ("coexpression") and virtual_he's palette_mismatch ("redraw")
+    cross_default = [_sample(s, PANEL_B, "coexpression", size_um) for s in TEST_SEEDS]
+    m_r, b_r = _evaluate(net, cross_default, palette_mismatch=None)
+    for sd_default, sd_drawn in zip(cross_default, cross_drawn, strict=True):
+        params = get_params(sd_default, "he_model_input") if "he_model_input" in sd_default.images else {}
+        kept = len(params.get("palette") or {})
+        same = "-"
+        if params:
+            same = np.array_equal(_pixels(sd_default, "he_model_input"), _pixels(sd_drawn, "st2he_input"))
+        log(
+            f"[{palette}] virtual_he defaults: input redrawn with palette_method {params.get('palette_method')!r}, "
+            f"{kept} genes kept; equal to the cross-panel picture: {same}"
+        )
     log(f"[{palette}] evaluated in {time.time() - t2:.0f} s")
     gain_in = m_in["psnr"] - b_in["psnr"]
-    for case, m, b in (("in-panel", m_in, b_in), ("cross-panel", m_x, b_x), ("cross, default redraw", m_r, b_r)):
+    for case, m, b in (("in-panel", m_in, b_in), ("cross-panel", m_x, b_x), ("cross, virtual_he defaults", m_r, b_r)):
         gain = m["psnr"] - b["psnr"]
         rows.append(
             {
@@ -166,6 +197,9 @@ def run(palette: str, *, minutes: float, init: str, size_um: float, out: Path, l
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="training time budget per palette (minutes)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="train exactly this many steps (default: as many as --minutes allows)"
+    )
     p.add_argument("--init", choices=["shipped", "scratch"], default="shipped")
     p.add_argument("--palettes", nargs="+", default=["lineage", "coexpression"])
     p.add_argument("--size-um", type=float, default=384.0, help="edge of every simulated sample (µm)")
@@ -183,7 +217,8 @@ def main() -> None:
 
     rows = []
     for palette in args.palettes:
-        rows += run(palette, minutes=args.minutes, init=args.init, size_um=args.size_um, out=args.out, log=log)
+        options = {"minutes": args.minutes, "init": args.init, "size_um": args.size_um, "steps": args.steps}
+        rows += run(palette, out=args.out, log=log, **options)
     df = pd.DataFrame(rows)
     print(df.to_string(index=False))
     df.to_csv(args.out / "cross_panel.csv", index=False)

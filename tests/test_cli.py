@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,24 @@ def test_missing_store_element_and_bad_values_exit_2_with_a_message(store, tmp_p
         _cli.main(["rasterize", str(store), "--pixel-size", "abc"])
     assert exit_info.value.code == 2
     assert "--pixel-size: expected float, got 'abc'" in capsys.readouterr().err
+
+
+def test_rasterize_palette_of_a_lineage_generator_is_the_lineage_palette_of_the_sample(store, tmp_path, capsys):
+    from st2he.models import Pix2PixTurbo, save_pretrained
+
+    model = Pix2PixTurbo.from_config("tiny", seed=0)
+    # trained on another panel: its stored colour map names none of this sample's genes
+    model.metadata["palette"] = {"KRT19": "#ff9900", "CD19": "#00ccff"}
+    model.metadata["palette_method"] = "lineage"
+    path = save_pretrained(model.set_eval(), tmp_path / "lineage_model")
+    assert _run(capsys, "rasterize", store, "--pixel-size", "2", "--palette", path, "-q")[0] == 0
+    drawn = get_params(spatialdata.read_zarr(store), "st2he_input")
+    sdata = st2he.datasets.synthetic_tissue(0, size_um=SIZE_UM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=2, palette="lineage")
+    assert drawn["palette_method"] == "lineage"
+    assert drawn["palette"] == get_params(sdata, "st2he_input")["palette"]
 
 
 def test_asking_for_cuda_without_a_gpu_says_so(store, capsys):

@@ -160,3 +160,81 @@ def test_training_pairs_record_the_lineage_palette_method():
     other = _new_panel_sample("coexpression")
     assert prepare_pairs([lineage], validation=None, tile_size=64)["palette_method"] == "lineage"
     assert prepare_pairs([lineage, other], validation=None, tile_size=64)["palette_method"] is None
+
+
+def _breast_sample(**kwargs):
+    """Lung-trained models meet this panel: 88 genes, 5 shared with the lung panel, a table of 67 cells."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        sdata = st2he.datasets.synthetic_tissue(1, panel="xenium_breast", size_um=128)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0, **kwargs)  # the default co-expression palette
+    return sdata
+
+
+@pytest.mark.parametrize("genes", [None, "subset"])
+def test_a_lineage_model_redraws_as_a_direct_lineage_drawing_with_the_table(lineage_model, genes):
+    # the lineage palette places genes outside the marker table by their co-expression, measured over the cells of
+    # the object's table when it covers the genes: the redrawn picture must read that table as a direct drawing does
+    sdata = _breast_sample()
+    panel = sorted(get_params(sdata, "st2he_input")["palette"])
+    assert sdata.tables["table"].n_obs >= 50 and set(panel) <= set(sdata.tables["table"].var_names)
+    drawn = None if genes is None else panel[::2]
+    if drawn is not None:
+        sdata = _breast_sample(genes=drawn)
+    before = _pixels(sdata, "st2he_input").copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.tl.virtual_he(sdata, model=lineage_model, progress=False)
+        st2he.pp.rasterize_transcripts(sdata, pixel_size=1.0, palette="lineage", genes=drawn, key_added="direct")
+    redrawn, direct = get_params(sdata, "virtual_he_input"), get_params(sdata, "direct")
+    assert redrawn["palette_method"] == "lineage" and redrawn["redrawn_from"] == "st2he_input"
+    assert sorted(redrawn["palette"]) == (panel if drawn is None else drawn)  # every gene drawn is kept
+    assert redrawn["palette"] == direct["palette"]
+    markers = st2he.pp._palette.lineage_markers()
+    unmarked = [g for g in redrawn["palette"] if g.upper() not in markers]
+    assert unmarked  # genes placed by co-expression are compared too
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he_input"), _pixels(sdata, "direct"))
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "direct"))
+    np.testing.assert_array_equal(_pixels(sdata, "st2he_input"), before)
+    assert get_params(sdata, "st2he_input")["palette_method"] == "coexpression"
+
+
+def test_a_lineage_model_warns_and_uses_another_palette_as_it_is(lineage_model):
+    sdata = _new_panel_sample("coexpression")
+    with pytest.warns(UserWarning, match="drawn with the 'coexpression' palette, but the model was trained with"):
+        st2he.tl.virtual_he(sdata, model=lineage_model, progress=False, palette_mismatch="warn")
+    assert "virtual_he_input" not in sdata
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "st2he_input"))
+
+
+def test_a_model_without_the_lineage_method_reads_its_stored_palette_only(model):
+    # the same lineage colours, but not recorded as palette_method="lineage" (e.g. trained on pictures drawn with a
+    # stored mapping): the model's own gene -> colour map applies, and the new panel shares no gene with it
+    sim = st2he.datasets._synthetic.GENES
+    model.metadata["palette"] = st2he.pp.make_palette(list(sim), method="lineage")
+    try:
+        sdata = _new_panel_sample("lineage")
+        with pytest.raises(ValueError, match="share no gene"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False)
+        assert "virtual_he" not in sdata and "virtual_he_input" not in sdata
+        # a picture of the model's own panel drawn with another palette: redrawn with the model's map, as before
+        own = _sample()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+            st2he.tl.virtual_he(own, model=model, progress=False)
+        assert get_params(own, "virtual_he_input")["palette"] == model.metadata["palette"]
+        assert get_params(own, "virtual_he_input")["palette_method"] == "mapping"
+    finally:
+        del model.metadata["palette"]
+
+
+def test_warn_uses_a_picture_the_model_shares_no_gene_with_and_says_so(model):
+    sdata = _sample()
+    model.metadata["palette"] = {"NOT_A_GENE": "#ff0000"}
+    try:
+        with pytest.warns(UserWarning, match="share no gene with the palette the model was trained with"):
+            st2he.tl.virtual_he(sdata, model=model, progress=False, palette_mismatch="warn")
+    finally:
+        del model.metadata["palette"]
+    assert "virtual_he_input" not in sdata
+    np.testing.assert_array_equal(_pixels(sdata, "virtual_he"), _pixels(sdata, "st2he_input"))

@@ -484,7 +484,11 @@ def step(name: str, function: str, *, skip: tuple[str, ...] = (), extra: tuple =
 
 
 def _palette(words: list[str]):
-    """``--palette coexpression``, a JSON file of gene -> colour, or a generator folder (the palette it learnt)."""
+    """``--palette coexpression``, a JSON file of gene -> colour, or a generator folder (the palette it learnt).
+
+    A generator trained with the panel-independent lineage palette (``metadata["palette_method"] == "lineage"``)
+    gives ``"lineage"``: the lineage palette of the sample's own panel, not its training panel's colour map.
+    """
     if len(words) != 1:
         msg = f"--palette takes one value, got {words}."
         raise CliError(msg)
@@ -494,7 +498,10 @@ def _palette(words: list[str]):
         return json.loads(path.read_text())
     if path.is_dir():
         config = path / "config.json"
-        palette = json.loads(config.read_text()).get("metadata", {}).get("palette") if config.is_file() else None
+        metadata = json.loads(config.read_text()).get("metadata", {}) if config.is_file() else {}
+        if metadata.get("palette_method") == "lineage":
+            return "lineage"
+        palette = metadata.get("palette")
         if not palette:
             msg = f"--palette {word}: a folder must be a generator checkpoint whose config.json records its palette."
             raise CliError(msg)
@@ -509,8 +516,8 @@ def _palette(words: list[str]):
     helps={
         "style": "multicolor (each gene in its palette colour), single (every transcript in --color) or stain (the "
         "stain alone) (default: multicolor)",
-        "palette": "coexpression, hue, a JSON file of gene -> colour, or a generator folder: the palette it was "
-        "trained with (default: coexpression)",
+        "palette": "coexpression, hue, lineage, a JSON file of gene -> colour, or a generator folder: the palette "
+        "it was trained with (lineage for a generator trained with it) (default: coexpression)",
     },
 )
 def _rasterize(sdata, function, options):

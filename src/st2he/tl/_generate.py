@@ -156,7 +156,14 @@ def redraw_with_model_palette(
     if stain_key is not None:
         kind = element_type(sdata, stain_key)
         parts.setdefault(kind, {})[stain_key] = getattr(sdata, kind)[stain_key]
-    sub = SpatialData(**parts)
+    tables = {}
+    if method == "lineage":
+        # the lineage palette places genes outside its marker table by their co-expression, read from a table of
+        # cells when one covers the genes (as a direct drawing does): the tables come along, with what they annotate
+        tables, annotated = _tables_and_annotated(sdata)
+        for kind, name in annotated:
+            parts.setdefault(kind, {}).setdefault(name, getattr(sdata, kind)[name])
+    sub = SpatialData(**parts, tables=tables)
     palette = "lineage" if method == "lineage" else {g: model_palette[g] for g in common}
     ps = grid.pixel_size
     rasterize_transcripts(
@@ -195,6 +202,26 @@ def redraw_with_model_palette(
             key,
         )
     return sub.images[key], params
+
+
+def _tables_and_annotated(sdata) -> tuple[dict, list[tuple[str, str]]]:
+    """The tables of ``sdata`` and ``(kind, name)`` of the elements of ``sdata`` they annotate."""
+    from spatialdata.models import get_table_keys
+
+    from st2he._elements import element_type
+
+    tables = dict(getattr(sdata, "tables", {}))
+    annotated = []
+    for table in tables.values():
+        try:
+            region = get_table_keys(table)[0]
+        except ValueError:  # a table without spatialdata attributes annotates nothing
+            continue
+        for name in [region] if isinstance(region, str) else list(region or ()):
+            kind = element_type(sdata, name)
+            if kind is not None and kind != "tables":
+                annotated.append((kind, name))
+    return tables, annotated
 
 
 def generate_he(

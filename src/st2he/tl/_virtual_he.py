@@ -91,10 +91,12 @@ def virtual_he(
         parameter recorded for it but the model's palette (genes the model never saw are left out, with a
         warning), store it as ``{key_added}_input`` next to the virtual H&E and generate from it; the input
         picture itself is kept as it is. ``"error"``: refuse. ``"warn"``: use the picture as it is, with a warning.
-        A model that shares no gene with the picture is always refused, unless it was trained with the
-        panel-independent ``palette="lineage"`` (``model.metadata["palette_method"]``): such a model takes a picture
-        drawn with ``palette="lineage"`` on any panel as it is, and ``"redraw"`` draws any other picture again with
-        the lineage palette computed on the picture's own panel (every gene kept).
+        A model that shares no gene with the picture is refused (``"warn"``: used with a warning), unless it was
+        trained with the panel-independent ``palette="lineage"`` (``model.metadata["palette_method"]``): such a
+        model takes a picture drawn with ``palette="lineage"`` on any panel as it is, and ``"redraw"`` draws any
+        other picture again with the lineage palette computed on the picture's own panel (every gene drawn kept;
+        genes outside the lineage marker table are placed by co-expression, over the cells of a table of the object
+        that covers them as in a direct drawing, else over spatial bins of the molecules).
 
     Returns
     -------
