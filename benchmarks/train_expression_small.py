@@ -16,6 +16,12 @@ H&E), ``--init PATH`` continues from a saved model (its genes and sizes) instead
 
     python benchmarks/train_expression_small.py --niche --appearance mixed --init src/st2he/models/weights/expression \
         --steps 700 --out bench_output/expression_niche
+
+``--pooling auto`` pools the spot sections by the mean of their pixels' counts in the loss (as
+``predict_expression`` pools spots by default), the cells and bins by the mean of logs:
+
+    python benchmarks/train_expression_small.py --init src/st2he/models/weights/expression --pooling auto \
+        --steps 500 --work bench_output/expr_auto --out bench_output/expr_auto/model_out
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--units", nargs="+", default=["cells", "spots", "bins16"], help="units to train on (each section once per kind)"
     )
+    parser.add_argument(
+        "--pooling", default="log", choices=["log", "counts", "auto"],
+        help="how the loss pools the model's pixels into units (train_expression's pooling=; the shipped model: log)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -113,6 +123,7 @@ def main(argv=None) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=1e-3,
+        pooling=args.pooling,
         val_fraction=1 / len(sections),
         val_every=max(args.steps // 8, 1),
         ckpt_every=max(args.steps // 4, 1),

@@ -212,10 +212,10 @@ def test_pooling_in_count_space_is_the_tissue_weighted_mean_of_the_pixels_counts
     np.testing.assert_allclose(counts.X[small], np.clip(x8, 0, None), atol=2e-5)  # one pixel: its own value
     parent = pd.Index(["_".join(n.split("_")[1:3]) for n in logs.obs_names[small]])
     w = logs.obs["tissue_fraction"].to_numpy()[small] + 1e-6
-    sums = pd.DataFrame(np.expm1(np.clip(x8, 0, np.log1p(1e4))) * w[:, None], index=parent).groupby(level=0).sum()
+    sums = pd.DataFrame(np.expm1(np.minimum(x8, np.log1p(1e4))) * w[:, None], index=parent).groupby(level=0).sum()
     weights = pd.Series(w, index=parent).groupby(level=0).sum()
     order = pd.Index(["_".join(n.split("_")[1:3]) for n in counts.obs_names[big]])
-    want = np.log1p(sums.loc[order].to_numpy() / weights.loc[order].to_numpy()[:, None])
+    want = np.log1p(np.maximum(sums.loc[order].to_numpy() / weights.loc[order].to_numpy()[:, None], 0))
     np.testing.assert_allclose(counts.X[big], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logs.X[big], pd.DataFrame(x8, index=parent).groupby(level=0).mean().loc[order], atol=1e-6)
     # a square that mixes tissue with background: the log mean dilutes it, the count mean follows the tissue
@@ -360,6 +360,59 @@ def test_count_losses_train(train_sample, loss):
     losses = model.history["loss_genes"].dropna()
     assert len(losses) == 1 and np.isfinite(losses).all()
     assert model.metadata["training"]["settings"]["loss"] == loss
+
+
+def test_training_pools_spots_by_counts_when_asked(train_sample):
+    from st2he.models._expression import unit_sums
+    from st2he.tl._expression import _count_pool
+    from st2he.tl._expression_units import tissue_fraction_map
+
+    # the loss's count pooling against numpy: two chips of 2 x 2 output pixels (stride 8), half of them blank
+    rng = np.random.default_rng(0)
+    chips = np.full((2, 3, 16, 16), 255, np.uint8)
+    chips[0, :, :8, :] = rng.integers(90, 200, (3, 8, 16))  # top row of chip 0: stained tissue
+    chips[1, :, :, 8:] = rng.integers(90, 200, (3, 16, 8))
+    genes = torch.from_numpy(rng.normal(1.0, 1.5, (2, 3, 2, 2)).astype(np.float32))
+    pix = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    loc = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])  # unit 0: three pixels of chip 0; unit 1: one; unit 2: chip 1
+    got = _count_pool(genes, chips, 8, pix, loc, 3).numpy()
+    w = np.stack([tissue_fraction_map(c, 8) for c in chips]).reshape(-1) + 1e-6
+    g = genes.numpy().transpose(0, 2, 3, 1).reshape(-1, 3).astype(np.float64)
+    assert w[[0, 1]].min() > 0.5 and w[[2, 3]].max() < 0.01  # the tissue weights are what the test means
+    want = []
+    for members in ([0, 1, 2], [3], [4, 5, 6, 7]):
+        mean = (np.expm1(g[members]) * w[members, None]).sum(0) / w[members].sum()
+        want.append(np.log1p(np.maximum(mean, 0)))
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-5, atol=1e-6)
+    logs, _ = unit_sums(genes, pix, loc, 3)
+    assert not np.allclose(got[0], logs[0].numpy() / 3, atol=1e-2)  # not the mean of logs
+    # pooling="auto": spots (2376 µm²) by counts, cells by logs; recorded, trained, finite
+    st2he.pp.aggregate_transcripts(train_sample, by="spots", key_added="tr_spots", overwrite=True)
+    kw = dict(model="tiny", genes=["EPCAM", "KRT5", "COL1A1"], um_per_px=1.0, chip_um=128.0, steps=4, batch_size=2,
+              val_fraction=0, progress=False)
+    seen = {}
+    from st2he.tl import _expression as E
+
+    real_split = E._split
+
+    def spy(sections, *args, **kwargs):
+        real_split(sections, *args, **kwargs)
+        seen["sections"] = sections
+
+    E._split = spy
+    try:
+        for table_key, want_counts in (("tr_spots", True), ("table", False)):
+            model = st2he.tl.train_expression(train_sample, table_key=table_key, pooling="auto", **kw)
+            assert [sec.pool_counts for sec in seen["sections"]] == [want_counts]
+            assert model.metadata["training"]["settings"]["pooling"] == "auto"
+            assert np.isfinite(model.history["loss_genes"].dropna()).all()
+    finally:
+        E._split = real_split
+    with pytest.raises(ValueError, match="pooling must be 'auto', 'log' or 'counts', got 'mean'"):
+        st2he.tl.train_expression(train_sample, pooling="mean", **kw)
+    for kind in ("tables", "shapes"):  # the module's sample as it was
+        for key in [k for k in getattr(train_sample, kind) if k.startswith("tr_spots")]:
+            del train_sample[key]
 
 
 def test_highly_variable_genes_by_default(train_sample):

@@ -66,6 +66,7 @@ class Section:
     train_units: np.ndarray  # bool
     val_units: np.ndarray  # bool
     train_cols: int  # training crops stay left of this input-pixel column
+    pool_counts: bool = False  # pool this section's units by the mean of counts (pooling="counts" / "auto")
 
 
 def _table_units(sdata, table_key: str, coordinate_system: str):
@@ -340,6 +341,20 @@ def _unit_targets(sections: list[Section], uniq: np.ndarray, need_counts: bool):
     return t, tum, counts, totals
 
 
+def _count_pool(genes, chips: np.ndarray, stride: int, pix, loc, n: int):
+    """Units' log1p of the tissue-weighted mean of their pixels' counts per 10k (``pooling="counts"``), in torch."""
+    import torch
+
+    from ._expression_units import _MAX_LOG1P_CP10K, _NO_TISSUE_WEIGHT, tissue_fraction_map
+    from st2he.models._expression import unit_sums
+
+    w = np.stack([tissue_fraction_map(c, stride) for c in chips])[:, None].astype(np.float32) + _NO_TISSUE_WEIGHT
+    w = torch.from_numpy(w).to(genes.device)
+    lin, _ = unit_sums(torch.expm1(genes.clamp(max=_MAX_LOG1P_CP10K)) * w, pix, loc, n)
+    wsum, _ = unit_sums(w, pix, loc, n)
+    return torch.log1p((lin / wsum).clamp_min(0.0))
+
+
 def _gene_loss(kind: str, pred, target, counts, totals, log_theta):
     import torch
     import torch.nn.functional as F
@@ -377,6 +392,7 @@ def _evaluate(model, sections: list[Section], plan: ChipPlan, *, which: str, bat
                 len(model.genes),
                 features=int(model.config["features"]) if features else 0,
                 tumour=model.has_tumour,
+                pooling="counts" if sec.pool_counts else "log",
             )
             s = plan.stride * plan.um_per_px
             out_x0, out_y0 = sec.grid.x0, sec.grid.y0
@@ -526,6 +542,7 @@ def train_expression(
     um_per_px: float = 1.0,
     chip_um: float = 256.0,
     loss: str = "mse",
+    pooling: str = "log",
     steps: int = 2000,
     batch_size: int = 8,
     lr: float = 1e-3,
@@ -568,6 +585,12 @@ def train_expression(
     loss
         ``"mse"`` on log1p CP10k (HiST), or ``"poisson"`` / ``"nb"`` (negative binomial with a learned dispersion per
         gene) on the counts, with the prediction read as the log1p CP10k rate (for sparse bins).
+    pooling
+        How a unit's prediction is pooled from the model's pixels in the loss (and the validation): ``"log"`` (default,
+        as the shipped model was trained), the mean of the pixels' log1p CP10k; ``"counts"``, ``log1p`` of the
+        tissue-weighted mean of their counts per 10k, as :func:`predict_expression` pools with ``pooling="counts"``;
+        ``"auto"``: ``"counts"`` for the sections whose units have a median area of at least 1000 µm² (spots), else
+        ``"log"``.
     steps, batch_size, lr, weight_decay
         AdamW optimisation: steps of ``batch_size`` chips.
     val_fraction
@@ -622,6 +645,9 @@ def train_expression(
         raise ValueError(msg)
     if loss not in _LOSSES:
         msg = f"loss must be one of {_LOSSES}, got {loss!r}."
+        raise ValueError(msg)
+    if pooling not in ("auto", *POOLINGS):
+        msg = f"pooling must be 'auto', 'log' or 'counts', got {pooling!r}."
         raise ValueError(msg)
     if not 0 <= float(val_fraction) < 1:
         msg = f"val_fraction must be in [0, 1), got {val_fraction}."
@@ -689,12 +715,17 @@ def train_expression(
     plan = make_plan(net, chip_um, 0)
     chip = plan.chip
     _split(sections, float(val_fraction), multiple=mult, stride=net.stride, chip=chip, seed=seed)
+    px_area = (net.stride * net.um_per_px) ** 2
+    for sec in sections:
+        n_px = np.bincount(sec.units, minlength=len(sec.targets))
+        area = float(np.median(n_px[n_px > 0])) * px_area if (n_px > 0).any() else 0.0
+        sec.pool_counts = pooling == "counts" or (pooling == "auto" and area >= POOLING_COUNTS_AREA)
     sampler = _Sampler(sections, chip, net.stride)
     val_plan = make_plan(net, chip_um, None)
 
     settings = {
         "genes": gene_list, "tumour_key": tumour_key, "tumour_values": list(tumour_values or []), "chip_um": chip_um,
-        "loss": loss, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "val_fraction": val_fraction,
+        "loss": loss, "pooling": pooling, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "val_fraction": val_fraction,
         "seed": seed, "steps": steps, "val_every": val_every, "ckpt_every": ckpt_every, "image_key": image_key,
         "table_key": table_key, "coordinate_system": coordinate_system,
     }
@@ -753,6 +784,7 @@ def train_expression(
     try:
         while step < steps:
             x, pixels, local, uniq = sampler.sample(batch_size, gen)
+            chips = x.numpy()
             # the sampler numbers the sections it draws from (those with training units), not all sections
             targets, tum, counts, totals = _unit_targets(sampler.sections, uniq, need_counts)
             x = x.to(dev).float().div_(255)
@@ -768,6 +800,13 @@ def train_expression(
             n = len(uniq)
             sums, cnt = unit_sums(out["genes"].float(), pix, loc, n)
             pred = sums / cnt[:, None]
+            by_counts = np.array([sampler.sections[i].pool_counts for i in uniq[:, 1]], dtype=bool)
+            if by_counts.any():
+                pred = torch.where(
+                    torch.from_numpy(by_counts).to(dev)[:, None],
+                    _count_pool(out["genes"].float(), chips, net.stride, pix, loc, n),
+                    pred,
+                )
             y = torch.from_numpy(targets).to(dev)
             c_t = torch.from_numpy(counts).to(dev) if counts is not None else None
             t_t = torch.from_numpy(totals).to(dev) if totals is not None else None

@@ -284,7 +284,7 @@ class UnitAccumulator:
         if self.pooling == "counts":
             w = tissue[rows, cols].astype(np.float64) + _NO_TISSUE_WEIGHT
             np.add.at(self.weights, units, w)
-            np.add.at(self.genes, units, np.expm1(np.clip(g, 0.0, _MAX_LOG1P_CP10K)) * w[:, None])
+            np.add.at(self.genes, units, np.expm1(np.minimum(g, _MAX_LOG1P_CP10K)) * w[:, None])
         else:
             np.add.at(self.genes, units, g)
         if self.tumour is not None and "tumour" in out:
@@ -297,7 +297,9 @@ class UnitAccumulator:
         n = self.counts
         with np.errstate(invalid="ignore", divide="ignore"):
             genes = (
-                np.log1p(self.genes / self.weights[:, None]) if self.pooling == "counts" else self.genes / n[:, None]
+                np.log1p(np.maximum(self.genes / self.weights[:, None], 0.0))
+                if self.pooling == "counts"
+                else self.genes / n[:, None]
             )
             res = {
                 "genes": genes,
