@@ -433,8 +433,15 @@ def test_expression_steps_and_register(store, tmp_path, capsys):
     assert code == 0, err
     code, _, err = _run(capsys, "predict-expression", store, "--model", model_dir / "model", "--units", "cell_boundaries", "-q")
     assert code == 0, err
+    code, _, err = _run(
+        capsys, "predict-expression", store, "--model", model_dir / "model", "--units", "cell_boundaries",
+        "--pooling", "counts", "--key-added", "by_counts", "-q",
+    )
+    assert code == 0, err
     back = spatialdata.read_zarr(store)
     assert list(back["he_image_expression"].var_names) == ["EPCAM", "KRT5", "COL1A1"]
+    assert back["he_image_expression"].uns["st2he"]["pooling"] == "log"  # cells: auto pools by the mean of logs
+    assert back["by_counts"].uns["st2he"]["pooling"] == "counts"
     code, out, err = _run(
         capsys, "evaluate-expression", store, "--pred-key", "he_image_expression", "--true-key", "table",
         "--json", tmp_path / "m.json", "-q",

@@ -646,7 +646,12 @@ def _super_resolve(sdata, function, options):
 @step(
     "predict-expression",
     "st2he.tl.predict_expression",
-    helps={"model": "Folder of an expression model saved by train-expression (default: the shipped model)"},
+    helps={
+        "model": "Folder of an expression model saved by train-expression (default: the shipped model)",
+        "pooling": "How the model's pixels are pooled into a unit: log (the mean of their log1p CP10k), counts "
+        "(log1p of their tissue-weighted mean counts per 10k) or auto (counts for units of 1000 µm² or more, such "
+        "as 55 µm spots; else log) (default: auto)",
+    },
 )
 def _predict_expression(sdata, function, options):
     """Predict gene expression and tumour probability per cell, spot or bin from an H&E (real or virtual)."""
@@ -688,7 +693,12 @@ def _train_expression_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         _resolve("st2he.tl.train_expression"),
         skip=("progress",),
-        helps={"output_dir": "Folder of the checkpoints; the trained model is saved in OUTPUT_DIR/model (required)"},
+        helps={
+            "output_dir": "Folder of the checkpoints; the trained model is saved in OUTPUT_DIR/model (required)",
+            "pooling": "How the loss pools the model's pixels into a unit: log (the mean of their log1p CP10k), "
+            "counts (log1p of their tissue-weighted mean counts per 10k) or auto (counts for sections of units of "
+            "1000 µm² or more; else log) (default: log)",
+        },
     )
     parser.set_defaults(option_names=names)
 
