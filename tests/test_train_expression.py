@@ -362,7 +362,7 @@ def test_count_losses_train(train_sample, loss):
     assert model.metadata["training"]["settings"]["loss"] == loss
 
 
-def test_training_pools_spots_by_counts_when_asked(train_sample):
+def test_training_pools_spots_by_counts_when_asked(train_sample, monkeypatch):
     from st2he.models._expression import unit_sums
     from st2he.tl._expression import _count_pool
     from st2he.tl._expression_units import tissue_fraction_map
@@ -399,15 +399,13 @@ def test_training_pools_spots_by_counts_when_asked(train_sample):
         real_split(sections, *args, **kwargs)
         seen["sections"] = sections
 
-    E._split = spy
-    try:
-        for table_key, want_counts in (("tr_spots", True), ("table", False)):
-            model = st2he.tl.train_expression(train_sample, table_key=table_key, pooling="auto", **kw)
-            assert [sec.pool_counts for sec in seen["sections"]] == [want_counts]
-            assert model.metadata["training"]["settings"]["pooling"] == "auto"
-            assert np.isfinite(model.history["loss_genes"].dropna()).all()
-    finally:
-        E._split = real_split
+    monkeypatch.setattr(E, "_split", spy)
+    for table_key, want_counts in (("tr_spots", True), ("table", False)):
+        model = st2he.tl.train_expression(train_sample, table_key=table_key, pooling="auto", **kw)
+        assert [sec.pool_counts for sec in seen["sections"]] == [want_counts]
+        assert model.metadata["training"]["settings"]["pooling"] == "auto"
+        assert np.isfinite(model.history["loss_genes"].dropna()).all()
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="pooling must be 'auto', 'log' or 'counts', got 'mean'"):
         st2he.tl.train_expression(train_sample, pooling="mean", **kw)
     for kind in ("tables", "shapes"):  # the module's sample as it was

@@ -21,7 +21,6 @@ import pandas as pd
 from st2he._grid import COORDINATE_SYSTEM, Grid
 
 from ._expression_units import (
-    POOLINGS,
     WHITE,
     ChipPlan,
     UnitAccumulator,
@@ -34,6 +33,7 @@ from ._expression_units import (
     lonely_units,
     make_plan,
     raster_reader,
+    resolve_pooling,
     run_chips,
     shapes_units,
     snapped_grid,
@@ -646,9 +646,7 @@ def train_expression(
     if loss not in _LOSSES:
         msg = f"loss must be one of {_LOSSES}, got {loss!r}."
         raise ValueError(msg)
-    if pooling not in ("auto", *POOLINGS):
-        msg = f"pooling must be 'auto', 'log' or 'counts', got {pooling!r}."
-        raise ValueError(msg)
+    resolve_pooling(pooling)
     if not 0 <= float(val_fraction) < 1:
         msg = f"val_fraction must be in [0, 1), got {val_fraction}."
         raise ValueError(msg)
@@ -719,14 +717,14 @@ def train_expression(
     for sec in sections:
         n_px = np.bincount(sec.units, minlength=len(sec.targets))
         area = float(np.median(n_px[n_px > 0])) * px_area if (n_px > 0).any() else 0.0
-        sec.pool_counts = pooling == "counts" or (pooling == "auto" and area >= POOLING_COUNTS_AREA)
+        sec.pool_counts = resolve_pooling(pooling, area) == "counts"
     sampler = _Sampler(sections, chip, net.stride)
     val_plan = make_plan(net, chip_um, None)
 
     settings = {
         "genes": gene_list, "tumour_key": tumour_key, "tumour_values": list(tumour_values or []), "chip_um": chip_um,
-        "loss": loss, "pooling": pooling, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "val_fraction": val_fraction,
-        "seed": seed, "steps": steps, "val_every": val_every, "ckpt_every": ckpt_every, "image_key": image_key,
+        "loss": loss, "pooling": pooling, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "val_fraction": val_fraction, "seed": seed, "steps": steps, "val_every": val_every, "ckpt_every": ckpt_every, "image_key": image_key,
         "table_key": table_key, "coordinate_system": coordinate_system,
     }
     fingerprint = _fingerprint(settings, net, sections)
@@ -927,21 +925,6 @@ def _cells_key(sdata) -> str:
     raise KeyError(msg)
 
 
-#: ``pooling="auto"`` pools in count space units whose median area is at least this many µm² (spots of 55 µm hold
-#: 2376 µm², bins of 32 µm 1024, bins of 16 µm 256).
-POOLING_COUNTS_AREA = 1000.0
-
-
-def _pooling(pooling: str, unit_set: Units) -> str:
-    """``pooling`` resolved for a set of units (``"auto"`` by their median area)."""
-    import shapely
-
-    if pooling == "auto":
-        area = float(np.median(shapely.area(unit_set.geoms))) if len(unit_set) else 0.0
-        return "counts" if area >= POOLING_COUNTS_AREA else "log"
-    return pooling
-
-
 def predict_expression(
     sdata,
     *,
@@ -1037,9 +1020,7 @@ def predict_expression(
     if method not in METHODS:
         msg = f"method must be one of {METHODS}, got {method!r}."
         raise ValueError(msg)
-    if pooling not in ("auto", *POOLINGS):
-        msg = f"pooling must be 'auto', 'log' or 'counts', got {pooling!r}."
-        raise ValueError(msg)
+    resolve_pooling(pooling)
     if image_added and method != "multiscale":
         msg = "image_added= draws the model's dense prediction; use it with method='multiscale'."
         raise ValueError(msg)
@@ -1115,7 +1096,12 @@ def predict_expression(
         near = tree.query(shapely.box(*og.bounds))
         return unit_pairs(unit_set, og, subset=np.sort(near), lonely=lonely)
 
-    pooling = _pooling(pooling, unit_set) if method == "multiscale" else "log"
+    if method == "multiscale":
+        import shapely
+
+        pooling = resolve_pooling(pooling, float(np.median(shapely.area(unit_set.geoms))) if len(unit_set) else 0.0)
+    else:
+        pooling = "log"  # the baselines pool features
     acc = UnitAccumulator(
         len(unit_set), len(net.genes), features=int(net.config["features"]) if method != "multiscale" else 0,
         tumour=net.has_tumour, pooling=pooling,

@@ -253,6 +253,19 @@ _NO_TISSUE_WEIGHT = 1e-6
 
 
 POOLINGS = ("log", "counts")
+#: ``pooling="auto"`` pools in count space units whose median area is at least this many µm² (spots of 55 µm hold
+#: 2376 µm², bins of 32 µm 1024, bins of 16 µm 256).
+POOLING_COUNTS_AREA = 1000.0
+
+
+def resolve_pooling(pooling: str, median_area: float | None = None) -> str:
+    """Check ``pooling`` (``"auto"``, ``"log"``, ``"counts"``); with ``median_area`` (µm²) resolve ``"auto"``."""
+    if pooling not in ("auto", *POOLINGS):
+        msg = f"pooling must be 'auto', 'log' or 'counts', got {pooling!r}."
+        raise ValueError(msg)
+    if pooling == "auto" and median_area is not None:
+        return "counts" if median_area >= POOLING_COUNTS_AREA else "log"
+    return pooling
 
 
 class UnitAccumulator:
@@ -272,7 +285,6 @@ class UnitAccumulator:
             raise ValueError(msg)
         self.pooling = pooling
         self.genes = np.zeros((n_units, n_genes), np.float64)
-        self.weights = np.zeros(n_units, np.float64) if pooling == "counts" else None
         self.tumour = np.zeros(n_units, np.float64) if tumour else None
         self.features = np.zeros((n_units, features), np.float64) if features else None
         self.tissue = np.zeros(n_units, np.float64)
@@ -282,8 +294,7 @@ class UnitAccumulator:
         np.add.at(self.counts, units, 1.0)
         g = out["genes"][:, rows, cols].T.astype(np.float64)
         if self.pooling == "counts":
-            w = tissue[rows, cols].astype(np.float64) + _NO_TISSUE_WEIGHT
-            np.add.at(self.weights, units, w)
+            w = tissue[rows, cols].astype(np.float64) + _NO_TISSUE_WEIGHT  # their sum: self.tissue + eps * counts
             np.add.at(self.genes, units, np.expm1(np.minimum(g, _MAX_LOG1P_CP10K)) * w[:, None])
         else:
             np.add.at(self.genes, units, g)
@@ -297,7 +308,7 @@ class UnitAccumulator:
         n = self.counts
         with np.errstate(invalid="ignore", divide="ignore"):
             genes = (
-                np.log1p(np.maximum(self.genes / self.weights[:, None], 0.0))
+                np.log1p(np.maximum(self.genes / (self.tissue + _NO_TISSUE_WEIGHT * n)[:, None], 0.0))
                 if self.pooling == "counts"
                 else self.genes / n[:, None]
             )

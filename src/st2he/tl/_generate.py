@@ -206,18 +206,17 @@ def redraw_with_model_palette(
 
 def _tables_and_annotated(sdata) -> tuple[dict, list[tuple[str, str]]]:
     """The tables of ``sdata`` and ``(kind, name)`` of the elements of ``sdata`` they annotate."""
-    from spatialdata.models import get_table_keys
-
     from st2he._elements import element_type
+    from st2he._units import table_keys
 
     tables = dict(getattr(sdata, "tables", {}))
     annotated = []
     for table in tables.values():
         try:
-            region = get_table_keys(table)[0]
+            regions = table_keys(table)[0]
         except ValueError:  # a table without spatialdata attributes annotates nothing
             continue
-        for name in [region] if isinstance(region, str) else list(region or ()):
+        for name in regions:
             kind = element_type(sdata, name)
             if kind is not None and kind != "tables":
                 annotated.append((kind, name))
