@@ -406,6 +406,8 @@ def test_training_pools_spots_by_counts_when_asked(train_sample, monkeypatch):
         assert model.metadata["training"]["settings"]["pooling"] == "auto"
         assert np.isfinite(model.history["loss_genes"].dropna()).all()
     monkeypatch.undo()
+    # the default is left out of the settings, so checkpoints from before pooling= existed still resume
+    assert "pooling" not in st2he.tl.train_expression(train_sample, **kw).metadata["training"]["settings"]
     with pytest.raises(ValueError, match="pooling must be 'auto', 'log' or 'counts', got 'mean'"):
         st2he.tl.train_expression(train_sample, pooling="mean", **kw)
     for kind in ("tables", "shapes"):  # the module's sample as it was

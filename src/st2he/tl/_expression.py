@@ -723,9 +723,11 @@ def train_expression(
 
     settings = {
         "genes": gene_list, "tumour_key": tumour_key, "tumour_values": list(tumour_values or []), "chip_um": chip_um,
-        "loss": loss, "pooling": pooling, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "loss": loss, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "val_fraction": val_fraction, "seed": seed, "steps": steps, "val_every": val_every, "ckpt_every": ckpt_every,
         "image_key": image_key, "table_key": table_key, "coordinate_system": coordinate_system,
+        # only when not the default: checkpoints written before pooling= existed (all "log") still resume
+        **({"pooling": pooling} if pooling != "log" else {}),
     }
     fingerprint = _fingerprint(settings, net, sections)
     gen = torch.Generator().manual_seed(seed)
