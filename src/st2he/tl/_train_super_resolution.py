@@ -63,6 +63,7 @@ def train_super_resolution(
     alignment: bool = True,
     adversarial: bool = True,
     adversarial_weight: float = 0.01,
+    composition_weight: float = 0.3,
     steps: int = 2000,
     batch_size: int = 8,
     window: int | None = None,
@@ -101,6 +102,12 @@ def train_super_resolution(
         Switch the semantic image encoder, the alignment module and the adversarial loss on or off.
     adversarial_weight
         Weight of the generator's hinge loss (from a fifth of the steps on).
+    composition_weight
+        Weight of a second loss on each bin's composition: ``log1p`` of counts per 10k over the model's genes, of the
+        prediction against the target, per gene divided by its spread over the training bins, over the bins that hold
+        molecules. The main loss (on ``log1p`` counts) teaches how many molecules a bin holds; this one keeps the
+        share of each gene right, which is what a bin's log-normalised expression scores. ``0``: off (models trained
+        before it existed); 0.3, the default, is the shipped model's weight (``docs/models.md`` shows what it adds).
     steps, batch_size, window, lr
         Optimisation steps, crops per step, bins per crop edge (default the size's window), AdamW's learning rate.
     val_fraction
@@ -136,6 +143,9 @@ def train_super_resolution(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             msg = f"{name} must be a positive integer, got {v!r}."
             raise ValueError(msg)
+    if isinstance(composition_weight, bool) or not composition_weight >= 0:
+        msg = f"composition_weight must be a number >= 0, got {composition_weight!r}."
+        raise ValueError(msg)
     if not 0 < val_fraction < 1:
         msg = f"val_fraction must be in (0, 1), got {val_fraction!r}."
         raise ValueError(msg)
@@ -181,6 +191,7 @@ def train_super_resolution(
         np.log1p(_target_counts(p, genes))[~_val_bins(p["bins"], val_fraction)] for p in pairs
     ])
     scales = np.maximum(logs.std(axis=0), 0.05)
+    comp_scales = _composition_scales(np.expm1(logs)) if composition_weight else None
     model = build_super_resolution_model(
         size, genes=genes, scales=scales, features=features, alignment=alignment, adversarial=adversarial,
         expression=expr is not None, expression_model=expr_source, bin_size=bin_size, guidance=guidance,
@@ -206,7 +217,7 @@ def train_super_resolution(
     history: list[dict[str, Any]] = []
     start = 0
     if resume is not None:
-        start, history = _resume(resume, model, opt, opt_d, rng, tgen, genes)
+        start, history = _resume(resume, model, opt, opt_d, rng, tgen, genes, composition_weight)
     scheduler = ddpm_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     weights = np.array([s.train.sum() for s in sections], dtype=np.float64)
@@ -220,6 +231,10 @@ def train_super_resolution(
         "adversarial_weight": adversarial_weight, "steps": steps, "batch_size": batch_size, "window": win, "lr": lr,
         "val_fraction": val_fraction, "seed": seed, "n_samples": len(sdatas), "time_budget": time_budget,
     }
+    settings["composition_weight"] = composition_weight
+    if comp_scales is not None:
+        scales_t = torch.as_tensor(scales, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        comp_scales_t = torch.as_tensor(comp_scales, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     from st2he._progress import tqdm
 
@@ -244,6 +259,10 @@ def train_super_resolution(
         loss_mse = (((x0 - target_t) ** 2) * lm_t).sum() / n_in
         loss = loss_mse
         entry = {"step": step + 1, "loss_mse": float(loss_mse.detach())}
+        if comp_scales is not None:
+            loss_comp = _composition_loss(x0, target_t, lm_t, scales_t, comp_scales_t)
+            loss = loss + composition_weight * loss_comp
+            entry["loss_composition"] = float(loss_comp.detach())
         if opt_d is not None and step >= adv_from:
             loss_g = -model.discriminator(x0, low_t, mask_t).mean()
             loss = loss + adversarial_weight * loss_g
@@ -259,7 +278,7 @@ def train_super_resolution(
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-            entry["loss_d"] = float(loss_d)
+            entry["loss_d"] = float(loss_d.detach())
         if (step + 1) % 10 == 0 or step == start:
             history.append(entry)
         if out_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
@@ -461,6 +480,30 @@ def _batch(sections, weights, rng, batch_size, window, sub, device):
     return low, mask, pixels, expression, target, mask * train
 
 
+def _composition_scales(counts: np.ndarray) -> np.ndarray:
+    """Per-gene spread of ``log1p`` CP10k over the training bins (bins x genes counts) that hold molecules."""
+    total = counts.sum(axis=1, keepdims=True)
+    held = total[:, 0] > 0
+    if not held.any():
+        return np.ones(counts.shape[1])
+    comp = np.log1p(counts[held] / total[held] * 1e4)
+    return np.maximum(comp.std(axis=0), 0.05)
+
+
+def _composition_loss(x0, target, weight, scales, comp_scales):
+    """MSE of the bins' ``log1p`` CP10k over the model's genes, prediction against target (both scaled ``log1p``
+    counts), each gene divided by its spread, over the weighted bins whose target holds molecules."""
+    pred = (x0 * scales).clamp_min(0).expm1()
+    true = (target * scales).clamp_min(0).expm1()
+    pred_total = pred.sum(1, keepdim=True)
+    true_total = true.sum(1, keepdim=True)
+    pred_comp = (pred / (pred_total + 1e-6) * 1e4).log1p()
+    true_comp = (true / true_total.clamp_min(1e-6) * 1e4).log1p()
+    w = weight * (true_total > 0.5)
+    n = w.sum().clamp_min(1) * target.shape[1]
+    return ((((pred_comp - true_comp) / comp_scales) ** 2) * w).sum() / n
+
+
 # ----------------------------------------------------------------------------------------------- validation
 
 
@@ -528,7 +571,7 @@ def _checkpoint(folder: Path, model, opt, opt_d, rng, tgen, step, history, setti
     torch.save(state, folder / _STATE)
 
 
-def _resume(folder, model, opt, opt_d, rng, tgen, genes):
+def _resume(folder, model, opt, opt_d, rng, tgen, genes, composition_weight):
     import torch
 
     from st2he.models._super_resolution import load_super_resolution_model
@@ -537,6 +580,14 @@ def _resume(folder, model, opt, opt_d, rng, tgen, genes):
     saved = load_super_resolution_model(folder)
     if saved.genes != list(genes) or saved.config["size"] != model.config["size"]:
         msg = f"The checkpoint {folder} was trained on other genes or another size; resume with the same settings."
+        raise ValueError(msg)
+    # checkpoints written before the composition loss existed trained without it
+    was = float(saved.metadata.get("settings", {}).get("composition_weight", 0.0))
+    if was != float(composition_weight):
+        msg = (
+            f"The checkpoint {folder} was trained with composition_weight={was:g}, this call asks for "
+            f"{composition_weight:g}: pass composition_weight={was:g} to resume it."
+        )
         raise ValueError(msg)
     model.load_state_dict(saved.state_dict())
     state = torch.load(folder / _STATE, weights_only=True)
