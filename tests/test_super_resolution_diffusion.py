@@ -366,6 +366,6 @@ def test_composition_loss_against_numpy_and_recorded():
     plain = st2he.tl.train_super_resolution(section, composition_weight=0, **kw)
     assert plain.metadata["training"]["settings"]["composition_weight"] == 0
     assert "loss_composition" not in plain.metadata["training"]["history"][0]
-    for bad in (-1.0, True, float("nan")):
+    for bad in (-1.0, True, float("nan"), "0.3"):
         with pytest.raises(ValueError, match="composition_weight"):
             st2he.tl.train_super_resolution(section, composition_weight=bad, **kw)

@@ -143,7 +143,8 @@ def train_super_resolution(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             msg = f"{name} must be a positive integer, got {v!r}."
             raise ValueError(msg)
-    if isinstance(composition_weight, bool) or not composition_weight >= 0:
+    number = isinstance(composition_weight, int | float) and not isinstance(composition_weight, bool)
+    if not number or not composition_weight >= 0:
         msg = f"composition_weight must be a number >= 0, got {composition_weight!r}."
         raise ValueError(msg)
     if not 0 < val_fraction < 1:
@@ -230,8 +231,8 @@ def train_super_resolution(
         "expression_model": expr_source, "features": features, "alignment": alignment, "adversarial": adversarial,
         "adversarial_weight": adversarial_weight, "steps": steps, "batch_size": batch_size, "window": win, "lr": lr,
         "val_fraction": val_fraction, "seed": seed, "n_samples": len(sdatas), "time_budget": time_budget,
+        "composition_weight": composition_weight,
     }
-    settings["composition_weight"] = composition_weight
     if comp_scales is not None:
         scales_t = torch.as_tensor(scales, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         comp_scales_t = torch.as_tensor(comp_scales, dtype=torch.float32, device=device).view(1, -1, 1, 1)
