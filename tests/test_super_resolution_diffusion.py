@@ -369,3 +369,29 @@ def test_composition_loss_against_numpy_and_recorded():
     for bad in (-1.0, True, float("nan"), "0.3"):
         with pytest.raises(ValueError, match="composition_weight"):
             st2he.tl.train_super_resolution(section, composition_weight=bad, **kw)
+
+
+def test_training_on_an_expression_model_resumes_and_saves_only_its_own_weights(tmp_path):
+    # the expression model is used, not owned: it is neither in the saved weights nor among the trained parameters,
+    # and a checkpoint of such a training resumes (it failed on the expression model's "missing" weights)
+    from safetensors import safe_open
+
+    section = st2he.datasets.synthetic_tissue(1, size_um=256.0)
+    kw = dict(size="tiny", n_genes=6, batch_size=2, seed=1, progress=False, expression_model="shipped")
+    whole = st2he.tl.train_super_resolution(section, steps=3, **kw)
+    assert whole.expression_model() is not None
+    assert not any("_expression" in k for k in whole.state_dict())
+    assert not any("_expression" in n for n, _ in whole.named_parameters())
+    st2he.tl.train_super_resolution(section, steps=2, out=tmp_path / "a", **kw)
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        assert not any("_expression" in k for k in f.keys())
+    resumed = st2he.tl.train_super_resolution(section, steps=3, resume=tmp_path / "a" / "last", **kw)
+    assert resumed.metadata["training"]["steps_done"] == 3
+    a, b = whole.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the shipped model carries no copy of its expression model either
+    from st2he.models._super_resolution import SHIPPED_SUPER_RESOLUTION
+
+    with safe_open(str(SHIPPED_SUPER_RESOLUTION / "model.safetensors"), "pt") as f:
+        assert not any("_expression" in k for k in f.keys())

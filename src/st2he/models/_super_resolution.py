@@ -197,7 +197,9 @@ class SuperResolutionModel(nn.Module):
         self.multiple = 2 ** (n - 1)
         self.discriminator = GroupDiscriminator(g, int(c["group_size"])) if c["adversarial"] else None
         self.metadata: dict[str, Any] = {}
-        self._expression = None  # the ExpressionModel giving the expression channels (not part of the state)
+        # the ExpressionModel giving the expression channels: not a submodule, so not part of the state (it is saved
+        # on its own, and the config names it), of the optimiser's parameters or of .to()
+        object.__setattr__(self, "_expression", None)
 
     # ------------------------------------------------------------------ properties
 
@@ -239,7 +241,7 @@ class SuperResolutionModel(nn.Module):
                     "model.set_expression_model(st2he.models.load_expression_model(path))."
                 )
                 raise FileNotFoundError(msg)
-            self._expression = load_expression_model(path)
+            object.__setattr__(self, "_expression", load_expression_model(path))
         return self._expression
 
     def set_expression_model(self, expression) -> None:
@@ -248,7 +250,7 @@ class SuperResolutionModel(nn.Module):
         if missing:
             msg = f"The expression model does not predict {len(missing)} genes of the super-resolution model: {missing[:5]}."
             raise ValueError(msg)
-        self._expression = expression
+        object.__setattr__(self, "_expression", expression)
 
     # ------------------------------------------------------------------ forward
 
