@@ -1099,8 +1099,6 @@ def predict_expression(
         return unit_pairs(unit_set, og, subset=np.sort(near), lonely=lonely)
 
     if method == "multiscale":
-        import shapely
-
         pooling = resolve_pooling(pooling, float(np.median(shapely.area(unit_set.geoms))) if len(unit_set) else 0.0)
     else:
         pooling = "log"  # the baselines pool features

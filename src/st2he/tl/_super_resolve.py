@@ -121,7 +121,8 @@ def super_resolve(
         ``"diffusion"``: sampling steps (DDIM with trailing timesteps; ``1`` is the one-step mode). Default
         :data:`DIFFUSION_STEPS` (1).
     device
-        ``"diffusion"``: torch device of the diffusion model and its expression model (default the CPU).
+        ``"regression"``, ``"diffusion"``: torch device of the models (default: CUDA or MPS when available, else the
+        CPU).
     conserve_counts
         Rescale the estimates so the bins of each unit sum to its counts exactly. Otherwise the estimates themselves,
         as counts per bin (densities times the bin's area; for ``"regression"`` the predicted share of counts per 10k
@@ -299,7 +300,8 @@ def super_resolve(
         info.update(sigma_spatial=float(sigma_spatial), sigma_range=float(sigma_range))
     else:
         share = _regression_shares(
-            sdata, image_key, model, gene_list, bins, bin_size, shapes_added, coordinate_system, progress=progress
+            sdata, image_key, model, gene_list, bins, bin_size, shapes_added, coordinate_system, progress=progress,
+            device=device,
         )
         estimate = share / 1e4 * (counts.sum(axis=1) / units.area)[bins.unit, None] * bin_area
         info.update(model=str(model) if isinstance(model, str | bytes) or hasattr(model, "__fspath__") else "in memory")
@@ -677,7 +679,8 @@ class _quiet:
 
 
 def _regression_shares(
-    sdata, image_key, model, genes, bins: _Bins, bin_size: float, shapes_key, coordinate_system, *, progress
+    sdata, image_key, model, genes, bins: _Bins, bin_size: float, shapes_key, coordinate_system, *, progress,
+    device=None,
 ):
     """The expression model's predicted counts per 10k at each bin (``expm1`` of its log-normalised output)."""
     from spatialdata import SpatialData
@@ -690,7 +693,7 @@ def _regression_shares(
     )
     pred = predict_expression(
         scratch, image_key=image_key, model=model, units=shapes_key, genes=genes, pooling="log",
-        key_added="prediction", progress=progress, coordinate_system=coordinate_system,
+        key_added="prediction", progress=progress, coordinate_system=coordinate_system, device=device,
     )
     pos = pd.Index(pred.obs_names.astype(str)).get_indexer(bins.ids.astype(str))
     X = np.asarray(pred.X, dtype=np.float64)[pos]
@@ -788,12 +791,12 @@ def _bin_low(units: _Units, bins: _Bins, counts: np.ndarray, scales: np.ndarray,
 
 def _bin_expression(
     sdata, image_key, expression_model, genes, units: _Units, bins: _Bins, counts: np.ndarray, scales: np.ndarray,
-    bin_size: float, shapes_key: str, coordinate_system: str, *, progress: bool,
+    bin_size: float, shapes_key: str, coordinate_system: str, *, progress: bool, device=None,
 ) -> np.ndarray:
     """The ``"regression"`` answer (expression model's prediction, conserved in each unit), log1p, scaled."""
     share = _regression_shares(
         sdata, image_key, expression_model, list(genes), bins, bin_size, shapes_key, coordinate_system,
-        progress=progress,
+        progress=progress, device=device,
     )
     estimate = conserve(share, counts, bins.unit)
     return (np.log1p(estimate) / scales).astype(np.float32)
@@ -869,9 +872,11 @@ def _diffusion_estimates(
     if model.uses_expression:
         expr = _bin_expression(
             sdata, image_key, model.expression_model(), model.genes, units, bins, counts, scales, bin_size,
-            shapes_key, coordinate_system, progress=progress,
+            shapes_key, coordinate_system, progress=progress, device=device,
         )
-    device = torch.device(device or "cpu")
+    from st2he.tl._generate import resolve_device
+
+    device = resolve_device(device)
     model.eval()
     model.to(device)
     W = int(model.config["window"])

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from st2he._grid import COORDINATE_SYSTEM
+from st2he._units import TARGET_SUM
 
 logger = logging.getLogger("st2he")
 
@@ -202,7 +203,10 @@ def train_super_resolution(
         model.set_expression_model(expr)
     win = int(model.config["window"])
     sections = [
-        _section(p, genes, scales, model, expr, val_fraction, win, coordinate_system, image_key, progress=progress)
+        _section(
+            p, genes, scales, model, expr, val_fraction, win, coordinate_system, image_key, progress=progress,
+            device=device,
+        )
         for p in pairs
     ]
 
@@ -417,7 +421,9 @@ def _val_bins(bins, val_fraction) -> np.ndarray:
     return bins.cols >= cut
 
 
-def _section(pair, genes, scales, model, expr, val_fraction, window, cs, image_key, *, progress) -> _Section:
+def _section(
+    pair, genes, scales, model, expr, val_fraction, window, cs, image_key, *, progress, device
+) -> _Section:
     from st2he.tl._super_resolve import _bin_expression, _bin_low, _dense, _pixels, counts_of
 
     units, bins = pair["units"], pair["bins"]
@@ -436,7 +442,7 @@ def _section(pair, genes, scales, model, expr, val_fraction, window, cs, image_k
     if expr is not None:
         e = _bin_expression(
             pair["sdata"], image_key, expr, genes, units, bins, counts, scales, bin_size, "_sr_bins", cs,
-            progress=progress,
+            progress=progress, device=device,
         )
         expression = _dense(e, rr, cc, H, W)
     pixels = None
@@ -487,7 +493,7 @@ def _composition_scales(counts: np.ndarray) -> np.ndarray:
     held = total[:, 0] > 0
     if not held.any():
         return np.ones(counts.shape[1])
-    comp = np.log1p(counts[held] / total[held] * 1e4)
+    comp = np.log1p(counts[held] / total[held] * TARGET_SUM)
     return np.maximum(comp.std(axis=0), 0.05)
 
 
@@ -498,8 +504,8 @@ def _composition_loss(x0, target, weight, scales, comp_scales):
     true = (target * scales).clamp_min(0).expm1()
     pred_total = pred.sum(1, keepdim=True)
     true_total = true.sum(1, keepdim=True)
-    pred_comp = (pred / (pred_total + 1e-6) * 1e4).log1p()
-    true_comp = (true / true_total.clamp_min(1e-6) * 1e4).log1p()
+    pred_comp = (pred / (pred_total + 1e-6) * TARGET_SUM).log1p()
+    true_comp = (true / true_total.clamp_min(1e-6) * TARGET_SUM).log1p()
     w = weight * (true_total > 0.5)
     n = w.sum().clamp_min(1) * target.shape[1]
     return ((((pred_comp - true_comp) / comp_scales) ** 2) * w).sum() / n
