@@ -2,12 +2,12 @@
 
 :func:`st2he.datasets.synthetic_tissue` draws the same tissue under the gene names of two commercial panels
 (``panel="xenium_lung"``, ``"xenium_breast"``: 5 of 88 genes shared, every program marked on both). For each
-palette (``"lineage"``, ``"coexpression"``) a generator is trained (within a time budget, or ``--steps``) on lung-panel samples
-whose input pictures are drawn with that palette, then scored with :func:`st2he.tl.evaluate_he` against the
-simulated H&E of held-out seeds. With ``"coexpression"`` one palette is used for all pictures: the first training
-sample's, stored with the model, as ``benchmarks/train_small.py`` does. With ``"lineage"`` every picture is drawn
-with ``palette="lineage"`` (the lineage palette of its own sample), so the model records
-``metadata["palette_method"] == "lineage"`` and ``virtual_he`` treats it as a lineage model.
+palette (``"lineage"``, ``"coexpression"``) a generator is trained (within a time budget, or ``--steps``) on
+lung-panel samples whose input pictures are drawn with that palette, then scored with
+:func:`st2he.tl.evaluate_he` against the simulated H&E of held-out seeds. With ``"coexpression"`` one palette is
+used for all pictures: the first training sample's, stored with the model, as ``benchmarks/train_small.py`` does.
+With ``"lineage"`` every picture is drawn with ``palette="lineage"`` (the lineage palette of its own sample), so the
+model records ``metadata["palette_method"] == "lineage"`` and ``virtual_he`` treats it as a lineage model.
 
 - in-panel: held-out lung-panel samples drawn as the training samples were;
 - cross-panel: the same seeds on the breast panel. The model's palette names lung genes, so the picture is drawn

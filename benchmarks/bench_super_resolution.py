@@ -139,6 +139,11 @@ def simulated(
     speeds: dict[str, list[float]] = {}
     model = model_path
     seeds = tuple(seeds)
+    sr = None
+    if diffusion is not None:  # read once: every seed resolves its genes
+        from st2he.models import load_super_resolution_model
+
+        sr = load_super_resolution_model(diffusion)
     for seed in seeds:
         sdata = st2he.datasets.synthetic_tissue(seed, size_um=SIZE_UM)
         st2he.pp.aggregate_transcripts(sdata, by="spots", key_added="spots", shapes_added="spots_55um")
@@ -146,11 +151,7 @@ def simulated(
         genes = list(sdata.tables["spots"].var_names)
         if model is None:
             model = _tiny_model(genes)
-        sr = None
-        if diffusion is not None:
-            from st2he.models import load_super_resolution_model
-
-            sr = load_super_resolution_model(diffusion)
+        if sr is not None:
             genes = sr.genes
         methods = {
             "bicubic": {"method": "bicubic"},
