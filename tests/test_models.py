@@ -378,3 +378,47 @@ def test_a_saved_model_reloads_to_the_same_outputs_byte_for_byte(tmp_path):
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_a_reloaded_model_records_the_folder_it_was_read_from(tmp_path):
+    """A model fine-tuned from a loaded one records its own folder when reloaded, not its parent's."""
+    parent = M.save_pretrained(M.Pix2PixTurbo.from_config("tiny", seed=0), tmp_path / "parent")
+    model = M.from_pretrained(parent)
+    assert model.metadata["checkpoint"] == str(parent)
+    child = M.save_pretrained(model, tmp_path / "child")  # e.g. after fine-tuning
+    import json
+
+    assert "checkpoint" not in json.loads((child / "config.json").read_text())["metadata"]
+    assert M.from_pretrained(child).metadata["checkpoint"] == str(child)
+    # the shipped generators: each records its own folder
+    from st2he.models._io import SHIPPED
+
+    for name, folder in SHIPPED.items():
+        assert M.load_model(name).metadata["checkpoint"] == str(folder)
+
+
+def test_reloaded_expression_and_super_resolution_models_record_their_own_folder(tmp_path):
+    import json
+
+    from st2he.models import (
+        build_expression_model,
+        build_super_resolution_model,
+        load_expression_model,
+        load_super_resolution_model,
+        save_expression_model,
+        save_super_resolution_model,
+    )
+
+    expression = build_expression_model(["A", "B"], encoder="tiny", seed=0)
+    super_resolution = build_super_resolution_model("tiny", genes=["A", "B"])
+    cases = (
+        (expression, save_expression_model, load_expression_model),
+        (super_resolution, save_super_resolution_model, load_super_resolution_model),
+    )
+    for model, save, load in cases:
+        save(model, tmp_path / "parent")
+        loaded = load(tmp_path / "parent")
+        assert loaded.metadata["checkpoint"] == str(tmp_path / "parent")
+        save(loaded, tmp_path / "child")
+        assert "checkpoint" not in json.loads((tmp_path / "child" / "config.json").read_text())["metadata"]
+        assert load(tmp_path / "child").metadata["checkpoint"] == str(tmp_path / "child")

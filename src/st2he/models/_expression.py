@@ -601,6 +601,7 @@ def save_expression_model(
     folder.mkdir(parents=True, exist_ok=True)
     baselines = model.baselines if baselines is None else baselines
     meta = {**model.metadata, **(metadata or {})}
+    meta.pop("checkpoint", None)  # where the model in memory was read from; a reload records its own folder
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     for method, arrays in baselines.items():
         for name, value in arrays.items():
@@ -670,7 +671,7 @@ def load_expression_model(
             baselines.setdefault(method, {})[name] = value.numpy().copy()
     model.baselines = baselines
     model.metadata = dict(config.get("metadata") or {})
-    model.metadata.setdefault("checkpoint", str(folder))
+    model.metadata["checkpoint"] = str(folder)
     model.eval()
     if device is not None:
         model.to(device)

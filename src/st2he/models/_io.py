@@ -352,7 +352,7 @@ def load_published_into(model: Pix2PixTurbo, path: str | os.PathLike) -> Pix2Pix
         model.conv_in_pretrained.load_state_dict(twin)
     _warn_unmatched(load_matching(model.unet, unet_sd, what="UNet"), "UNet", path)
     _warn_unmatched(load_matching(model.vae, dict(sd["state_dict_vae"]), what="VAE"), "VAE", path)
-    model.metadata.setdefault("checkpoint", str(path))
+    model.metadata["checkpoint"] = str(path)
     model._prompt_cache.clear()
     return model
 
@@ -411,7 +411,8 @@ def save_pretrained(
         "base": base,
         "prompt": model.prompt,
         "architecture": {**model.config, "tokenizer": tokenizer_spec},
-        "metadata": model.metadata,
+        # where the model in memory was read from is not part of what it is: a reload records its own folder
+        "metadata": {k: v for k, v in model.metadata.items() if k != "checkpoint"},
     }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=_jsonable))
     return folder
@@ -792,7 +793,7 @@ def from_pretrained(
             state = _read_weights(weights)
             model = _model_from_base(base, local_files_only=local_files_only, torch_dtype=torch_dtype)
             model = _apply_delta(model, folder, config, state)
-        model.metadata.setdefault("checkpoint", str(folder))
+        model.metadata["checkpoint"] = str(folder)  # the folder read, even when it was fine-tuned from another
     else:
         if base is None:
             msg = "Pass base= (the diffusers-format SD-Turbo folder or hub id) to load a published checkpoint."

@@ -480,6 +480,7 @@ def save_super_resolution_model(
             v = v.to(dtype)
         tensors[f"model.{k}"] = v
     meta = {**model.metadata, **(metadata or {})}
+    meta.pop("checkpoint", None)  # where the model in memory was read from; a reload records its own folder
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -509,7 +510,7 @@ def load_super_resolution_model(
     )
     model, _ = load_checked(folder, lambda: SuperResolutionModel(config["architecture"]))
     model.metadata = dict(config.get("metadata") or {})
-    model.metadata.setdefault("checkpoint", str(folder))
+    model.metadata["checkpoint"] = str(folder)
     model.eval()
     if device is not None:
         model.to(device)
