@@ -530,7 +530,7 @@ def _rasterize(sdata, function, options):
     "st2he.tl.virtual_he",
     helps={
         "method": "diffusion (the pix2pix-turbo generator) or stain (the Beer-Lambert baseline) (default: diffusion)",
-        "model": "Generator checkpoint folder (default: the small model shipped with st2he)",
+        "model": "Generator checkpoint folder, or a shipped generator: small (the default) or small-real",
         "lazy": "Run the model while the image is written into the store, once per pyramid level (default: no)",
     },
 )

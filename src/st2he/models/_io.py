@@ -49,7 +49,12 @@ PUBLISHED_KEYS = (
     "state_dict_unet",
     "state_dict_vae",
 )
-SHIPPED = {"small": Path(__file__).parent / "weights" / "small"}
+#: The generators shipped with st2he, by name: ``"small"`` (the default; simulated pairs, co-expression palette) and
+#: ``"small-real"`` (simulated pairs and pairs derived from real H&E, lineage palette); see ``docs/models.md``.
+SHIPPED = {
+    "small": Path(__file__).parent / "weights" / "small",
+    "small-real": Path(__file__).parent / "weights" / "small_real",
+}
 
 # --------------------------------------------------------------------------- key matching
 
@@ -748,9 +753,9 @@ def from_pretrained(
     ----------
     base
         A diffusers-format Stable Diffusion folder or hub id (SD-Turbo: ``"stabilityai/sd-turbo"``, read from the
-        local Hugging Face cache unless ``local_files_only=False``); or an st2he checkpoint folder; or ``"small"``
-        for the model shipped with st2he. May be ``None`` when ``checkpoint`` is an st2he checkpoint that names its
-        base or stores every weight.
+        local Hugging Face cache unless ``local_files_only=False``); or an st2he checkpoint folder; or the name of a
+        generator shipped with st2he: ``"small"`` (the default) or ``"small-real"`` (see :data:`SHIPPED`). May be
+        ``None`` when ``checkpoint`` is an st2he checkpoint that names its base or stores every weight.
     checkpoint
         A published ST2HE / pix2pix-turbo file (``CondGen.pkl``, ``UnCondGen.pkl``) or an st2he checkpoint folder.
     tissue, prompt
@@ -834,7 +839,7 @@ def _model_from_base(base, *, local_files_only=None, torch_dtype=None) -> Pix2Pi
 
 
 def load_model(model=None, *, device: str | torch.device | None = None, **kwargs) -> Pix2PixTurbo:
-    """Return a :class:`Pix2PixTurbo` from ``None`` / ``"small"`` (the shipped model), a checkpoint path, or a model."""
+    """A :class:`Pix2PixTurbo` from ``None`` / ``"small"`` / ``"small-real"`` (shipped), a checkpoint path, a model."""
     if isinstance(model, Pix2PixTurbo):
         if device is not None:
             model.to(device)
@@ -843,5 +848,8 @@ def load_model(model=None, *, device: str | torch.device | None = None, **kwargs
         model = "small"
     if isinstance(model, str | os.PathLike):
         return from_pretrained(model, device=device, **kwargs)
-    msg = f"model must be None, 'small', a checkpoint path or a Pix2PixTurbo, got {type(model).__name__}."
+    msg = (
+        f"model must be None, a shipped model's name ({', '.join(map(repr, SHIPPED))}), a checkpoint path or a "
+        f"Pix2PixTurbo, got {type(model).__name__}."
+    )
     raise TypeError(msg)

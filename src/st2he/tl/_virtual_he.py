@@ -47,7 +47,10 @@ def virtual_he(
         Image element with the input picture (uint8 RGB, channels ``r, g, b``).
     model
         ``method="diffusion"`` only: a :class:`st2he.models.Pix2PixTurbo`, a path to a checkpoint saved by
-        :meth:`~st2he.models.Pix2PixTurbo.save_pretrained`, or ``None`` for the small model shipped with st2he.
+        :meth:`~st2he.models.Pix2PixTurbo.save_pretrained`, or a generator shipped with st2he: ``None`` /
+        ``"small"`` (trained on simulated sections, the co-expression palette of the simulated panel) or
+        ``"small-real"`` (also trained on pairs derived from real H&E, the panel-independent lineage palette: for
+        real panels; see ``docs/models.md``).
     tissue
         Tissue name for the conditional prompt ``"This is a {tissue} H&E image"``; ``None`` keeps the model's own
         prompt.
