@@ -114,3 +114,47 @@ def test_small_real_reads_a_panel_the_default_refuses(small_real, shared_data, o
     out = _rgb(sdata, "virtual_he")
     glass = (out.min(axis=-1) > 220).mean()
     assert glass > 0.9, glass
+
+
+def test_fine_tuning_small_real_keeps_the_lineage_palette_and_warns_on_other_colours(one_torch_thread):
+    """``train_generator(model="small-real")`` fine-tunes the shipped weights; other colours than it learnt warn."""
+    lineage = st2he.datasets.synthetic_tissue(3, size_um=96)
+    other = st2he.datasets.synthetic_tissue(3, size_um=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.pp.rasterize_transcripts(lineage, palette="lineage")
+        st2he.pp.rasterize_transcripts(other, palette="coexpression")
+    options = {"tile_size": 64, "steps": 1, "batch_size": 1, "val_every": 0, "ckpt_every": 0, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", category=st2he.pp.MoleculesDroppedWarning)
+        tuned, _ = st2he.tl.train_generator(lineage, model="small-real", validation=None, **options)
+    assert tuned.metadata["palette_method"] == "lineage"
+    import torch
+
+    shipped = load_model("small-real")
+    moved = [
+        name
+        for (name, a), (_, b) in zip(tuned.named_parameters(), shipped.named_parameters(), strict=True)
+        if not torch.equal(a.detach().cpu().float(), b.detach().cpu().float())
+    ]
+    assert moved  # one step moved the shipped weights ...
+    assert len(moved) < len(list(shipped.parameters()))  # ... through what fine-tuning trains, not a new model
+    with pytest.warns(UserWarning, match=r"learnt the lineage palette, but the training pictures were drawn with"):
+        st2he.tl.train_generator(other, model="small-real", validation=None, **options)
+    with pytest.warns(UserWarning, match=r"learnt a fixed gene palette, but .* palette='lineage'"):
+        st2he.tl.train_generator(lineage, model=load_model("small"), validation=None, **options)
+    # a fixed palette: its own colours train quietly, other colours for the genes it knows warn
+    small = load_model("small")
+    own = st2he.datasets.synthetic_tissue(3, size_um=96)
+    hue = st2he.datasets.synthetic_tissue(3, size_um=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st2he.pp.MoleculesDroppedWarning)
+        st2he.pp.rasterize_transcripts(own, palette=small.metadata["palette"])
+        st2he.pp.rasterize_transcripts(hue, palette="hue")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", category=st2he.pp.MoleculesDroppedWarning)
+        st2he.tl.train_generator(own, model=small, validation=None, **options)
+    with pytest.warns(UserWarning, match=r"colour \d+ of the 88 genes they share otherwise than the palette"):
+        st2he.tl.train_generator(hue, model=load_model("small"), validation=None, **options)

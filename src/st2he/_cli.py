@@ -839,7 +839,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         helps={
             "input_key": "Image element of the input pictures (default: st2he_input)",
             "target_key": "Image element of the aligned real H&E (default: he_image)",
-            "model": "small, tiny (trained from scratch) or a checkpoint folder (fine-tuned)",
+            "model": "small, tiny (trained from scratch), small-real or a checkpoint folder (fine-tuned)",
             "validation": "Held out: a fraction (right-most band of each store), stores held out whole, or none",
             "steps": "AdamW steps",
             "batch_size": "Crops per step",

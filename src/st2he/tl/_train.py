@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,36 @@ def prepare_pairs(
     }
 
 
+def _palette_change(learnt: dict, data: dict) -> str | None:
+    """Why fine-tuning a generator (metadata ``learnt``) on these pairs starts from colours that mean other genes."""
+    old_palette, old_lineage = learnt.get("palette"), learnt.get("palette_method") == "lineage"
+    new_palette, new_lineage = data.get("palette"), data.get("palette_method") == "lineage"
+    if not old_palette or not new_palette or (old_lineage and new_lineage):
+        return None
+    fix = "so it starts from colours that mean other genes and must learn them again"
+    if old_lineage:
+        return (
+            "The generator being fine-tuned learnt the lineage palette, but the training pictures were drawn with "
+            f"another palette, {fix}. Draw them with st2he.pp.rasterize_transcripts(..., palette='lineage')."
+        )
+    if new_lineage:
+        return (
+            "The generator being fine-tuned learnt a fixed gene palette, but the training pictures were drawn with "
+            f"palette='lineage', {fix}. Fine-tune a lineage generator (model='small-real') instead, or draw the "
+            "pictures with the model's own palette (rasterize_transcripts(..., palette=model.metadata['palette']))."
+        )
+    shared = set(old_palette) & set(new_palette)
+    differ = sorted(g for g in shared if str(old_palette[g]).lower() != str(new_palette[g]).lower())
+    if shared and not differ:
+        return None
+    what = f"{len(differ)} of the {len(shared)} genes they share" if shared else "genes it never saw (none shared)"
+    return (
+        f"The training pictures colour {what} otherwise than the palette the generator being fine-tuned learnt, "
+        f"{fix}. Draw them with the model's palette (rasterize_transcripts(..., palette=model.metadata['palette'])), "
+        "or use palette='lineage' with a lineage generator (model='small-real')."
+    )
+
+
 def build_model(model, *, tissue: str | None = None, seed: int = 0):
     """Build a :class:`~st2he.models.Pix2PixTurbo` from a config name / dict (random weights), a path or a model."""
     from st2he.models import Pix2PixTurbo, load_model
@@ -219,7 +250,11 @@ def train_generator(
         grid where their pixels differ; any affine transformation, rotated or flipped H&E included).
     model
         ``"small"`` / ``"tiny"`` / a config dict (trained from scratch), a :class:`~st2he.models.Pix2PixTurbo`
-        (e.g. SD-Turbo from :func:`st2he.models.from_pretrained`, fine-tuned with LoRA), or a checkpoint path.
+        (e.g. SD-Turbo from :func:`st2he.models.from_pretrained`, fine-tuned with LoRA), a checkpoint path, or
+        ``"small-real"``: the shipped generator for real panels, fine-tuned (it reads the lineage palette: draw the
+        pictures with ``palette="lineage"``). Fine-tuning a model on pictures whose colours mean other genes than
+        the ones it learnt (another palette, or lineage against a fixed palette) warns: it would start from colours
+        that mean other genes.
     validation
         A fraction: the right-most band of that width of each object is held out (split by region, never by
         random pixel); a list of SpatialData objects held out whole; ``None``: no validation.
@@ -282,6 +317,9 @@ def train_generator(
         min_tissue_fraction=min_tissue_fraction,
     )
     net = build_model(model, tissue=tissue, seed=seed)
+    change = _palette_change(net.metadata, data)
+    if change:
+        warnings.warn(change, UserWarning, stacklevel=2)
     if tissue is not None:
         net.prompt = net.prompt_for(tissue)
         net.metadata["tissue"] = tissue
