@@ -96,18 +96,35 @@ def _kather(classes) -> list[tuple[str, Path]]:
     return sorted((p.name, p) for p in (DATA / "he_kather_crc_32").glob("*.png") if p.name.split("-")[0] in classes)
 
 
-def heldout_real() -> list[tuple[str, str, object]]:
+def kather_split(split: str = "classes") -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """``(train, held out)`` Kather tiles: ``"classes"`` holds out whole classes (DEB, MUC, NORM), ``"tiles"`` the
+    second and fourth tile of every class (so every tissue class is seen in training, never the same tile)."""
+    if split == "classes":
+        return _kather(KATHER_TRAIN), _kather(KATHER_TEST)
+    if split == "tiles":
+        every = _kather(KATHER_TRAIN + KATHER_TEST)
+        by_class: dict[str, list] = {}
+        for name, p in every:
+            by_class.setdefault(name.split("-")[0], []).append((name, p))
+        train = [t for tiles in by_class.values() for t in tiles[0::2]]
+        test = [t for tiles in by_class.values() for t in tiles[1::2]]
+        return sorted(train), sorted(test)
+    msg = f"split must be 'classes' or 'tiles', got {split!r}."
+    raise ValueError(msg)
+
+
+def heldout_real(split: str = "classes") -> list[tuple[str, str, object]]:
     """``(group, name, sdata)`` of every held-out derived pair."""
     out = [("cmu1_heldout", "cmu1_heldout", _cmu("test"))]
     tcga = sorted((DATA / "he_tcga_tiles").rglob("*.jpg")) + sorted((DATA / "he_tcga_tiles").glob("*.tif"))
     for i, p in enumerate(tcga):
         out.append(("tcga", p.name, _derived(p, p.name, seed=10 + i)))
-    for i, (name, p) in enumerate(_kather(KATHER_TEST)):
+    for i, (name, p) in enumerate(kather_split(split)[1]):
         out.append(("kather_heldout", name, _derived(p, name, seed=30 + i)))
     return out
 
 
-def prepare(out: Path) -> None:
+def prepare(out: Path, split: str = "classes") -> None:
     from st2he._elements import get_params
     from st2he.tl._train import prepare_pairs
 
@@ -117,7 +134,7 @@ def prepare(out: Path) -> None:
     sims = [_sim(s) for s in TRAIN_SEEDS]
     val = [_sim(s) for s in VAL_SEEDS]
     cmu = _cmu("train")
-    kather = [_derived(p, name, seed=100 + i) for i, (name, p) in enumerate(_kather(KATHER_TRAIN))]
+    kather = [_derived(p, name, seed=100 + i) for i, (name, p) in enumerate(kather_split(split)[0])]
     data = prepare_pairs(sims + [cmu] + kather, validation=val, tile_size=TILE)
     xs, ys = data["train_inputs"], data["train_targets"]
     crop = TRAIN_CONFIG["crop_size"]
@@ -150,7 +167,9 @@ def prepare(out: Path) -> None:
         "subtypes": SUBTYPES,
         "real": {
             "cmu1_rows": [0, CMU_TRAIN_ROWS],
-            "kather_classes": list(KATHER_TRAIN),
+            "kather_split": split,
+            "kather_classes": sorted({name.split("-")[0] for name, _ in kather_split(split)[0]}),
+            "kather_tiles": [name for name, _ in kather_split(split)[0]],
             "kather_repeat": repeat,
             "cmu1_cells": cmu.attrs["st2he"]["source"]["cell_types"],
         },
@@ -203,7 +222,8 @@ def train(data: Path, out: Path, *, device: str, init: str, time_budget: float |
             "trained_on": (
                 f"st2he.datasets.synthetic_tissue seeds {meta['train_seeds']} (subtypes cycling {meta['subtypes']}) "
                 "and pairs derived from real H&E with st2he.datasets.pairs_from_he: CMU-1-Small-Region (skin) rows "
-                f"{meta['real']['cmu1_rows']}, Kather CRC-VAL-HE-7K tiles of {meta['real']['kather_classes']}; "
+                f"{meta['real']['cmu1_rows']}, Kather CRC-VAL-HE-7K tiles {meta['real'].get('kather_tiles')} "
+                f"(classes {meta['real']['kather_classes']}); "
                 f"all drawn with palette='lineage'; validated on seeds {meta['val_seeds']}"
                 + ("; fine-tuned from the previous shipped weights" if init == "shipped" else "")
             ),
@@ -235,7 +255,7 @@ def train(data: Path, out: Path, *, device: str, init: str, time_budget: float |
     print(f"trained {done} steps in {elapsed:.0f} s; model in {out / 'model'}", flush=True)
 
 
-def evaluate(model_path: str, out: Path | None, pictures: Path | None) -> None:
+def evaluate(model_path: str, out: Path | None, pictures: Path | None, split: str = "classes") -> None:
     import pandas as pd
 
     import st2he
@@ -244,7 +264,7 @@ def evaluate(model_path: str, out: Path | None, pictures: Path | None) -> None:
     _quiet()
     model = load_model(None if model_path == "shipped" else model_path)
     rows = []
-    samples = heldout_real() + [("simulated", f"seed {s}", _sim(s)) for s in TEST_SEEDS]
+    samples = heldout_real(split) + [("simulated", f"seed {s}", _sim(s)) for s in TEST_SEEDS]
     for group, name, sd in samples:
         t0 = time.time()
         st2he.tl.virtual_he(sd, method="diffusion", model=model, key_added="he_diffusion", progress=False)
@@ -291,8 +311,10 @@ def _save_pictures(sd, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    split_help = "Kather tiles held out: whole classes DEB, MUC, NORM (default) or the 2nd and 4th tile of each class"
     a = sub.add_parser("prepare")
     a.add_argument("--out", type=Path, default=ROOT / "bench_output" / "real")
+    a.add_argument("--split", choices=["classes", "tiles"], default="classes", help=split_help)
     a = sub.add_parser("train")
     a.add_argument("--data", type=Path, default=ROOT / "bench_output" / "real")
     a.add_argument("--out", type=Path, default=ROOT / "bench_output" / "real" / "run")
@@ -305,9 +327,10 @@ def main() -> None:
     a.add_argument("--model", default="shipped", help="checkpoint folder, 'shipped' ('small') or 'small-real'")
     a.add_argument("--csv", type=Path, default=None)
     a.add_argument("--pictures", type=Path, default=None, help="folder for side-by-side PNGs")
+    a.add_argument("--split", choices=["classes", "tiles"], default="classes", help=split_help)
     args = p.parse_args()
     if args.cmd == "prepare":
-        prepare(args.out)
+        prepare(args.out, args.split)
     elif args.cmd == "train":
         train(
             args.data,
@@ -319,7 +342,7 @@ def main() -> None:
             lr=args.lr,
         )
     else:
-        evaluate(args.model, args.csv, args.pictures)
+        evaluate(args.model, args.csv, args.pictures, args.split)
 
 
 if __name__ == "__main__":
