@@ -171,8 +171,10 @@ def prepare_pairs(
 
 def _palette_change(learnt: dict, data: dict) -> str | None:
     """Why fine-tuning a generator (metadata ``learnt``) on these pairs starts from colours that mean other genes."""
-    old_palette, old_lineage = learnt.get("palette"), learnt.get("palette_method") == "lineage"
-    new_palette, new_lineage = data.get("palette"), data.get("palette_method") == "lineage"
+    from st2he.tl._generate import compare_palettes, palette_by_method
+
+    old_palette, old_lineage = learnt.get("palette"), palette_by_method(learnt) is not None
+    new_palette, new_lineage = data.get("palette"), palette_by_method(data) is not None
     if not old_palette or not new_palette or (old_lineage and new_lineage):
         return None
     fix = "so it starts from colours that mean other genes and must learn them again"
@@ -187,8 +189,7 @@ def _palette_change(learnt: dict, data: dict) -> str | None:
             f"palette='lineage', {fix}. Fine-tune a lineage generator (model='small-real') instead, or draw the "
             "pictures with the model's own palette (rasterize_transcripts(..., palette=model.metadata['palette']))."
         )
-    shared = set(old_palette) & set(new_palette)
-    differ = sorted(g for g in shared if str(old_palette[g]).lower() != str(new_palette[g]).lower())
+    shared, differ, _ = compare_palettes(old_palette, new_palette)
     if shared and not differ:
         return None
     what = f"{len(differ)} of the {len(shared)} genes they share" if shared else "genes it never saw (none shared)"
