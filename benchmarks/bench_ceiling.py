@@ -64,8 +64,17 @@ REPORTED = {
 }
 
 
-def _classes(obs: pd.DataFrame) -> np.ndarray:
-    return (obs["cell_type"].astype(str) + "|" + obs["cell_state"].astype(str)).to_numpy()
+#: Cell states the simulated H&E does not draw (a cycling tumour cell looks like any other of its type), so no reader of
+#: the H&E can know them: the ``visible`` oracles merge them into their type's ``none``.
+INVISIBLE_STATES = ("proliferating",)
+
+
+def _classes(obs: pd.DataFrame, *, visible: bool = False) -> np.ndarray:
+    state = obs["cell_state"].astype(str)
+    if visible:
+        state = state.where(~state.isin(INVISIBLE_STATES), "none")
+    prefix = "visible:" if visible else ""
+    return (prefix + obs["cell_type"].astype(str) + "|" + state).to_numpy()
 
 
 def learn(sdata) -> dict:
@@ -78,18 +87,18 @@ def learn(sdata) -> dict:
     X, obs = X[keep], t.obs[keep]
     logx = lognormalise(X).astype(np.float64)
     out = {"genes": list(t.var_names), "fraction": {}, "log": {}}
-    for key, labels in (("class", _classes(obs)), ("type", obs["cell_type"].astype(str).to_numpy())):
+    labelings = (_classes(obs), _classes(obs, visible=True), obs["cell_type"].astype(str).to_numpy())
+    for labels in labelings:
         for lab in np.unique(labels):
             m = labels == lab
             out["fraction"][lab] = X[m].sum(0) / X[m].sum()
             out["log"][lab] = logx[m].mean(0)
-        del key
     return out
 
 
-def _lookup(means: dict, obs: pd.DataFrame, what: str) -> np.ndarray:
-    """Rows of ``means[what]`` for each cell: its class, else its type."""
-    classes, types = _classes(obs), obs["cell_type"].astype(str).to_numpy()
+def _lookup(means: dict, obs: pd.DataFrame, what: str, *, visible: bool = False) -> np.ndarray:
+    """Rows of ``means[what]`` for each cell: its class (its visible class with ``visible``), else its type."""
+    classes, types = _classes(obs, visible=visible), obs["cell_type"].astype(str).to_numpy()
     table = means[what]
     return np.stack([table[c] if c in table else table[t] for c, t in zip(classes, types, strict=True)])
 
@@ -220,9 +229,11 @@ def expression_units(seeds, size, means: dict, base_means: dict, genes, *, niche
         cells_log = pd.DataFrame(_lookup(means, obs, "log"), index=obs["cell_id"].astype(str).to_numpy())
         n = np.asarray(sdata["table"].X.sum(1)).ravel()
         cells_niche = pd.DataFrame(_expected_log(frac_niche, n), index=obs["cell_id"].astype(str).to_numpy())
-        cells_class_e = pd.DataFrame(
-            _expected_log(_lookup(base_means, obs, "fraction"), n), index=obs["cell_id"].astype(str).to_numpy()
-        )
+        ids = obs["cell_id"].astype(str).to_numpy()
+        cells_class_e = pd.DataFrame(_expected_log(_lookup(base_means, obs, "fraction"), n), index=ids)
+        frac_visible = _lookup(means, obs, "fraction", visible=True)
+        cells_visible = pd.DataFrame(_lookup(means, obs, "log", visible=True), index=ids)
+        cells_visible_e = pd.DataFrame(_expected_log(frac_visible, n), index=ids)
         for unit, shapes, true_key, kind, bsize in (
             ("cells", "cell_boundaries", "table", None, None),
             ("spots", "spots_55um", "spots_55um_table", "spots", 100.0),
@@ -235,11 +246,14 @@ def expression_units(seeds, size, means: dict, base_means: dict, genes, *, niche
                     "class": (cells_log, True),
                     "class+niche": (cells_niche, True),
                     "class (E-log)": (cells_class_e, True),
+                    "visible class": (cells_visible, True),
+                    "visible class (E-log)": (cells_visible_e, True),
                 }
             else:
                 oracles = {
                     "class": (unit_oracle(sdata, true_key, kind, bsize, frac), False),
                     "class+niche": (unit_oracle(sdata, true_key, kind, bsize, frac_niche), False),
+                    "visible class": (unit_oracle(sdata, true_key, kind, bsize, frac_visible), False),
                 }
             for name, (vals, log) in oracles.items():
                 vals.columns = means["genes"]
@@ -280,6 +294,7 @@ def sr_units(seeds, size, means: dict, base_means: dict, sr_genes, *, niche: boo
         for name, frac in (
             ("class", _lookup(means, obs, "fraction")),
             ("class+niche", _niche_fractions(_lookup(base_means, obs, "fraction"), obs)),
+            ("visible class", _lookup(means, obs, "fraction", visible=True)),
         ):
             vals = unit_oracle(sdata, "truth", "bins", 8.0, frac)
             vals.columns = means["genes"]

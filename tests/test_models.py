@@ -250,6 +250,15 @@ def test_shipped_model_loads():
     assert out.shape == (1, 3, 64, 64)
 
 
+def test_misspelt_shipped_name_says_which_names_exist(tmp_path, monkeypatch):
+    """A name that is neither a folder, a hub id nor a shipped generator names the shipped ones and the closest."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'smal-real' not found.*'small', 'small-real'.*mean .*'small-real'"):
+        M.load_model("smal-real")
+    with pytest.raises(FileNotFoundError, match=r"shipped generators are named 'small', 'small-real'\.$"):
+        M.load_model("no_such_model")
+
+
 def _edit_config(folder, edit):
     import json
 

@@ -168,7 +168,7 @@ def test_palette_and_pixel_size_warnings(tiny):
             warnings.simplefilter("always")
             st2he.tl.virtual_he(sdata, model=tiny, progress=False, palette_mismatch="warn")
         messages = [str(w.message) for w in rec]
-        assert any("EPCAM" in m and "#ff0000" in m for m in messages)
+        assert any("EPCAM (#ff0000 vs #0000ff)" in m for m in messages)
         assert any("0.5 µm pixels" in m for m in messages)
     finally:
         del tiny.metadata["palette"], tiny.metadata["pixel_size"]

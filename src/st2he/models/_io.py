@@ -821,7 +821,17 @@ def from_pretrained(
 
 
 def _model_from_base(base, *, local_files_only=None, torch_dtype=None) -> Pix2PixTurbo:
-    folder = resolve_base(base, local_files_only=local_files_only)
+    try:
+        folder = resolve_base(base, local_files_only=local_files_only)
+    except FileNotFoundError as err:
+        import difflib
+
+        name = os.fspath(base)
+        close = difflib.get_close_matches(name, list(SHIPPED), n=1, cutoff=0.6)
+        hint = f" Did you mean the shipped generator {close[0]!r}?" if close else ""
+        shipped = ", ".join(map(repr, SHIPPED))
+        msg = f"{err} st2he's shipped generators are named {shipped}.{hint}"
+        raise FileNotFoundError(msg) from err.__cause__
     vae, unet, text_encoder, tokenizer, scheduler = load_base(folder, torch_dtype=torch_dtype)
     name = os.fspath(base)
     config = {

@@ -45,11 +45,7 @@ def check_palette(model_palette: dict | None, input_palette: dict | None, *, inp
     """Warn when the input picture was drawn with other gene colours than the model was trained with."""
     if not model_palette or not input_palette:
         return
-    norm = {str(g): str(c).lower() for g, c in model_palette.items()}
-    other = {str(g): str(c).lower() for g, c in input_palette.items()}
-    common = sorted(set(norm) & set(other))
-    differ = [g for g in common if norm[g] != other[g]]
-    unknown = sorted(set(other) - set(norm))
+    common, differ, unknown = compare_palettes(model_palette, input_palette)
     if not common:
         warnings.warn(
             f"The genes of {input_key!r} share no gene with the palette the model was trained with: in the input "
@@ -61,7 +57,9 @@ def check_palette(model_palette: dict | None, input_palette: dict | None, *, inp
     if differ or unknown:
         parts = []
         if differ:
-            listed = ", ".join(f"{g} ({other[g]} vs {norm[g]})" for g in differ[:10])
+            listed = ", ".join(
+                f"{g} ({str(input_palette[g]).lower()} vs {str(model_palette[g]).lower()})" for g in differ[:10]
+            )
             parts.append(f"{len(differ)} genes have other colours than in training: {listed}")
         if unknown:
             parts.append(f"{len(unknown)} genes were not in the training palette (e.g. {', '.join(unknown[:10])})")
