@@ -16,6 +16,9 @@ knows every cell and its true class, but not the genes of its molecules, predict
   cell's ``niche_factors`` (nuclear genes keep their share, as in the simulation). For cells it predicts the expected
   ``log1p(1e4 k / n)`` with ``k ~ Poisson(n f)`` and ``n`` the cell's measured total (a cell's own depth: the Bayes
   answer to MSE on log1p CP10k, which the class mean only approximates).
+- ``visible class`` oracles: the same with the states the H&E does not draw (``INVISIBLE_STATES``: a cycling tumour
+  cell is drawn like any other of its type) merged into their type's ``none``, i.e. what a reader of the H&E could
+  know at best; for cells also with each cell's own depth (``visible class (E-log)``, which knows more than an image).
 
 Scored with ``st2he.tl.evaluate_expression`` on exactly the units and genes the benchmarks score:
 
