@@ -84,6 +84,14 @@ def main(argv=None) -> None:
         "--pooling", default="log", choices=["log", "counts", "auto"],
         help="how the loss pools the model's pixels into units (train_expression's pooling=; the shipped model: log)",
     )
+    parser.add_argument(
+        "--lr-schedule", default="constant", choices=["constant", "cosine"],
+        help="train_expression's lr_schedule= (the shipped model: constant)",
+    )
+    parser.add_argument(
+        "--train-seeds", type=int, nargs="+", default=list(TRAIN_SEEDS),
+        help=f"simulated training sections (default {' '.join(map(str, TRAIN_SEEDS))}; seed {VAL_SEED} is added)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -101,7 +109,7 @@ def main(argv=None) -> None:
     simulated = [
         st2he.datasets.synthetic_tissue(s, size_um=SIZE_UM, **kwargs)
         for kwargs in options
-        for s in (*TRAIN_SEEDS, VAL_SEED)
+        for s in (*args.train_seeds, VAL_SEED)
     ]
     print(f"simulated {len(simulated)} sections of {SIZE_UM:g} µm ({', '.join(looks)}) in {time.time() - t0:.0f} s")
     # the model pools its dense prediction into any unit: it learns that from cells, pseudo-spots and 16 µm bins of
@@ -123,6 +131,7 @@ def main(argv=None) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=1e-3,
+        lr_schedule=args.lr_schedule,
         pooling=args.pooling,
         val_fraction=1 / len(sections),
         val_every=max(args.steps // 8, 1),

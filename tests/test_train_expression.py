@@ -287,6 +287,72 @@ def test_bad_input_fails_with_specific_errors_and_loses_nothing(local_model, tes
     assert set(sd.tables) | set(sd.shapes) | set(sd.images) == before
 
 
+def _with_empty_cells(sdata, which):
+    """A copy of a section's cells, table and H&E whose cells ``which`` have an empty geometry (as segmentation
+    outputs may hold)."""
+    import shapely
+    import spatialdata as sd_mod
+    from spatialdata.models import ShapesModel
+
+    gdf = sdata["cell_boundaries"].copy()
+    gdf.loc[gdf.index[list(which)], "geometry"] = shapely.Polygon()
+    cells = ShapesModel.parse(gdf)  # keeps the element's transformations (in its attrs)
+    return sd_mod.SpatialData(
+        images={"he_image": sdata["he_image"]}, shapes={"cell_boundaries": cells}, tables={"table": sdata["table"]}
+    )
+
+
+def test_units_with_empty_geometries_are_left_out_with_a_warning(local_model, test_sample, train_sample):
+    """A cell with an empty outline (a degenerate segmentation) is neither read nor trained on, and says so."""
+    bad = _with_empty_cells(test_sample, [3, 10])
+    ids = bad["cell_boundaries"].index[[3, 10]].tolist()
+    with pytest.warns(UserWarning, match=r"2 of the \d+ units of shapes 'cell_boundaries' have an empty geometry"):
+        pred = st2he.tl.predict_expression(bad, model=local_model, key_added="pred", progress=False)
+    ref = st2he.tl.predict_expression(test_sample, model=local_model, key_added="ref_empty", progress=False)
+    empty = pred.obs_names.isin(ids)
+    assert empty.sum() == 2 and np.isnan(pred.X[empty]).all()
+    assert (pred.obs.loc[empty, "n_pixels"] == 0).all() and not pred.obs.loc[empty, "in_tissue"].any()
+    # every other cell is read exactly as with whole outlines
+    np.testing.assert_allclose(pred.X[~empty], ref.X[~empty], atol=1e-6)
+    df = st2he.tl.evaluate_expression(bad, pred_key="pred", true_key="table")
+    df_ref = st2he.tl.evaluate_expression(test_sample, pred_key="ref_empty", true_key="table")
+    assert ref.obs.loc[empty, "in_tissue"].all()
+    assert (df["n_units"] == df_ref["n_units"] - 2).all()
+    # training leaves them out
+    train_bad = _with_empty_cells(train_sample, [0])
+    with pytest.warns(UserWarning, match="empty geometry"):
+        model = st2he.tl.train_expression(
+            train_bad, model="tiny", genes=["EPCAM", "KRT5"], um_per_px=1.0, chip_um=128.0, steps=2, batch_size=2,
+            val_fraction=0, progress=False,
+        )
+    assert np.isfinite(model.history["loss_genes"].dropna()).all()
+
+
+def test_cosine_learning_rate_schedule(train_sample, monkeypatch):
+    """lr_schedule="cosine" decays the rate from lr to 5 % of it at the last step; it is recorded, and checked."""
+    from st2he.models._training import lr_at
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    kwargs = dict(model="tiny", genes=["EPCAM", "KRT5"], um_per_px=1.0, chip_um=128.0, batch_size=2, val_fraction=0)
+    model = st2he.tl.train_expression(train_sample, steps=5, lr=2e-3, lr_schedule="cosine", progress=False, **kwargs)
+    expected = [2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / 5))) for k in range(5)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+    assert seen[0] == 2e-3 and lr_at(5, 2e-3, steps=5, schedule="cosine") == pytest.approx(1e-4)
+    assert model.metadata["training"]["settings"]["lr_schedule"] == "cosine"
+    seen.clear()
+    const = st2he.tl.train_expression(train_sample, steps=3, lr=2e-3, progress=False, **kwargs)
+    assert seen == [2e-3] * 3 and "lr_schedule" not in const.metadata["training"]["settings"]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        st2he.tl.train_expression(train_sample, steps=1, lr_schedule="linear", progress=False, **kwargs)
+
+
 def test_no_table(train_sample):
     import spatialdata as sd_mod
 

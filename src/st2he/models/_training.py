@@ -173,13 +173,22 @@ def _amp_dtype(setting: str, device: torch.device):
     return torch.float16
 
 
-def _lr_at(step: int, cfg: TrainConfig, base: float) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+#: Learning-rate schedules of st2he's trainings: constant, or a cosine decay to 5 % of the base rate at the last step.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(step: int, base: float, *, steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The learning rate of ``step`` (0-based): linear warm-up, then constant or a cosine decay to 5 % at ``steps``."""
+    if warmup_steps and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        t = (step - warmup_steps) / max(1, steps - warmup_steps)
         return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
     return base
+
+
+def _lr_at(step: int, cfg: TrainConfig, base: float) -> float:
+    return lr_at(step, base, steps=cfg.steps, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
 
 
 @torch.no_grad()

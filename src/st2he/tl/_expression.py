@@ -546,6 +546,7 @@ def train_expression(
     steps: int = 2000,
     batch_size: int = 8,
     lr: float = 1e-3,
+    lr_schedule: str = "constant",
     weight_decay: float = 1e-4,
     val_fraction: float = 0.2,
     val_every: int = 200,
@@ -593,6 +594,9 @@ def train_expression(
         ``"log"``.
     steps, batch_size, lr, weight_decay
         AdamW optimisation: steps of ``batch_size`` chips.
+    lr_schedule
+        ``"constant"`` (default, as the shipped model was trained) or ``"cosine"``: the learning rate decays from
+        ``lr`` to 5 % of it at ``steps`` (so ``steps`` shapes the schedule; a resumed run keeps its ``steps``).
     val_fraction
         Validation: with several sections, that fraction of the sections (at least one, never all) is held out whole;
         with one, the right-most band of that fraction of its width (training chips stay left of it; units crossing
@@ -637,7 +641,14 @@ def train_expression(
         save_expression_model,
         unit_sums,
     )
-    from st2he.models._training import FINAL_NAME, _check_fresh_output_dir, _remove_leftovers, _write_folder_atomically
+    from st2he.models._training import (
+        FINAL_NAME,
+        LR_SCHEDULES,
+        _check_fresh_output_dir,
+        _remove_leftovers,
+        _write_folder_atomically,
+        lr_at,
+    )
 
     objs = list(sdatas) if isinstance(sdatas, list | tuple) else [sdatas]
     if not objs:
@@ -647,6 +658,9 @@ def train_expression(
         msg = f"loss must be one of {_LOSSES}, got {loss!r}."
         raise ValueError(msg)
     resolve_pooling(pooling)
+    if lr_schedule not in LR_SCHEDULES:
+        msg = f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}."
+        raise ValueError(msg)
     if not 0 <= float(val_fraction) < 1:
         msg = f"val_fraction must be in [0, 1), got {val_fraction}."
         raise ValueError(msg)
@@ -728,6 +742,7 @@ def train_expression(
         "image_key": image_key, "table_key": table_key, "coordinate_system": coordinate_system,
         # only when not the default: checkpoints written before pooling= existed (all "log") still resume
         **({"pooling": pooling} if pooling != "log" else {}),
+        **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {}),
     }
     fingerprint = _fingerprint(settings, net, sections)
     gen = torch.Generator().manual_seed(seed)
@@ -822,6 +837,8 @@ def train_expression(
                     loss_t = torch.nn.functional.binary_cross_entropy_with_logits(logit, lab[ok])
                     total = total + loss_t
                     rec["loss_tumour"] = loss_t.detach()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, lr, steps=steps, schedule=lr_schedule)
             opt.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.unscale_(opt)

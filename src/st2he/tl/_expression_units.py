@@ -14,6 +14,7 @@ its pixels (:func:`st2he.models.pool_units`); its embedding for the baselines is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,9 @@ class Units:
     def bounds(self) -> tuple[float, float, float, float]:
         import shapely
 
-        b = shapely.bounds(self.geoms)
-        return float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())
+        b = shapely.bounds(self.geoms)  # NaN rows for empty geometries
+        lo, hi = np.nanmin(b[:, :2], axis=0), np.nanmax(b[:, 2:], axis=0)
+        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
 def _shape_geometries(gdf) -> np.ndarray:
@@ -88,13 +90,22 @@ def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM,
         msg = f"Shapes {key!r} hold no units."
         raise ValueError(msg)
     geoms = _shape_geometries(gdf)
-    cents = shapely.centroid(geoms)
-    return Units(
-        key=key,
-        ids=np.asarray(gdf.index.values, dtype=object),
-        geoms=geoms,
-        centroids=np.column_stack([shapely.get_x(cents), shapely.get_y(cents)]),
-    )
+    empty = shapely.is_empty(geoms) | shapely.is_missing(geoms)
+    if empty.all():
+        msg = f"Shapes {key!r} hold no units: every geometry of its {len(geoms)} is empty."
+        raise ValueError(msg)
+    centroids = np.full((len(geoms), 2), np.nan)
+    cents = shapely.centroid(geoms[~empty])
+    centroids[~empty] = np.column_stack([shapely.get_x(cents), shapely.get_y(cents)])
+    if empty.any():
+        ids = gdf.index[empty][:5].tolist()
+        warnings.warn(
+            f"{int(empty.sum())} of the {len(geoms)} units of shapes {key!r} have an empty geometry (e.g. {ids}): "
+            "they cover no pixel, so they are neither trained on nor predicted (NaN in a predicted table).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Units(key=key, ids=np.asarray(gdf.index.values, dtype=object), geoms=geoms, centroids=centroids)
 
 
 def lonely_units(units: Units, pixel_size: float) -> np.ndarray:
@@ -106,6 +117,7 @@ def lonely_units(units: Units, pixel_size: float) -> np.ndarray:
     import shapely
 
     b = shapely.bounds(units.geoms)
+    b[~np.isfinite(b).all(1)] = 0.0  # empty geometries: no pixel (and lonely, with no centroid to fall back on)
     c0 = np.ceil(b[:, 0] / pixel_size - 0.5).astype(np.int64)
     c1 = np.floor(b[:, 2] / pixel_size - 0.5).astype(np.int64)
     r0 = np.ceil(b[:, 1] / pixel_size - 0.5).astype(np.int64)
@@ -151,6 +163,7 @@ def unit_pairs(
     hit_pt, hit_geom = tree.query(shapely.points(xs[pts_c], ys[pts_r]), predicate="within")
     rows, cols, which = pts_r[hit_pt], pts_c[hit_pt], idx[hit_geom]
     alone = idx[lonely[idx]]
+    alone = alone[np.isfinite(units.centroids[alone]).all(1)]  # an empty geometry has no place
     if len(alone):
         c = np.floor((units.centroids[alone, 0] - grid.x0) / grid.pixel_size).astype(np.int64)
         r = np.floor((units.centroids[alone, 1] - grid.y0) / grid.pixel_size).astype(np.int64)
