@@ -333,6 +333,26 @@ def test_cells_by_the_points_cell_ids_with_unassigned_values_and_ids_of_other_ce
     assert _counts(nuclei) == _counts(by_position)
 
 
+def test_cells_with_an_empty_geometry_are_kept_by_id_never_by_position_and_say_so():
+    """A degenerate segmentation (an empty outline): the cell stays a row; its centroid is NaN; nothing crashes."""
+    squares = _cells()["cells"].copy()
+    squares.loc["c2", "geometry"] = shapely.Polygon()
+    shapes = {"cells": ShapesModel.parse(squares)}
+    x, y, g = [5.0, 15.0, 15.0, 35.0], [5.0, 5.0, 5.0, 35.0], ["A", "A", "B", "B"]
+    sdata = _sdata(x, y, g, shapes=shapes)
+    with pytest.warns(UserWarning, match=r"1 of the 3 shapes of shapes_key='cells' have an empty geometry \(e\.g\. "
+                      r"\['c2'\]\)"):
+        table = _aggregate(sdata, by="cells", shapes_key="cells")
+    assert _counts(table) == {("c1", "A"): 1, ("c3", "B"): 1}  # the molecules at x = 15 lie in no cell now
+    assert list(table.obs_names) == ["c1", "c2", "c3"] and table.obs["total_counts"].tolist() == [1, 0, 1]
+    np.testing.assert_array_equal(table.obsm["spatial"], [[5, 5], [np.nan, np.nan], [35, 35]])
+    # by the molecules' cell ids the empty cell keeps its molecules
+    sdata = _sdata(x, y, g, shapes=shapes, extra={"cell_id": ["c1", "c2", "c2", "c3"]}, instance_key="cell_id")
+    with pytest.warns(UserWarning, match="empty geometry"):
+        by_id = _aggregate(sdata, by="cells", shapes_key="cells")
+    assert _counts(by_id) == {("c1", "A"): 1, ("c2", "A"): 1, ("c2", "B"): 1, ("c3", "B"): 1}
+
+
 def test_cells_by_integer_ids_where_0_and_minus_1_mean_no_cell():
     squares = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 10, 10), shapely.box(10, 0, 20, 10)], index=[1, 2])
     shapes = {"cells": ShapesModel.parse(squares, transformations={"global": Identity()})}

@@ -1071,11 +1071,11 @@ def _cell_polygons(layout):
     edge = shapely.distance(tissue.exterior, pts) < cells["R"] + 1e-6
     if edge.any():
         polys[edge] = shapely.intersection(polys[edge], tissue)
-    # keep the largest part of a cell split in two
-    multi = np.flatnonzero(shapely.get_type_id(polys) != 3)
+    # keep the largest part of a cell split in two; a cell squeezed to nothing keeps a disk of 1 µm
+    multi = np.flatnonzero((shapely.get_type_id(polys) != 3) | shapely.is_empty(polys))
     for m in multi:
         parts = shapely.get_parts(polys[m])
-        parts = [p for p in parts if p.geom_type == "Polygon"]
+        parts = [p for p in parts if p.geom_type == "Polygon" and not p.is_empty]
         polys[m] = (
             max(parts, key=lambda g: g.area) if parts else shapely.Point(cells["x"][m], cells["y"][m]).buffer(1.0)
         )

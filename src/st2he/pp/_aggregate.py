@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -695,18 +696,33 @@ class _Shapes:
                     )
                     raise ValueError(msg)
                 radius = radius * math.sqrt(det)
+        empty = shapely.is_empty(geoms)
+        if empty.any():
+            warnings.warn(
+                f"{int(empty.sum())} of the {len(geoms)} shapes of {parameter}={key!r} have an empty geometry (e.g. "
+                f"{list(element.index[empty][:5])}): they hold molecules only by the molecules' cell ids, never by position, "
+                "and their centroid is NaN.",
+                UserWarning,
+                stacklevel=3,
+            )
         frame = element.copy()
         frame.geometry = geoms
-        return cls(key, frame, np.flatnonzero(is_polygon), np.flatnonzero(is_point), radius)
+        return cls(key, frame, np.flatnonzero(is_polygon & ~empty), np.flatnonzero(is_point & ~empty), radius)
 
     @property
     def geoms(self) -> np.ndarray:
         return np.asarray(self.frame.geometry.values)
 
     def centroids(self) -> np.ndarray:
+        """``(n, 2)`` x, y of each shape's centroid; NaN for an empty geometry (it has no place)."""
         import shapely
 
-        return shapely.get_coordinates(shapely.centroid(self.geoms)).reshape(-1, 2)
+        geoms = self.geoms
+        out = np.full((len(geoms), 2), np.nan)
+        placed = ~shapely.is_empty(geoms)
+        if placed.any():
+            out[placed] = shapely.get_coordinates(shapely.centroid(geoms[placed])).reshape(-1, 2)
+        return out
 
     def areas(self) -> np.ndarray:
         import shapely
