@@ -161,7 +161,7 @@ def test_bad_inputs(picture):
         st2he.tl.evaluate_he(sdata, pred_key="missing", true_key="true")
     with pytest.raises(KeyError, match="true_key"):
         st2he.tl.evaluate_he(sdata, pred_key="pred")
-    with pytest.raises(ValueError, match="not an RGB image"):
+    with pytest.raises(ValueError, match=r"pred_key=.dapi. has 1 channel .*; evaluate_he reads RGB H&E"):
         st2he.tl.evaluate_he(sdata, pred_key="dapi", true_key="true")
     with pytest.raises(ValueError, match="do not overlap"):
         st2he.tl.evaluate_he(sdata, pred_key="far", true_key="true")

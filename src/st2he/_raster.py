@@ -125,6 +125,23 @@ class Raster:
         data = self.level0
         return [str(c) for c in data.coords["c"].values] if "c" in data.coords else []
 
+    def check_rgb(self, *, what: str, step: str) -> slice:
+        """The colour channels of an H&E element: 3 channels, or 4 with an alpha channel last (dropped).
+
+        Anything else raises, naming ``what`` (the element, as the user gave it) and ``step`` (what reads it).
+        """
+        data = self.level0
+        n = int(data.shape[0]) if data.ndim == 3 else 1
+        names = [c.lower() for c in self.channels]
+        alpha = n == 4 and (not names or names[3] in ("a", "alpha") or names == ["0", "1", "2", "3"])
+        if n == 3 or alpha:
+            return slice(0, 3)
+        msg = (
+            f"{what} has {n} channel{'s' if n != 1 else ''} {self.channels}; {step} reads RGB H&E: 3 channels, or 4 "
+            "with an alpha channel last. Give the element of its colour channels (e.g. image.sel(c=['r', 'g', 'b']))."
+        )
+        raise ValueError(msg)
+
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """``(x_min, y_min, x_max, y_max)`` of the element's footprint (its corners' bounding box)."""

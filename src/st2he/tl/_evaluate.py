@@ -104,8 +104,8 @@ def evaluate_he(
     )
     pred = _raster(sdata, pred_key, "pred_key", coordinate_system)
     true = _raster(sdata, true_key, "true_key", coordinate_system)
-    _check_rgb(pred.level0, pred_key, "pred_key")
-    _check_rgb(true.level0, true_key, "true_key")
+    _check_rgb(pred, pred_key, "pred_key")
+    _check_rgb(true, true_key, "true_key")
 
     grid = _evaluation_grid(pred, true, pixel_size, region)
     rows = []
@@ -223,14 +223,9 @@ def evaluate_he(
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _check_rgb(data, key: str, parameter: str) -> None:
-    channels = [str(c) for c in data.coords["c"].values] if "c" in data.coords else []
-    if data.ndim != 3 or data.shape[0] != 3:
-        msg = (
-            f"{parameter}={key!r} is not an RGB image: it has {data.shape[0] if data.ndim == 3 else '?'} channels "
-            f"{channels}; evaluate_he compares 3-channel (r, g, b) H&E images."
-        )
-        raise ValueError(msg)
+def _check_rgb(raster: Raster, key: str, parameter: str) -> None:
+    raster.check_rgb(what=f"{parameter}={key!r}", step="evaluate_he")
+    channels = raster.channels[:3]
     if channels and [c.lower() for c in channels] not in (["r", "g", "b"], ["0", "1", "2"]):
         logger.warning("%s=%r has channels %s; reading them as r, g, b.", parameter, key, channels)
 

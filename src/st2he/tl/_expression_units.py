@@ -437,9 +437,7 @@ def _image_raster(sdata, image_key: str, coordinate_system: str):
         )
         raise KeyError(msg)
     raster = Raster(sdata.images[image_key], coordinate_system, name=f"image_key={image_key!r}")
-    if raster.level0.ndim != 3 or raster.level0.shape[0] < 3:
-        msg = f"image_key={image_key!r} has {raster.level0.shape[0]} channels; the expression model reads RGB H&E."
-        raise ValueError(msg)
+    raster.check_rgb(what=f"image_key={image_key!r}", step="the expression model")
     return raster
 
 

@@ -128,9 +128,7 @@ def register_he(
 
     he = Raster(sdata.images[he_key], coordinate_system, name=repr(he_key))
     stain = Raster(sdata.images[stain_key], coordinate_system, name=repr(stain_key))
-    if len(he.channels) < 3:
-        msg = f"{he_key!r} has channels {he.channels}; an H&E image is RGB."
-        raise ValueError(msg)
+    he.check_rgb(what=f"he_key={he_key!r}", step="register_he")
     finest = pixel_size if pixel_size is not None else max(1.0, he.pixel_size, stain.pixel_size)
     extent = stain.bounds
     span = max(extent[2] - extent[0], extent[3] - extent[1])

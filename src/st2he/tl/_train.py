@@ -31,12 +31,10 @@ def aligned_pair(
         msg = f"target_key={target_key!r} is not an image of this SpatialData object; its images are {sorted(sdata.images)}."
         raise KeyError(msg)
     target = Raster(sdata.images[target_key], coordinate_system, name=f"target_key={target_key!r}")
-    if x.shape[0] != 3 or target.level0.shape[0] != 3:
-        msg = (
-            f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels, {target_key!r} has "
-            f"{target.level0.shape[0]}."
-        )
+    if x.shape[0] != 3:
+        msg = f"Training needs RGB images: {input_key!r} has {x.shape[0]} channels."
         raise ValueError(msg)
+    rgb = target.check_rgb(what=f"target_key={target_key!r}", step="training")
     # keep the input pixels whose centres the H&E's footprint covers
     ys, xs = grid.pixel_centers()
     tx0, ty0, tx1, ty1 = target.bounds
@@ -53,9 +51,9 @@ def aligned_pair(
         msg = f"{input_key!r} must be uint8 (as st2he.pp.rasterize_transcripts writes), got {xin.dtype}."
         raise TypeError(msg)
     if target.is_axis_aligned():
-        return xin, target.read(sub, dtype=np.uint8), sub
+        return xin, target.read(sub, channels=rgb, dtype=np.uint8), sub
     # read once, the uncovered pixels marked: both images are black there
-    values = target.read(sub, fill=-1.0, dtype=np.float32)
+    values = target.read(sub, channels=rgb, fill=-1.0, dtype=np.float32)
     covered = values[0] >= 0
     yt = np.where(covered, np.clip(np.rint(values), 0, 255), 0).astype(np.uint8)
     return np.where(covered, xin, 0).astype(np.uint8), yt, sub

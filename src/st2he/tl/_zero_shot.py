@@ -392,6 +392,7 @@ def read_tiles(
     pixel size (µm). The tiles of an axis-aligned image start on its pixel lattice and are its pixels, untouched.
     """
     raster = Raster(sdata.images[image_key], coordinate_system, name=f"image_key={image_key!r}")
+    raster.check_rgb(what=f"image_key={image_key!r}", step="the CLIP model's image tower")
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if level == "auto":
         level = _pick_level(raster, boxes, out_size)
