@@ -113,6 +113,22 @@ def _evaluate(model, samples, *, palette_mismatch: str | None) -> tuple[dict, di
     return _mean(got), _mean(base)
 
 
+def _row(palette: str, case: str, steps: int, m: dict, b: dict, reference_gain: float) -> dict:
+    """One result row: the model's and the stain baseline's mean PSNR / SSIM, the gain and its share of a reference."""
+    gain = m["psnr"] - b["psnr"]
+    return {
+        "palette": palette,
+        "case": case,
+        "steps": steps,
+        "psnr": round(m["psnr"], 2),
+        "ssim": round(m["ssim"], 3),
+        "stain_psnr": round(b["psnr"], 2),
+        "stain_ssim": round(b["ssim"], 3),
+        "gain_db": round(gain, 2),
+        "gain_kept_pct": round(100 * gain / reference_gain, 1) if reference_gain > 0 else float("nan"),
+    }
+
+
 def run(
     palette: str, *, minutes: float, init: str, size_um: float, out: Path, log, steps: int | None = None
 ) -> list[dict]:
@@ -181,20 +197,7 @@ def run(
     log(f"[{palette}] evaluated in {time.time() - t2:.0f} s")
     gain_in = m_in["psnr"] - b_in["psnr"]
     for case, m, b in (("in-panel", m_in, b_in), ("cross-panel", m_x, b_x), ("cross, virtual_he defaults", m_r, b_r)):
-        gain = m["psnr"] - b["psnr"]
-        rows.append(
-            {
-                "palette": palette,
-                "case": case,
-                "steps": steps,
-                "psnr": round(m["psnr"], 2),
-                "ssim": round(m["ssim"], 3),
-                "stain_psnr": round(b["psnr"], 2),
-                "stain_ssim": round(b["ssim"], 3),
-                "gain_db": round(gain, 2),
-                "gain_kept_pct": round(100 * gain / gain_in, 1) if gain_in > 0 else float("nan"),
-            }
-        )
+        rows.append(_row(palette, case, steps, m, b, gain_in))
     (out / f"rows_{palette}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -217,20 +220,7 @@ def run_small_real(*, size_um: float, out: Path, log) -> list[dict]:
         samples = [_sample(s, panel, palette, size_um) for s in TEST_SEEDS]
         m, b = _evaluate(net, samples, palette_mismatch=mismatch)
         gains[case] = m["psnr"] - b["psnr"]
-        first = next(iter(gains.values()))
-        rows.append(
-            {
-                "palette": "lineage",
-                "case": case,
-                "steps": 0,
-                "psnr": round(m["psnr"], 2),
-                "ssim": round(m["ssim"], 3),
-                "stain_psnr": round(b["psnr"], 2),
-                "stain_ssim": round(b["ssim"], 3),
-                "gain_db": round(gains[case], 2),
-                "gain_kept_pct": round(100 * gains[case] / first, 1) if first > 0 else float("nan"),
-            }
-        )
+        rows.append(_row("lineage", case, 0, m, b, next(iter(gains.values()))))
         log(f"[small-real] {case}: {rows[-1]['psnr']} dB ({time.time() - t:.0f} s)")
     (out / "rows_small_real.json").write_text(json.dumps(rows, indent=1))
     return rows
