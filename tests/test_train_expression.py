@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +352,24 @@ def test_cosine_learning_rate_schedule(train_sample, monkeypatch):
     assert seen == [2e-3] * 3 and "lr_schedule" not in const.metadata["training"]["settings"]
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         st2he.tl.train_expression(train_sample, steps=1, lr_schedule="linear", progress=False, **kwargs)
+
+
+def test_a_cosine_run_resumes_only_with_its_step_count(train_sample, tmp_path):
+    """The cosine schedule is shaped by ``steps``: resuming with another count would bend it, so it is refused."""
+    kwargs = dict(
+        model="tiny", genes=["EPCAM", "KRT5"], um_per_px=1.0, chip_um=128.0, batch_size=2, val_fraction=0,
+        ckpt_every=2, progress=False, lr_schedule="cosine",
+    )
+    full = st2he.tl.train_expression(train_sample, steps=4, output_dir=tmp_path / "a", **kwargs)
+    st2he.tl.train_expression(train_sample, steps=4, output_dir=tmp_path / "b", **kwargs)
+    # the same run cut after its checkpoint at step 2, resumed with its 4 steps, ends where the full run ends
+    shutil.rmtree(tmp_path / "b" / "model")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
+    resumed = st2he.tl.train_expression(train_sample, steps=4, output_dir=tmp_path / "b", resume="latest", **kwargs)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-6), k
+    with pytest.raises(ValueError, match=r"steps: 4 in the checkpoint, 8 now"):
+        st2he.tl.train_expression(train_sample, steps=8, output_dir=tmp_path / "b", resume="latest", **kwargs)
 
 
 def test_no_table(train_sample):

@@ -459,6 +459,8 @@ def _fingerprint(settings: dict[str, Any], model, sections: list[Section]) -> di
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.reshape(-1).view(np.uint8))
     fp = {k: v for k, v in settings.items() if k not in ("steps", "val_every", "ckpt_every", "progress", "device")}
+    if settings.get("lr_schedule") == "cosine":  # the schedule is shaped by the step count: a resume keeps it
+        fp["steps"] = settings["steps"]
     fp["architecture"] = model.config
     fp["data"] = h.hexdigest()
     return json.loads(json.dumps(fp, default=str))
