@@ -44,6 +44,19 @@ def table_keys(table, *, name: str = "table") -> tuple[list[str], str, str]:
     return regions, region_key, instance_key
 
 
+def unit_centroids(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(centroids, empty)`` of unit geometries: ``(n, 2)`` x, y, NaN where a geometry is empty or missing (a
+    degenerate segmentation: the unit has no place), and that mask."""
+    import shapely
+
+    geoms = np.asarray(geoms, dtype=object)
+    empty = shapely.is_empty(geoms) | shapely.is_missing(geoms)
+    out = np.full((len(geoms), 2), np.nan)
+    if (~empty).any():
+        out[~empty] = shapely.get_coordinates(shapely.centroid(geoms[~empty])).reshape(-1, 2)
+    return out, empty
+
+
 def total_counts(table) -> np.ndarray:
     """Counts per unit over every gene of a measured table (float64)."""
     return np.asarray(table.X.sum(axis=1), dtype=np.float64).ravel()

@@ -22,6 +22,7 @@ import pandas as pd
 
 from st2he._elements import check_key_free, write_elements
 from st2he._grid import COORDINATE_SYSTEM
+from st2he._units import unit_centroids
 
 from ._kernels import BUCKET, BUCKET_BITS, bin_partition
 from ._molecules import (
@@ -696,7 +697,7 @@ class _Shapes:
                     )
                     raise ValueError(msg)
                 radius = radius * math.sqrt(det)
-        empty = shapely.is_empty(geoms)
+        _, empty = unit_centroids(geoms)
         if empty.any():
             warnings.warn(
                 f"{int(empty.sum())} of the {len(geoms)} shapes of {parameter}={key!r} have an empty geometry (e.g. "
@@ -715,14 +716,7 @@ class _Shapes:
 
     def centroids(self) -> np.ndarray:
         """``(n, 2)`` x, y of each shape's centroid; NaN for an empty geometry (it has no place)."""
-        import shapely
-
-        geoms = self.geoms
-        out = np.full((len(geoms), 2), np.nan)
-        placed = ~shapely.is_empty(geoms)
-        if placed.any():
-            out[placed] = shapely.get_coordinates(shapely.centroid(geoms[placed])).reshape(-1, 2)
-        return out
+        return unit_centroids(self.geoms)[0]
 
     def areas(self) -> np.ndarray:
         import shapely

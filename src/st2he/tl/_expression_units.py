@@ -72,10 +72,10 @@ def _shape_geometries(gdf) -> np.ndarray:
 
 def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM, parameter: str = "units") -> Units:
     """The units of shapes element ``key`` with geometries in ``coordinate_system``."""
-    import shapely
     from spatialdata import transform
 
     from st2he._elements import affine_to
+    from st2he._units import unit_centroids
 
     if key not in sdata.shapes:
         msg = (
@@ -90,13 +90,10 @@ def shapes_units(sdata, key: str, *, coordinate_system: str = COORDINATE_SYSTEM,
         msg = f"Shapes {key!r} hold no units."
         raise ValueError(msg)
     geoms = _shape_geometries(gdf)
-    empty = shapely.is_empty(geoms) | shapely.is_missing(geoms)
+    centroids, empty = unit_centroids(geoms)
     if empty.all():
         msg = f"Shapes {key!r} hold no units: every geometry of its {len(geoms)} is empty."
         raise ValueError(msg)
-    centroids = np.full((len(geoms), 2), np.nan)
-    cents = shapely.centroid(geoms[~empty])
-    centroids[~empty] = np.column_stack([shapely.get_x(cents), shapely.get_y(cents)])
     if empty.any():
         ids = gdf.index[empty][:5].tolist()
         warnings.warn(
