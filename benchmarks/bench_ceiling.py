@@ -229,10 +229,10 @@ def expression_units(seeds, size, means: dict, base_means: dict, genes, *, niche
         obs = sdata["table"].obs
         frac = _lookup(means, obs, "fraction")
         frac_niche = _niche_fractions(_lookup(base_means, obs, "fraction"), obs)
-        cells_log = pd.DataFrame(_lookup(means, obs, "log"), index=obs["cell_id"].astype(str).to_numpy())
-        n = np.asarray(sdata["table"].X.sum(1)).ravel()
-        cells_niche = pd.DataFrame(_expected_log(frac_niche, n), index=obs["cell_id"].astype(str).to_numpy())
         ids = obs["cell_id"].astype(str).to_numpy()
+        cells_log = pd.DataFrame(_lookup(means, obs, "log"), index=ids)
+        n = np.asarray(sdata["table"].X.sum(1)).ravel()
+        cells_niche = pd.DataFrame(_expected_log(frac_niche, n), index=ids)
         cells_class_e = pd.DataFrame(_expected_log(_lookup(base_means, obs, "fraction"), n), index=ids)
         frac_visible = _lookup(means, obs, "fraction", visible=True)
         cells_visible = pd.DataFrame(_lookup(means, obs, "log", visible=True), index=ids)

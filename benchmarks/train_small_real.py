@@ -134,7 +134,8 @@ def prepare(out: Path, split: str = "classes") -> None:
     sims = [_sim(s) for s in TRAIN_SEEDS]
     val = [_sim(s) for s in VAL_SEEDS]
     cmu = _cmu("train")
-    kather = [_derived(p, name, seed=100 + i) for i, (name, p) in enumerate(kather_split(split)[0])]
+    kather_train = kather_split(split)[0]
+    kather = [_derived(p, name, seed=100 + i) for i, (name, p) in enumerate(kather_train)]
     data = prepare_pairs(sims + [cmu] + kather, validation=val, tile_size=TILE)
     xs, ys = data["train_inputs"], data["train_targets"]
     crop = TRAIN_CONFIG["crop_size"]
@@ -168,8 +169,8 @@ def prepare(out: Path, split: str = "classes") -> None:
         "real": {
             "cmu1_rows": [0, CMU_TRAIN_ROWS],
             "kather_split": split,
-            "kather_classes": sorted({name.split("-")[0] for name, _ in kather_split(split)[0]}),
-            "kather_tiles": [name for name, _ in kather_split(split)[0]],
+            "kather_classes": sorted({name.split("-")[0] for name, _ in kather_train}),
+            "kather_tiles": [name for name, _ in kather_train],
             "kather_repeat": repeat,
             "cmu1_cells": cmu.attrs["st2he"]["source"]["cell_types"],
         },
